@@ -1,0 +1,167 @@
+"""In-memory image datasets: uint8 tensors on the training device, batches cut by index.
+
+Small datasets (MNIST, CIFAR-10, the sklearn digits) fit in memory many times over, so
+the per-sample Dataset/PIL path is pure overhead. Here a whole split is one tensor and a
+batch is one `index_select`, normalised on the fly on whatever device holds the data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset's files are missing and could not be downloaded; the message says where to put them."""
+
+
+class CorruptDataError(ValueError):
+    """A dataset file exists but does not hold what its format promises."""
+
+
+@dataclass
+class Split:
+    """One split of a dataset: uint8 images (N, C, H, W) and int64 labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise CorruptDataError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if len(self.images) != len(self.labels):
+            raise CorruptDataError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> Split:
+        return Split(self.images[index], self.labels[index])
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+class ShardedOrder:
+    """The sample order of one epoch for one rank; `set_epoch` reshuffles, like DistributedSampler.
+
+    With `pad=True` (training) every rank gets the same count, repeating samples from the start
+    of the order to fill up, as DistributedSampler does. With `pad=False` (evaluation) nothing is
+    repeated, so counts over the dataset stay exact; ranks then differ by at most one sample.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, pad: bool = True):
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.pad:
+            return math.ceil(self.size / self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
+
+    def indices(self) -> torch.Tensor:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.arange(self.size)
+        if self.pad and self.size % self.world_size:
+            total = math.ceil(self.size / self.world_size) * self.world_size
+            order = torch.cat([order, order.repeat(math.ceil(total / self.size))[: total - self.size]])
+        return order[self.rank :: self.world_size]
+
+
+class TensorLoader:
+    """Iterates (images, labels) batches of a `Split`, normalised to float32 on the split's device.
+
+    Lightning sees a loader with a `sampler` (so it calls `set_epoch` each epoch) and no batch sampler.
+    """
+
+    batch_sampler = None
+
+    def __init__(self, split: Split, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 sampler: ShardedOrder, drop_last: bool = False):
+        self.split, self.batch_size, self.sampler, self.drop_last = split, batch_size, sampler, drop_last
+        device = split.images.device
+        # x / 255 - mean) / std  ==  x * scale + shift, one fused pass per batch
+        std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -torch.tensor(mean, device=device).view(1, -1, 1, 1) / std_t
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        order = self.sampler.indices().to(self.split.images.device)
+        for b in range(len(self)):
+            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            images = self.split.images.index_select(0, index)
+            yield torch.addcmul(self.shift, images.float(), self.scale), self.split.labels.index_select(0, index)
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """Base of the in-memory datamodules: splits a train pool into train/val, places data, builds loaders.
+
+    Subclasses set `mean`, `std`, `num_classes`, `input_shape` and implement `load()`.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+    def __init__(self, batch_size: int = 256, val_size: int = 5000, seed: int = 0, on_device: bool = True):
+        """
+        Args:
+            batch_size: samples per batch, per device.
+            val_size: samples held out of the training pool for validation.
+            seed: seed of the train/validation split.
+            on_device: keep the data on the training device (GPU) instead of host memory.
+        """
+        super().__init__()
+        self.batch_size, self.val_size, self.seed, self.on_device = batch_size, val_size, seed, on_device
+        self.splits: dict[str, Split] = {}
+        self.shuffle_seed = seed
+
+    def load(self) -> tuple[Split, Split | None]:
+        """Read the training pool and the official test split (None when the source has none)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            pool, test = self.load()
+            if not 0 < self.val_size < len(pool):
+                raise ValueError(f"val_size={self.val_size} must be between 1 and {len(pool) - 1} (the pool has {len(pool)})")
+            order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed))
+            self.splits = {"train": pool.subset(order[self.val_size :]), "val": pool.subset(order[: self.val_size])}
+            # without an official test split, `test` evaluates the validation split
+            self.splits["test"] = test if test is not None else self.splits["val"]
+        device = self.trainer.strategy.root_device if self.trainer is not None and self.on_device else torch.device("cpu")
+        self.splits = {name: split.to(device) for name, split in self.splits.items()}
+        # every rank must shuffle alike: take rank 0's seed (itself set by seed_everything)
+        seed = torch.initial_seed() % 2**31
+        self.shuffle_seed = self.trainer.strategy.broadcast(seed) if self.trainer is not None else seed
+
+    def _loader(self, name: str, train: bool) -> TensorLoader:
+        split = self.splits[name]
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ShardedOrder(len(split), shuffle=train, seed=self.shuffle_seed, rank=rank, world_size=world, pad=train)
+        return TensorLoader(split, self.batch_size, self.mean, self.std, sampler)
+
+    def train_dataloader(self) -> TensorLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> TensorLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> TensorLoader:
+        return self._loader("test", train=False)

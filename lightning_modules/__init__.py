@@ -1,0 +1,5 @@
+"""LightningModules that train the plain nets of `nets/`, and the framework's CLI pieces."""
+
+from lightning_modules.classifier import Classifier, NonFiniteLossError
+
+__all__ = ["Classifier", "NonFiniteLossError"]

@@ -1,0 +1,109 @@
+"""The generic classifier: any `net`, cross-entropy, an injected optimizer and scheduler, accuracy per split."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; checkpoints written before it are kept."""
+
+
+class Classifier(pl.LightningModule):
+    """Trains `net` with cross-entropy; logs `<split>/loss`, `<split>/acc`, `<split>/err` per epoch."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        num_classes: int = 10,
+        finite_check_every: int = 50,
+    ):
+        """
+        Args:
+            net: the network; maps a batch of inputs to logits.
+            optimizer: builds the optimizer from the parameters; default SGD(lr=0.01, momentum=0.9), the spec's.
+            scheduler: builds an lr scheduler from the optimizer, stepped once per epoch; none by default.
+            num_classes: classes of the task, for the accuracy metrics.
+            finite_check_every: check every this many steps that the loss stayed finite, and stop with an
+                error if not (checking is one host sync, so not every step).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.finite_check_every = finite_check_every
+        for split in ("train", "val", "test"):  # one set of metrics per split: train_metrics, val_metrics, ...
+            setattr(self, f"{split}_metrics",
+                    nn.ModuleDict({"acc": MulticlassAccuracy(num_classes, average="micro"), "loss": MeanMetric()}))
+        self.register_buffer("loss_finite", torch.tensor(True), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        metrics = getattr(self, f"{split}_metrics")
+        metrics["acc"].update(logits.detach(), y)
+        metrics["loss"].update(loss.detach(), weight=len(y))
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.step(batch, "train")
+        self.loss_finite &= torch.isfinite(loss.detach())
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.finite_check_every == 0:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if any rank saw a non-finite loss since the start of training."""
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(self.loss_finite), all=True)
+        if not finite:
+            raise NonFiniteLossError(
+                f"the training loss became NaN or infinite (epoch {self.current_epoch}, step {self.global_step}); "
+                "stopped. Lower the learning rate or check the data; checkpoints saved before this are intact.")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.step(batch, "test")
+
+    def log_split(self, split: str) -> None:
+        """Log the epoch's metrics of one split, synced over ranks, and reset them."""
+        metrics = getattr(self, f"{split}_metrics")
+        acc, loss = metrics["acc"].compute(), metrics["loss"].compute()
+        self.log_dict({f"{split}/loss": loss, f"{split}/acc": acc, f"{split}/err": 1 - acc},
+                      prog_bar=split != "train", sync_dist=False)  # compute() already reduced over ranks
+        for metric in metrics.values():
+            metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
+        self.log_split("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_split("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_split("test")
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = (self.optimizer_factory(params) if self.optimizer_factory is not None
+                     else torch.optim.SGD(params, lr=0.01, momentum=0.9))
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}

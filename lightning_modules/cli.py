@@ -1,0 +1,78 @@
+"""The framework's command line: LightningCLI with its defaults, per-run config saving and clear errors."""
+
+from __future__ import annotations
+
+import sys
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from callbacks.complexity import Complexity
+from lightning_modules.loggers import default_loggers
+from lightning_modules.trainer import ResearchTrainer, config_name
+
+
+class RunConfig(SaveConfigCallback):
+    """Saves the resolved config into the run folder (beside its checkpoints) and into W&B's run config."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        import yaml
+
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": yaml.safe_load(config)})
+
+
+class ResearchCLI(LightningCLI):
+    """`python train.py fit|validate|test|count|search --config C`."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("trainer_class", ResearchTrainer)
+        kwargs.setdefault("save_config_callback", RunConfig)
+        kwargs.setdefault("auto_configure_optimizers", False)  # optimizers are the LightningModule's own arguments
+        kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs"})
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})
+        super().__init__(**kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "count": {"model", "datamodule"}, "search": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--name", type=str | None, default=None,
+                            help="Run name: runs/<name>/version_N and the W&B run name (default: the config's path under configs/).")
+        parser.add_argument("--project", type=str, default="netlab", help="W&B project.")
+        parser.add_argument("--wandb", type=bool, default=True, help="Log to W&B (offline when there is no key or network).")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/err", "checkpoint.mode": "min", "checkpoint.save_last": True,
+                             "checkpoint.filename": "epoch{epoch:03d}-err{val/err:.4f}",
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.add_lightning_class_args(Complexity, "complexity")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("weights_only", True) is None:
+            config.weights_only = True  # never unpickle a checkpoint: it holds state dicts and primitives only
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        configs = config.get("config") or []
+        name = config.name or (config_name(str(configs[-1])) if configs else "run")
+        if self.subcommand == "count":
+            kwargs["logger"] = False
+        elif config.trainer.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(name, config.trainer.default_root_dir, config.project, config.wandb)
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.run_name = name
+        return trainer
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the CLI; data and divergence problems end in one clear line, not a traceback."""
+    from datamodules.tensor_data import CorruptDataError, DataNotFoundError
+    from lightning_modules.classifier import NonFiniteLossError
+
+    try:
+        ResearchCLI(args=args)
+    except (DataNotFoundError, CorruptDataError, NonFiniteLossError) as e:
+        sys.exit(f"error: {e}")

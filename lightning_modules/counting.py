@@ -1,0 +1,106 @@
+"""Parameters and mult-adds of a network, in the convention of the original `count.py`.
+
+Mult-adds: every multiply-add of convolutions (grouped and depthwise exactly: C_in/groups
+per output element per kernel tap; no bias) and linear layers (weights, plus one per bias),
+plus one per output element of an activation function. Batch norm, pooling, dropout and
+reshapes count zero. Measured with forward hooks on one sample of the given input shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.ELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Softplus,
+               nn.SELU, nn.CELU, nn.PReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish)
+
+
+@dataclass
+class LayerCount:
+    """One leaf module's share: its name, type, output shape, own parameters and mult-adds."""
+
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    params: int
+    mult_adds: int
+
+
+@dataclass
+class Complexity:
+    """A whole net's count: per-layer rows, totals, and the independent `sum(p.numel())` check."""
+
+    layers: list[LayerCount] = field(default_factory=list)
+    sanity_params: int = 0
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def mult_adds(self) -> int:
+        return sum(layer.mult_adds for layer in self.layers)
+
+    def summary(self) -> str:
+        """The original's three lines."""
+        return (f"Mult-Adds: {self.mult_adds:.5E}\nParams: {self.params:.5E}\n"
+                f"Sanity check, parameters: {self.sanity_params:.5E}")
+
+    def table(self) -> str:
+        """A per-layer table, in Markdown."""
+        rows = ["| layer | type | output | params | mult-adds |", "| --- | --- | --- | ---: | ---: |"]
+        rows += [f"| {r.name} | {r.kind} | {'x'.join(map(str, r.output_shape))} | {r.params:,} | {r.mult_adds:,} |"
+                 for r in self.layers if r.params or r.mult_adds]
+        rows.append(f"| total | | | {self.params:,} | {self.mult_adds:,} |")
+        return "\n".join(rows)
+
+
+def layer_mult_adds(module: nn.Module, output: torch.Tensor) -> int:
+    """Mult-adds of one leaf module for one sample, given its output."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        return output[0].numel() * per_output
+    if isinstance(module, nn.Linear):
+        positions = output[0].numel() // module.out_features  # a Linear over extra dims repeats per position
+        return positions * (module.weight.numel() + (module.bias.numel() if module.bias is not None else 0))
+    if isinstance(module, ACTIVATIONS):
+        return output[0].numel()
+    return 0
+
+
+def count(net: nn.Module, input_shape: tuple[int, ...]) -> Complexity:
+    """Count `net` on one sample of `input_shape` (C, H, W); the net's mode and weights are left as they were."""
+    result = Complexity(sanity_params=sum(p.numel() for p in net.parameters()))
+    handles, seen = [], set()
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        result.layers.append(LayerCount(
+            name=names[module], kind=type(module).__name__, output_shape=tuple(output.shape[1:]),
+            params=0 if module in seen else sum(p.numel() for p in module.parameters(recurse=False)),
+            mult_adds=layer_mult_adds(module, output)))
+        seen.add(module)  # a module called twice (a shared ReLU) costs twice but owns its parameters once
+
+    names = {}
+    for name, module in net.named_modules():
+        if not list(module.children()) or isinstance(module, ACTIVATIONS):
+            names[module] = name
+            handles.append(module.register_forward_hook(hook))
+    # parameters owned directly by non-leaf modules are not seen by leaf hooks: count them once here
+    owner_params = [(name, m) for name, m in net.named_modules() if list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+    was_training = net.training
+    parameter = next(net.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(1, *input_shape, device=device))
+    finally:
+        net.train(was_training)
+        for handle in handles:
+            handle.remove()
+    for name, module in owner_params:
+        result.layers.append(LayerCount(name, type(module).__name__, (), sum(p.numel() for p in module.parameters(recurse=False)), 0))
+    return result

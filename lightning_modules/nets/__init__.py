@@ -1,0 +1,5 @@
+"""Plain networks: nn.Modules with no Lightning import, usable from a notebook."""
+
+from lightning_modules.nets.depth_cnn import DepthBlock, DepthCNN
+
+__all__ = ["DepthBlock", "DepthCNN"]

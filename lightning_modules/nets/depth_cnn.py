@@ -1,0 +1,99 @@
+"""The depth-trainability CNN: one skeleton for all seven variants of research line 1.
+
+k 3x3 convs in 3 stages (4, 8, 16 channels), each stage ending in a 2x2 average pool
+(28 -> 14 -> 7 -> 3), then one linear layer 144 -> 10. Activation, batch norm, residual
+connections and the conv init are switches; see configs/depth/ for the seven variants.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}
+
+
+class DepthBlock(nn.Module):
+    """conv -> [BN] -> activation, plus the input when `residual` (never on a channel change)."""
+
+    def __init__(self, c_in: int, c_out: int, activation: str, batch_norm: bool, residual: bool):
+        super().__init__()
+        if residual and c_in != c_out:
+            raise ValueError(f"a residual block needs c_in == c_out, got {c_in} -> {c_out}")
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm = nn.BatchNorm2d(c_out) if batch_norm else nn.Identity()
+        self.act = ACTIVATIONS[activation]()
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.norm(self.conv(x)))
+        return out + x if self.residual else out
+
+    def extra_repr(self) -> str:
+        return f"residual={self.residual}"
+
+
+class DepthCNN(nn.Module):
+    """k convs in 3 stages + linear head; the spec's seven depth variants are settings of this class."""
+
+    def __init__(
+        self,
+        depth: int = 9,
+        activation: Literal["tanh", "elu", "relu"] = "tanh",
+        batch_norm: bool = False,
+        residual: bool = False,
+        init_std: float | Literal["fan_in", "fan_out"] = "fan_in",
+        widths: tuple[int, int, int] = (4, 8, 16),
+        in_channels: int = 1,
+        input_size: int = 28,
+        num_classes: int = 10,
+    ):
+        """
+        Args:
+            depth: number of conv layers k, divisible by 3 (k/3 per stage).
+            activation: nonlinearity after every conv.
+            batch_norm: BatchNorm2d between conv and activation.
+            residual: add the block input to every conv block but the first of each stage.
+            init_std: conv weight std: a number (the spec's 0.05), or `fan_in` = sqrt(1/(9 C_in)),
+                `fan_out` = sqrt(1/(9 C_out)). Conv biases start at zero.
+            widths: channels of the three stages.
+            in_channels: image channels.
+            input_size: image height and width (square).
+            num_classes: logits.
+        """
+        super().__init__()
+        if depth < 3 or depth % 3:
+            raise ValueError(f"depth must be a positive multiple of 3, got {depth}")
+        self.settings = dict(depth=depth, activation=activation, batch_norm=batch_norm, residual=residual,
+                             init_std=init_std, widths=tuple(widths), in_channels=in_channels,
+                             input_size=input_size, num_classes=num_classes)
+        layers: list[nn.Module] = []
+        c_in, size = in_channels, input_size
+        for width in widths:
+            for i in range(depth // 3):
+                layers.append(DepthBlock(c_in if i == 0 else width, width, activation, batch_norm, residual and i > 0))
+            layers.append(nn.AvgPool2d(2))
+            c_in, size = width, size // 2
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in * size * size, num_classes)
+        self.reset_conv_parameters(init_std)
+
+    def reset_conv_parameters(self, init_std: float | str) -> None:
+        for module in self.features.modules():
+            if isinstance(module, nn.Conv2d):
+                fan = {"fan_in": module.in_channels, "fan_out": module.out_channels}.get(init_std) if isinstance(init_std, str) else None
+                if isinstance(init_std, str) and fan is None:
+                    raise ValueError(f"init_std must be a number, 'fan_in' or 'fan_out', got {init_std!r}")
+                std = math.sqrt(1.0 / (9 * fan)) if fan is not None else float(init_std)
+                nn.init.normal_(module.weight, 0.0, std)
+                nn.init.zeros_(module.bias)
+
+    def at_depth(self, depth: int) -> DepthCNN:
+        """A freshly initialised net with the same settings at another depth (used by `search`)."""
+        return DepthCNN(**{**self.settings, "depth": depth})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
