@@ -14,12 +14,20 @@ import pytorch_lightning as pl
 import torch
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataError(Exception):
+    """A problem with a dataset that a user fixes by hand; the CLI prints it as one line."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
     """A dataset's files are missing and could not be downloaded; the message says where to put them."""
 
 
-class CorruptDataError(ValueError):
+class CorruptDataError(DataError, ValueError):
     """A dataset file exists but does not hold what its format promises."""
+
+
+class SplitSizeError(DataError, ValueError):
+    """The requested validation split does not fit the dataset."""
 
 
 @dataclass
@@ -42,6 +50,8 @@ class Split:
         return Split(self.images[index], self.labels[index])
 
     def to(self, device: torch.device) -> Split:
+        if self.images.device == torch.device(device):
+            return self
         return Split(self.images.to(device), self.labels.to(device))
 
 
@@ -139,13 +149,18 @@ class TensorDataModule(pl.LightningDataModule):
         if not self.splits:
             pool, test = self.load()
             if not 0 < self.val_size < len(pool):
-                raise ValueError(f"val_size={self.val_size} must be between 1 and {len(pool) - 1} (the pool has {len(pool)})")
+                raise SplitSizeError(f"val_size={self.val_size} must be between 1 and {len(pool) - 1}: "
+                                     f"the training pool has {len(pool)} samples")
             order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed))
             self.splits = {"train": pool.subset(order[self.val_size :]), "val": pool.subset(order[: self.val_size])}
             # without an official test split, `test` evaluates the validation split
             self.splits["test"] = test if test is not None else self.splits["val"]
         device = self.trainer.strategy.root_device if self.trainer is not None and self.on_device else torch.device("cpu")
-        self.splits = {name: split.to(device) for name, split in self.splits.items()}
+        moved: dict[int, Split] = {}  # a split serving twice (test = val) moves once
+        for split in self.splits.values():
+            if id(split) not in moved:
+                moved[id(split)] = split.to(device)
+        self.splits = {name: moved[id(split)] for name, split in self.splits.items()}
         # every rank must shuffle alike: take rank 0's seed (itself set by seed_everything)
         seed = torch.initial_seed() % 2**31
         self.shuffle_seed = self.trainer.strategy.broadcast(seed) if self.trainer is not None else seed

@@ -57,7 +57,7 @@ class ResearchCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         configs = config.get("config") or []
-        name = config.name or (config_name(str(configs[-1])) if configs else "run")
+        name = config.name or (config_name(str(configs[0])) if configs else "run")  # the experiment, not a preset after it
         if self.subcommand == "count":
             kwargs["logger"] = False
         elif config.trainer.get("logger") in (None, True):
@@ -69,10 +69,10 @@ class ResearchCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; data and divergence problems end in one clear line, not a traceback."""
-    from datamodules.tensor_data import CorruptDataError, DataNotFoundError
+    from datamodules.tensor_data import DataError
     from lightning_modules.classifier import NonFiniteLossError
 
     try:
         ResearchCLI(args=args)
-    except (DataNotFoundError, CorruptDataError, NonFiniteLossError) as e:
+    except (DataError, NonFiniteLossError) as e:
         sys.exit(f"error: {e}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import netrc
 import os
 import socket
+import threading
 from urllib.parse import urlparse
 
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
@@ -36,6 +37,14 @@ def wandb_offline_reason(timeout: float = 2.0) -> str | None:
     return None
 
 
+def _start_wandb() -> None:
+    """Import W&B and start its service process; `wandb.init` later finds both ready."""
+    import wandb
+    import wandb.sdk.launch.inputs.internal  # noqa: F401  (imported by wandb.init; slow)
+
+    wandb.setup()
+
+
 def default_loggers(name: str, save_dir: str, project: str, wandb: bool = True) -> list[Logger]:
     """CSV logger into `save_dir/name/version_N`, then W&B (offline when it has to be)."""
     loggers: list[Logger] = [CSVLogger(save_dir=save_dir, name=name)]
@@ -44,5 +53,7 @@ def default_loggers(name: str, save_dir: str, project: str, wandb: bool = True) 
         if reason:
             os.environ["WANDB_MODE"] = "offline"  # inherited by DDP worker processes
             rank_zero_info(f"W&B: logging offline ({reason}) to ./wandb/offline-run-*; upload later with `wandb sync <that folder>`")
+        # W&B's import and service start take seconds: overlap them with parsing and data loading
+        threading.Thread(target=_start_wandb, name="wandb-start", daemon=True).start()
         loggers.append(WandbLogger(project=project, name=name, save_dir=".", offline=bool(reason)))
     return loggers

@@ -1,0 +1,68 @@
+"""Shared test helpers: tiny datasets in the real on-disk formats, and running the CLI in-process."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SHARED_MNIST = ROOT.parent / "shared" / "datasets" / "mnist-10k"
+
+os.environ.setdefault("WANDB_MODE", "offline")  # no test may reach a network
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    """Write `array` in the IDX format of the MNIST files (uint8 data, big-endian dims)."""
+    assert array.dtype == np.uint8
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def make_mnist(root: Path, n_train: int = 96, n_test: int = 48, folder: str = "MNIST", seed: int = 0) -> Path:
+    """A tiny MNIST in torchvision's layout (<root>/<folder>/raw/*-ubyte.gz): label-dependent blobs, learnable."""
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for i, label in enumerate(labels):  # a bright square whose place encodes the label
+            r, c = 2 + 8 * (label // 4), 2 + 8 * (label % 4)
+            images[i, r : r + 6, c : c + 6] = 255
+        write_idx(root / folder / "raw" / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(root / folder / "raw" / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path: Path) -> Path:
+    return make_mnist(tmp_path / "data")
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in an empty folder, so runs/ and wandb/ land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def cli(*args: str):
+    """Run `python train.py ARGS` in this process and return the CLI object."""
+    from lightning_modules.cli import ResearchCLI
+
+    return ResearchCLI(args=[str(a) for a in args])
+
+
+QUIET = ["--wandb", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

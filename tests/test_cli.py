@@ -1,0 +1,179 @@
+"""`train.py` as a user runs it: every config, errors, resuming, seeds, run folders and W&B offline."""
+
+import csv
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+
+from datamodules import Digits
+from lightning_modules import Classifier, NonFiniteLossError
+from lightning_modules.nets import DepthCNN
+from lightning_modules.trainer import net_from_config
+from tests.conftest import CONFIGS, QUIET, ROOT, cli
+
+EXPERIMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if "presets" not in p.parts and p.name != "search_all.yaml")
+PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
+
+
+def data_args(config: Path, data_dir: Path) -> list[str]:
+    """Point MNIST-style configs at the tiny files of the test."""
+    data = yaml.safe_load(config.read_text()).get("data", {})
+    if "MNIST" in data.get("class_path", ""):
+        return ["--data.data_dir", str(data_dir), "--data.download", "false", "--data.val_size", "16"]
+    return []
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_experiment_config_runs_fast_dev_run(config, tiny_mnist, in_tmp):
+    trainer = cli("fit", "--config", config, *data_args(config, tiny_mnist), "--trainer.fast_dev_run", "true",
+                  "--data.batch_size", "8", *QUIET).trainer
+    assert trainer.state.finished and trainer.global_step == 1
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.stem != "ddp"], ids=lambda p: p.stem)
+def test_every_preset_stacks_on_an_experiment(preset, tiny_mnist, in_tmp):
+    args = ["--data.data_dir", str(tiny_mnist), "--data.val_size", "16"] if "MNIST" in preset.read_text() else []
+    trainer = cli("fit", "--config", CONFIGS / "quickstart.yaml", "--config", preset, *args,
+                  "--trainer.fast_dev_run", "true", *QUIET).trainer
+    assert trainer.state.finished
+
+
+def test_ddp_preset_parses():
+    config = cli_config("--config", CONFIGS / "quickstart.yaml", "--config", CONFIGS / "presets" / "ddp.yaml")
+    assert config["trainer"]["strategy"] == "ddp" and config["trainer"]["devices"] == -1
+
+
+def cli_config(*args) -> dict:
+    out = subprocess.run([sys.executable, "train.py", "fit", *map(str, args), "--print_config"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return yaml.safe_load(out)
+
+
+def test_print_config_shows_the_resolved_config():
+    config = cli_config("--config", CONFIGS / "depth" / "resnet.yaml")
+    net = config["model"]["init_args"]["net"]["init_args"]
+    assert net["depth"] == 447 and net["residual"] is True and config["checkpoint"]["monitor"] == "val/err"
+
+
+def run_train(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_wrong_config_key_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((CONFIGS / "quickstart.yaml").read_text().replace("max_epochs", "max_epoch"))
+    result = run_train("fit", "--config", bad, cwd=tmp_path)
+    assert result.returncode != 0 and "max_epoch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_is_one_clear_line(tmp_path):
+    result = run_train("fit", "--config", CONFIGS / "depth" / "tanh.yaml", "--data.download", "false",
+                       "--wandb", "false", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and str(Path("data") / "MNIST" / "raw") in error[0]
+
+
+def test_corrupt_data_is_one_clear_line(tiny_mnist, tmp_path):
+    (tiny_mnist / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz").write_bytes(b"garbage")
+    result = run_train("fit", "--config", CONFIGS / "depth" / "tanh.yaml", "--data.data_dir", tiny_mnist,
+                       "--wandb", "false", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "error:" in result.stderr
+
+
+def test_val_size_too_large_is_one_clear_line(tmp_path):
+    result = run_train("fit", "--config", CONFIGS / "quickstart.yaml", "--data.val_size", "5000", "--wandb", "false",
+                       cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: val_size=5000 must be between 1 and 1499" in result.stderr
+
+
+def fit_quickstart(*extra: str):
+    return cli("fit", "--config", CONFIGS / "quickstart.yaml", "--trainer.max_epochs", "1",
+               "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2", *QUIET, *extra).trainer
+
+
+def test_run_folder_holds_config_checkpoints_and_metrics_per_run(in_tmp):
+    first, second = fit_quickstart(), fit_quickstart()
+    folders = [Path(t.log_dir) for t in (first, second)]
+    assert folders[0] != folders[1] and folders[0].resolve().parent == in_tmp / "runs" / "quickstart"
+    for folder in folders:
+        assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
+        assert any(p.name.startswith("epoch000-err") for p in (folder / "checkpoints").iterdir())
+        assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["max_epochs"] == 1
+        hparams = yaml.safe_load((folder / "hparams.yaml").read_text())
+        assert hparams["complexity/params"] == sum(p.numel() for p in first.lightning_module.net.parameters())
+
+
+def test_checkpoints_load_with_weights_only_and_resume(in_tmp):
+    first = fit_quickstart()
+    last = Path(first.log_dir) / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)  # no pickled objects: plain state and primitives
+    assert checkpoint["epoch"] == 0
+    resumed = fit_quickstart("--ckpt_path", last, "--trainer.max_epochs", "2")
+    assert resumed.current_epoch == 2 and resumed.global_step == 2 * first.global_step
+
+
+def epoch_metrics(trainer) -> list[dict]:
+    rows = list(csv.DictReader(open(Path(trainer.log_dir) / "metrics.csv")))
+    return [{k: v for k, v in row.items() if k.startswith(("train/", "val/"))} for row in rows]
+
+
+def test_same_seed_same_metrics(in_tmp):
+    a, b = fit_quickstart(), fit_quickstart()
+    assert epoch_metrics(a) == epoch_metrics(b) and any(row.get("val/err") for row in epoch_metrics(a))
+    c = fit_quickstart("--seed_everything", "1")
+    assert epoch_metrics(c) != epoch_metrics(a)
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(in_tmp):
+    model = Classifier(DepthCNN(depth=3), optimizer=partial(torch.optim.SGD, lr=1e38), finite_check_every=2)
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, default_root_dir=in_tmp)
+    with pytest.raises(NonFiniteLossError, match="NaN or infinite"):
+        trainer.fit(model, datamodule=Digits(batch_size=64))
+    result = run_train("fit", "--config", CONFIGS / "quickstart.yaml", "--model.init_args.optimizer.init_args.lr",
+                       "1e38", "--wandb", "false", "--trainer.enable_progress_bar", "false", cwd=in_tmp)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: the training loss became NaN or infinite" in result.stderr
+
+
+@pytest.mark.slow
+def test_wandb_without_key_or_network_logs_offline(tmp_path):
+    env = {"HOME": str(tmp_path), "WANDB_MODE": "", "WANDB_API_KEY": "", "WANDB_SILENT": ""}
+    env = {k: v for k, v in {**os.environ, **env}.items() if not (k.startswith("WANDB_") and v == "")}
+    env.pop("WANDB_MODE", None)
+    env.pop("WANDB_API_KEY", None)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(CONFIGS / "quickstart.yaml"),
+                             "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"],
+                            cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "W&B: logging offline (no W&B API key)" in result.stdout + result.stderr
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_search_subcommand_writes_its_table(in_tmp, capsys):
+    cli("search", "--config", CONFIGS / "quickstart.yaml", "--upper", "6", "--epochs", "1", "--seeds", "2",
+        "--trainer.limit_train_batches", "2", *QUIET)
+    folder = in_tmp / "runs" / "quickstart" / "version_0"
+    rows = list(csv.DictReader((folder / "results.csv").open()))
+    assert {int(r["depth"]) for r in rows} <= {3, 6} and len(rows) >= 4
+    assert all(0 <= float(r["val_err"]) <= 1 for r in rows)
+    assert (folder / "results.md").is_file() and (folder / "error_vs_depth.png").is_file()
+    assert "deepest trainable k =" in capsys.readouterr().out
+
+
+def test_search_all_names_every_variant_with_its_bound():
+    variants = yaml.safe_load((CONFIGS / "depth" / "search_all.yaml").read_text())["variants"]
+    assert len(variants) == 7
+    for path, upper in variants.items():
+        net = net_from_config(ROOT / path)
+        assert isinstance(net, DepthCNN) and net.settings["depth"] <= upper

@@ -1,0 +1,137 @@
+"""Datamodules: the real IDX loader on tiny files, clear errors, splits, sharding and batches."""
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules import MNIST, CorruptDataError, DataNotFoundError, Digits, FashionMNIST
+from datamodules.mnist import read_idx
+from datamodules.tensor_data import ShardedOrder, Split, TensorLoader
+from tests.conftest import make_mnist, write_idx
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_read_idx_round_trip(tmp_path, gz):
+    array = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
+    path = write_idx(tmp_path / "x-idx3-ubyte", array, gz=gz)
+    assert torch.equal(read_idx(path), torch.from_numpy(array))
+
+
+def test_read_idx_rejects_truncated_and_foreign_files(tmp_path):
+    path = write_idx(tmp_path / "x-idx3-ubyte", np.zeros((4, 28, 28), np.uint8), gz=False)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CorruptDataError, match="header promises"):
+        read_idx(path)
+    bogus = tmp_path / "y.gz"
+    bogus.write_bytes(b"not gzip at all")
+    with pytest.raises(CorruptDataError, match="cannot be read"):
+        read_idx(bogus)
+    plain = tmp_path / "z"
+    plain.write_bytes(b"\x1f\x8b\x08\x00")
+    with pytest.raises(CorruptDataError, match="bad magic"):
+        read_idx(plain)
+
+
+def test_mnist_loads_torchvision_layout(tiny_mnist):
+    dm = MNIST(data_dir=str(tiny_mnist), val_size=16, batch_size=32)
+    dm.setup()
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 80, "val": 16, "test": 48}
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.long
+    raw = read_idx(tiny_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte.gz")
+    expected_min = (0 - 0.1307) / 0.3081
+    assert x.min().item() >= expected_min - 1e-5 and x.max().item() == pytest.approx((1 - 0.1307) / 0.3081, rel=1e-5)
+    assert raw.shape == (96, 28, 28)
+
+
+def test_mnist_reads_plain_files_directly_in_data_dir(tmp_path):
+    source = make_mnist(tmp_path / "src")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for gz in (source / "MNIST" / "raw").iterdir():  # gunzipped, side by side, as the original download unpacks
+        (flat / gz.name.removesuffix(".gz")).write_bytes(gzip.decompress(gz.read_bytes()))
+    dm = MNIST(data_dir=str(flat), val_size=10)
+    dm.setup()
+    assert len(dm.splits["train"]) == 86
+
+
+def test_test_file_only_builds_train_and_val_from_the_test_file(tiny_mnist):
+    (tiny_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").unlink()  # not needed in this mode
+    dm = MNIST(data_dir=str(tiny_mnist), test_file_only=True, val_size=8, seed=3)
+    dm.setup()
+    assert len(dm.splits["train"]) == 40 and len(dm.splits["val"]) == 8 and dm.splits["test"] is dm.splits["val"]
+    again = MNIST(data_dir=str(tiny_mnist), test_file_only=True, val_size=8, seed=3)
+    again.setup()
+    assert torch.equal(again.splits["val"].labels, dm.splits["val"].labels)  # the split is seeded
+
+
+def test_fashion_mnist_uses_its_own_folder(tmp_path):
+    make_mnist(tmp_path, folder="FashionMNIST")
+    dm = FashionMNIST(data_dir=str(tmp_path), val_size=8)
+    dm.setup()
+    assert len(dm.splits["train"]) == 88
+    with pytest.raises(DataNotFoundError):
+        MNIST(data_dir=str(tmp_path)).setup()
+
+
+def test_missing_files_say_where_to_put_them(tmp_path):
+    with pytest.raises(DataNotFoundError) as info:
+        MNIST(data_dir=str(tmp_path / "nowhere")).setup()
+    message = str(info.value)
+    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message and "train-images-idx3-ubyte" in message
+
+
+def test_download_failure_is_the_same_clear_error(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)  # the network, not the loader, is what fails here
+    with pytest.raises(DataNotFoundError, match="download failed"):
+        MNIST(data_dir=str(tmp_path), download=True).prepare_data()
+
+
+def test_digits_look_like_mnist():
+    dm = Digits(val_size=300)
+    dm.setup()
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 1200, "val": 300, "test": 297}
+    images = dm.splits["train"].images
+    assert images.shape[1:] == (1, 28, 28) and images.dtype == torch.uint8
+    assert images[:, :, :4].max() == 0 and images[:, :, -4:].max() == 0  # a 20x20 digit centred in 28x28, as MNIST
+
+
+@pytest.mark.parametrize("size,world", [(10, 3), (9, 3), (7, 2), (5, 4)])
+def test_eval_sharding_covers_every_sample_exactly_once(size, world):
+    shards = [ShardedOrder(size, shuffle=False, seed=0, rank=r, world_size=world, pad=False).indices() for r in range(world)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(size))
+
+
+@pytest.mark.parametrize("size,world", [(10, 3), (7, 2)])
+def test_train_sharding_pads_like_distributed_sampler(size, world):
+    shards = [ShardedOrder(size, shuffle=True, seed=5, rank=r, world_size=world, pad=True) for r in range(world)]
+    for shard in shards:
+        shard.set_epoch(2)
+    indices = [s.indices() for s in shards]
+    assert len({len(i) for i in indices}) == 1  # every rank the same count: no rank waits in all-reduce
+    assert set(torch.cat(indices).tolist()) == set(range(size))
+
+
+def test_shuffle_changes_with_epoch_and_repeats_with_seed():
+    order = ShardedOrder(100, shuffle=True, seed=1)
+    first = order.indices()
+    order.set_epoch(1)
+    assert not torch.equal(first, order.indices())
+    order.set_epoch(0)
+    assert torch.equal(first, order.indices())
+
+
+def test_loader_batches_are_index_slices_normalised():
+    images = torch.arange(6 * 4, dtype=torch.uint8).view(6, 1, 2, 2)
+    split = Split(images, torch.arange(6))
+    loader = TensorLoader(split, 4, mean=(0.5,), std=(0.25,), sampler=ShardedOrder(6, shuffle=False, seed=0))
+    batches = list(loader)
+    assert len(loader) == 2 and [len(y) for _, y in batches] == [4, 2]
+    torch.testing.assert_close(batches[1][0], (images[4:].float() / 255 - 0.5) / 0.25)

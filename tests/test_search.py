@@ -1,0 +1,66 @@
+"""The depth search: the boundary a stub trainability function puts there, and its reports."""
+
+import csv
+import math
+
+import pytest
+
+from lightning_modules.search import is_trainable, search_depth, write_results
+
+
+def stub(boundary: int, calls: list | None = None):
+    """Trainable (error 5%) up to `boundary`, untrainable (error 90%) above it."""
+
+    def train(depth: int, seed: int):
+        if calls is not None:
+            calls.append((depth, seed))
+        return (0.05, 0.05) if depth <= boundary else (0.9, 0.9)
+
+    return train
+
+
+@pytest.mark.parametrize("upper,boundary", [(450, 447), (450, 450), (24, 3), (24, 0), (120, 84), (150, 93), (300, 156), (30, 12)])
+def test_finds_the_stub_boundary(upper, boundary):
+    calls = []
+    result = search_depth(stub(boundary, calls), upper=upper)
+    assert result.deepest == boundary and result.confirmed
+    assert len(calls) <= math.ceil(math.log2(upper // 3 + 1)) + 2  # a binary search, plus two confirmations
+
+
+def test_confirmation_trains_both_depths_around_the_boundary_with_fresh_seeds():
+    result = search_depth(stub(84), upper=120, seeds=3, first_seed=10)
+    confirm = [t for t in result.trials if t.phase == "confirm"]
+    assert sorted({t.depth for t in confirm}) == [84, 87]
+    assert {t.seed for t in confirm} == {13, 14, 15}
+    assert {t.seed for t in result.trials if t.phase == "search"} == {10, 11, 12}
+
+
+def test_noisy_boundary_is_reported_unconfirmed():
+    def flaky(depth, seed):  # k=12 trains with the search's seed, fails with others
+        ok = depth < 12 or (depth == 12 and seed == 0)
+        return (0.05, 0.05) if ok else (0.9, 0.9)
+
+    result = search_depth(flaky, upper=30)
+    assert result.deepest == 12 and not result.confirmed
+
+
+def test_trainable_is_the_mean_over_seeds_and_nan_is_not():
+    assert is_trainable([0.1, 0.25], 0.2)  # mean 0.175
+    assert not is_trainable([0.1, 0.35], 0.2)
+    assert not is_trainable([0.05, float("nan")], 0.2)
+
+
+def test_upper_below_one_step_is_refused():
+    with pytest.raises(ValueError):
+        search_depth(stub(3), upper=2)
+
+
+def test_reports_have_every_trial(tmp_path):
+    results = [search_depth(stub(9), upper=24, seeds=2, variant="a"), search_depth(stub(3), upper=12, variant="b")]
+    paths = write_results(results, 0.2, tmp_path)
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert len(rows) == sum(len(r.trials) for r in results)
+    assert {r["variant"] for r in rows} == {"a", "b"}
+    text = paths["md"].read_text()
+    assert "| a | 24 | 9 | yes |" in text and "| b | 12 | 3 | yes |" in text
+    assert paths["plot"].stat().st_size > 1000
