@@ -25,8 +25,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ["--config", "configs/depth/tanh.yaml", "--config", "configs/presets/mnist_10k.yaml",
-          "--model.init_args.net.init_args.depth", "12", "--trainer.max_epochs", "3"]
+CONFIG = [
+    "--config",
+    "configs/depth/tanh.yaml",
+    "--config",
+    "configs/presets/mnist_10k.yaml",
+    "--model.init_args.net.init_args.depth",
+    "12",
+    "--trainer.max_epochs",
+    "3",
+]
 
 
 def plain(data: Path, pil: bool) -> list[float]:
@@ -58,6 +66,7 @@ def plain(data: Path, pil: bool) -> list[float]:
         train_loader = torch.utils.data.DataLoader(PILDigits(train), batch_size=256, shuffle=True)
         val_loader = torch.utils.data.DataLoader(PILDigits(val), batch_size=256)
     else:
+
         def normalised(index):
             return (images[index].float().unsqueeze(1) / 255 - 0.1307) / 0.3081, labels[index]
 
@@ -104,8 +113,19 @@ def framework_epochs(data: Path) -> list[float]:
             self.times.append(time.perf_counter() - self.start)
 
     clock = EpochClock()
-    ResearchCLI(args=["fit", *CONFIG, "--data.data_dir", str(data), "--wandb", "false",
-                      "--trainer.enable_progress_bar", "false"], trainer_defaults={"default_root_dir": "runs", "callbacks": [clock]})
+    ResearchCLI(
+        args=[
+            "fit",
+            *CONFIG,
+            "--data.data_dir",
+            str(data),
+            "--wandb",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        trainer_defaults={"default_root_dir": "runs", "callbacks": [clock]},
+    )
     return clock.times
 
 
@@ -116,7 +136,9 @@ def run(mode: str, data: Path) -> dict:
     else:
         command = [sys.executable, __file__, "--data", str(data), "--child", mode]
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     wall = time.perf_counter() - start
     if result.returncode:
         raise RuntimeError(f"{mode} failed:\n{result.stderr[-3000:]}")
@@ -131,7 +153,11 @@ def main() -> None:
     parser.add_argument("--child", choices=["plain-pil", "plain-tensor", "framework-epochs"])
     args = parser.parse_args()
     if args.child:
-        times = framework_epochs(args.data) if args.child == "framework-epochs" else plain(args.data, args.child == "plain-pil")
+        times = (
+            framework_epochs(args.data)
+            if args.child == "framework-epochs"
+            else plain(args.data, args.child == "plain-pil")
+        )
         print(json.dumps(times))
         return
     if not (args.data / "t10k-images-idx3-ubyte.gz").is_file():
@@ -141,14 +167,20 @@ def main() -> None:
         for mode in ("plain-pil", "plain-tensor", "framework-epochs", "framework"):
             r = run(mode, args.data)
             rows.setdefault(mode, []).append(r)
-            print(f"{mode:17s} wall {r['wall_s']:6.2f} s  epochs {' '.join(f'{e:.2f}' for e in r['epoch_s'])}", flush=True)
+            print(
+                f"{mode:17s} wall {r['wall_s']:6.2f} s  epochs {' '.join(f'{e:.2f}' for e in r['epoch_s'])}", flush=True
+            )
     best = {mode: min(rs, key=lambda r: r["wall_s"]) for mode, rs in rows.items()}
-    epoch = {mode: statistics.median(e for r in rs for e in r["epoch_s"]) for mode, rs in rows.items() if mode != "framework"}
+    epoch = {
+        mode: statistics.median(e for r in rs for e in r["epoch_s"]) for mode, rs in rows.items() if mode != "framework"
+    }
     print("\n| mode | median epoch (s) | best whole process (s) |\n| --- | ---: | ---: |")
     for mode in rows:
         print(f"| {mode} | {epoch.get(mode, float('nan')):.2f} | {best[mode]['wall_s']:.2f} |")
     print(f"\nframework epoch / plain-pil epoch: {epoch['framework-epochs'] / epoch['plain-pil']:.2f} (target <= 0.6)")
-    print(f"framework process / plain-pil process: {best['framework']['wall_s'] / best['plain-pil']['wall_s']:.2f} (target <= 0.85)")
+    print(
+        f"framework process / plain-pil process: {best['framework']['wall_s'] / best['plain-pil']['wall_s']:.2f} (target <= 0.85)"
+    )
 
 
 if __name__ == "__main__":

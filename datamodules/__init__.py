@@ -4,5 +4,13 @@ from datamodules.digits import Digits
 from datamodules.mnist import MNIST, FashionMNIST
 from datamodules.tensor_data import CorruptDataError, DataError, DataNotFoundError, SplitSizeError, TensorDataModule
 
-__all__ = ["MNIST", "CorruptDataError", "DataError", "DataNotFoundError", "Digits", "FashionMNIST", "SplitSizeError",
-           "TensorDataModule"]
+__all__ = [
+    "MNIST",
+    "CorruptDataError",
+    "DataError",
+    "DataNotFoundError",
+    "Digits",
+    "FashionMNIST",
+    "SplitSizeError",
+    "TensorDataModule",
+]

@@ -14,7 +14,14 @@ import torch
 
 from datamodules.tensor_data import CorruptDataError, DataNotFoundError, Split, TensorDataModule
 
-IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def read_idx(path: Path) -> torch.Tensor:
@@ -49,8 +56,16 @@ class MNIST(TensorDataModule):
         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
     }
 
-    def __init__(self, data_dir: str = "data", download: bool = False, test_file_only: bool = False,
-                 batch_size: int = 256, val_size: int = 5000, seed: int = 0, on_device: bool = True):
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        test_file_only: bool = False,
+        batch_size: int = 256,
+        val_size: int = 5000,
+        seed: int = 0,
+        on_device: bool = True,
+    ):
         """
         Args:
             data_dir: folder holding `<folder>/raw/*-ubyte[.gz]` (torchvision's layout) or the files themselves.
@@ -81,8 +96,10 @@ class MNIST(TensorDataModule):
         if not missing:
             return
         where = self.data_dir / self.folder / "raw"
-        hint = (f"{self.folder} files missing: {', '.join(missing)}. Put the official *-ubyte.gz files in {where}/ "
-                f"(or set --data.data_dir)")
+        hint = (
+            f"{self.folder} files missing: {', '.join(missing)}. Put the official *-ubyte.gz files in {where}/ "
+            f"(or set --data.data_dir)"
+        )
         if not self.download:
             raise DataNotFoundError(f"{hint}, or set --data.download true to fetch them.")
         import torchvision.datasets
@@ -101,7 +118,9 @@ class MNIST(TensorDataModule):
             paths = [self._find(images_name), self._find(labels_name)]
         images, labels = read_idx(paths[0]), read_idx(paths[1])
         if images.dim() != 3 or images.dtype != torch.uint8:
-            raise CorruptDataError(f"{paths[0]}: expected uint8 images (N, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise CorruptDataError(
+                f"{paths[0]}: expected uint8 images (N, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
         if labels.dim() != 1:
             raise CorruptDataError(f"{paths[1]}: expected labels (N,), got {tuple(labels.shape)}")
         return Split(images.unsqueeze(1), labels.long())

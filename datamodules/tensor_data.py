@@ -39,7 +39,9 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise CorruptDataError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+            raise CorruptDataError(
+                f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if len(self.images) != len(self.labels):
             raise CorruptDataError(f"{len(self.images)} images but {len(self.labels)} labels")
 
@@ -96,8 +98,15 @@ class TensorLoader:
 
     batch_sampler = None
 
-    def __init__(self, split: Split, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 sampler: ShardedOrder, drop_last: bool = False):
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        sampler: ShardedOrder,
+        drop_last: bool = False,
+    ):
         self.split, self.batch_size, self.sampler, self.drop_last = split, batch_size, sampler, drop_last
         device = split.images.device
         # x / 255 - mean) / std  ==  x * scale + shift, one fused pass per batch
@@ -149,13 +158,17 @@ class TensorDataModule(pl.LightningDataModule):
         if not self.splits:
             pool, test = self.load()
             if not 0 < self.val_size < len(pool):
-                raise SplitSizeError(f"val_size={self.val_size} must be between 1 and {len(pool) - 1}: "
-                                     f"the training pool has {len(pool)} samples")
+                raise SplitSizeError(
+                    f"val_size={self.val_size} must be between 1 and {len(pool) - 1}: "
+                    f"the training pool has {len(pool)} samples"
+                )
             order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed))
             self.splits = {"train": pool.subset(order[self.val_size :]), "val": pool.subset(order[: self.val_size])}
             # without an official test split, `test` evaluates the validation split
             self.splits["test"] = test if test is not None else self.splits["val"]
-        device = self.trainer.strategy.root_device if self.trainer is not None and self.on_device else torch.device("cpu")
+        device = (
+            self.trainer.strategy.root_device if self.trainer is not None and self.on_device else torch.device("cpu")
+        )
         moved: dict[int, Split] = {}  # a split serving twice (test = val) moves once
         for split in self.splits.values():
             if id(split) not in moved:
@@ -169,7 +182,9 @@ class TensorDataModule(pl.LightningDataModule):
         split = self.splits[name]
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ShardedOrder(len(split), shuffle=train, seed=self.shuffle_seed, rank=rank, world_size=world, pad=train)
+        sampler = ShardedOrder(
+            len(split), shuffle=train, seed=self.shuffle_seed, rank=rank, world_size=world, pad=train
+        )
         return TensorLoader(split, self.batch_size, self.mean, self.std, sampler)
 
     def train_dataloader(self) -> TensorLoader:

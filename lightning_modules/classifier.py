@@ -46,8 +46,11 @@ class Classifier(pl.LightningModule):
         self.channels_last = channels_last
         self.finite_check_every = finite_check_every
         for split in ("train", "val", "test"):  # one set of metrics per split: train_metrics, val_metrics, ...
-            setattr(self, f"{split}_metrics",
-                    nn.ModuleDict({"acc": MulticlassAccuracy(num_classes, average="micro"), "loss": MeanMetric()}))
+            setattr(
+                self,
+                f"{split}_metrics",
+                nn.ModuleDict({"acc": MulticlassAccuracy(num_classes, average="micro"), "loss": MeanMetric()}),
+            )
         self.register_buffer("loss_finite", torch.tensor(True), persistent=False)
 
     def setup(self, stage: str) -> None:
@@ -83,7 +86,8 @@ class Classifier(pl.LightningModule):
         if not finite:
             raise NonFiniteLossError(
                 f"the training loss became NaN or infinite (epoch {self.current_epoch}, step {self.global_step}); "
-                "stopped. Lower the learning rate or check the data; checkpoints saved before this are intact.")
+                "stopped. Lower the learning rate or check the data; checkpoints saved before this are intact."
+            )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.step(batch, "val")
@@ -95,8 +99,11 @@ class Classifier(pl.LightningModule):
         """Log the epoch's metrics of one split, synced over ranks, and reset them."""
         metrics = getattr(self, f"{split}_metrics")
         acc, loss = metrics["acc"].compute(), metrics["loss"].compute()
-        self.log_dict({f"{split}/loss": loss, f"{split}/acc": acc, f"{split}/err": 1 - acc},
-                      prog_bar=split != "train", sync_dist=False)  # compute() already reduced over ranks
+        self.log_dict(
+            {f"{split}/loss": loss, f"{split}/acc": acc, f"{split}/err": 1 - acc},
+            prog_bar=split != "train",
+            sync_dist=False,
+        )  # compute() already reduced over ranks
         for metric in metrics.values():
             metric.reset()
 
@@ -112,8 +119,14 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = (self.optimizer_factory(params) if self.optimizer_factory is not None
-                     else torch.optim.SGD(params, lr=0.01, momentum=0.9))
+        optimizer = (
+            self.optimizer_factory(params)
+            if self.optimizer_factory is not None
+            else torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        )
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
+        }

@@ -39,14 +39,26 @@ class ResearchCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "count": {"model", "datamodule"}, "search": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--name", type=str | None, default=None,
-                            help="Run name: runs/<name>/version_N and the W&B run name (default: the config's path under configs/).")
+        parser.add_argument(
+            "--name",
+            type=str | None,
+            default=None,
+            help="Run name: runs/<name>/version_N and the W&B run name (default: the config's path under configs/).",
+        )
         parser.add_argument("--project", type=str, default="netlab", help="W&B project.")
-        parser.add_argument("--wandb", type=bool, default=True, help="Log to W&B (offline when there is no key or network).")
+        parser.add_argument(
+            "--wandb", type=bool, default=True, help="Log to W&B (offline when there is no key or network)."
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/err", "checkpoint.mode": "min", "checkpoint.save_last": True,
-                             "checkpoint.filename": "epoch{epoch:03d}-err{val/err:.4f}",
-                             "checkpoint.auto_insert_metric_name": False})
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/err",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "epoch{epoch:03d}-err{val/err:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
         parser.add_lightning_class_args(Complexity, "complexity")
 
     def before_instantiate_classes(self) -> None:
@@ -57,7 +69,9 @@ class ResearchCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         configs = config.get("config") or []
-        name = config.name or (config_name(str(configs[0])) if configs else "run")  # the experiment, not a preset after it
+        name = config.name or (
+            config_name(str(configs[0])) if configs else "run"
+        )  # the experiment, not a preset after it
         if self.subcommand == "count":
             kwargs["logger"] = False
         elif config.trainer.get("logger") in (None, True):

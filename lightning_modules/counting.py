@@ -14,8 +14,24 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.ELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Softplus,
-               nn.SELU, nn.CELU, nn.PReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish)
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.ELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Softplus,
+    nn.SELU,
+    nn.CELU,
+    nn.PReLU,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Mish,
+)
 
 
 @dataclass
@@ -46,14 +62,19 @@ class Complexity:
 
     def summary(self) -> str:
         """The original's three lines."""
-        return (f"Mult-Adds: {self.mult_adds:.5E}\nParams: {self.params:.5E}\n"
-                f"Sanity check, parameters: {self.sanity_params:.5E}")
+        return (
+            f"Mult-Adds: {self.mult_adds:.5E}\nParams: {self.params:.5E}\n"
+            f"Sanity check, parameters: {self.sanity_params:.5E}"
+        )
 
     def table(self) -> str:
         """A per-layer table, in Markdown."""
         rows = ["| layer | type | output | params | mult-adds |", "| --- | --- | --- | ---: | ---: |"]
-        rows += [f"| {r.name} | {r.kind} | {'x'.join(map(str, r.output_shape))} | {r.params:,} | {r.mult_adds:,} |"
-                 for r in self.layers if r.params or r.mult_adds]
+        rows += [
+            f"| {r.name} | {r.kind} | {'x'.join(map(str, r.output_shape))} | {r.params:,} | {r.mult_adds:,} |"
+            for r in self.layers
+            if r.params or r.mult_adds
+        ]
         rows.append(f"| total | | | {self.params:,} | {self.mult_adds:,} |")
         return "\n".join(rows)
 
@@ -77,10 +98,15 @@ def count(net: nn.Module, input_shape: tuple[int, ...]) -> Complexity:
     handles, seen = [], set()
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        result.layers.append(LayerCount(
-            name=names[module], kind=type(module).__name__, output_shape=tuple(output.shape[1:]),
-            params=0 if module in seen else sum(p.numel() for p in module.parameters(recurse=False)),
-            mult_adds=layer_mult_adds(module, output)))
+        result.layers.append(
+            LayerCount(
+                name=names[module],
+                kind=type(module).__name__,
+                output_shape=tuple(output.shape[1:]),
+                params=0 if module in seen else sum(p.numel() for p in module.parameters(recurse=False)),
+                mult_adds=layer_mult_adds(module, output),
+            )
+        )
         seen.add(module)  # a module called twice (a shared ReLU) costs twice but owns its parameters once
 
     names = {}
@@ -89,7 +115,11 @@ def count(net: nn.Module, input_shape: tuple[int, ...]) -> Complexity:
             names[module] = name
             handles.append(module.register_forward_hook(hook))
     # parameters owned directly by non-leaf modules are not seen by leaf hooks: count them once here
-    owner_params = [(name, m) for name, m in net.named_modules() if list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+    owner_params = [
+        (name, m)
+        for name, m in net.named_modules()
+        if list(m.children()) and any(True for _ in m.parameters(recurse=False))
+    ]
     was_training = net.training
     parameter = next(net.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -102,5 +132,7 @@ def count(net: nn.Module, input_shape: tuple[int, ...]) -> Complexity:
         for handle in handles:
             handle.remove()
     for name, module in owner_params:
-        result.layers.append(LayerCount(name, type(module).__name__, (), sum(p.numel() for p in module.parameters(recurse=False)), 0))
+        result.layers.append(
+            LayerCount(name, type(module).__name__, (), sum(p.numel() for p in module.parameters(recurse=False)), 0)
+        )
     return result

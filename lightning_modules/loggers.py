@@ -52,7 +52,9 @@ def default_loggers(name: str, save_dir: str, project: str, wandb: bool = True) 
         reason = wandb_offline_reason()
         if reason:
             os.environ["WANDB_MODE"] = "offline"  # inherited by DDP worker processes
-            rank_zero_info(f"W&B: logging offline ({reason}) to ./wandb/offline-run-*; upload later with `wandb sync <that folder>`")
+            rank_zero_info(
+                f"W&B: logging offline ({reason}) to ./wandb/offline-run-*; upload later with `wandb sync <that folder>`"
+            )
         # W&B's import and service start take seconds: overlap them with parsing and data loading
         threading.Thread(target=_start_wandb, name="wandb-start", daemon=True).start()
         loggers.append(WandbLogger(project=project, name=name, save_dir=".", offline=bool(reason)))

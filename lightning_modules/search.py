@@ -44,8 +44,15 @@ def is_trainable(val_errs: list[float], max_error: float) -> bool:
     return all(not math.isnan(e) for e in val_errs) and sum(val_errs) / len(val_errs) < max_error
 
 
-def search_depth(train: TrainFn, upper: int, seeds: int = 1, max_error: float = 0.2, first_seed: int = 0,
-                 variant: str = "net", step: int = 3) -> SearchResult:
+def search_depth(
+    train: TrainFn,
+    upper: int,
+    seeds: int = 1,
+    max_error: float = 0.2,
+    first_seed: int = 0,
+    variant: str = "net",
+    step: int = 3,
+) -> SearchResult:
     """Binary search over m in [1, upper // step] for the largest trainable k = step * m, then confirm.
 
     Confirmation trains the two consecutive depths around the boundary (k and k + step) again with
@@ -87,12 +94,22 @@ def write_results(results: list[SearchResult], max_error: float, folder: Path) -
         writer = csv.DictWriter(f, fieldnames=list(asdict(trials[0])))
         writer.writeheader()
         writer.writerows(asdict(t) for t in trials)
-    lines = [f"Trainable: mean validation error over seeds below {max_error:.0%}.", "",
-             "| variant | search upper bound | max trainable k | confirmed |", "| --- | ---: | ---: | --- |"]
+    lines = [
+        f"Trainable: mean validation error over seeds below {max_error:.0%}.",
+        "",
+        "| variant | search upper bound | max trainable k | confirmed |",
+        "| --- | ---: | ---: | --- |",
+    ]
     lines += [f"| {r.variant} | {r.upper} | {r.deepest} | {'yes' if r.confirmed else 'no'} |" for r in results]
-    lines += ["", "| variant | k | seed | train err | val err | trainable | phase |", "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
-    lines += [f"| {t.variant} | {t.depth} | {t.seed} | {t.train_err:.4f} | {t.val_err:.4f} | {'yes' if t.trainable else 'no'} | {t.phase} |"
-              for t in sorted(trials, key=lambda t: (t.variant, t.depth, t.phase, t.seed))]
+    lines += [
+        "",
+        "| variant | k | seed | train err | val err | trainable | phase |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    lines += [
+        f"| {t.variant} | {t.depth} | {t.seed} | {t.train_err:.4f} | {t.val_err:.4f} | {'yes' if t.trainable else 'no'} | {t.phase} |"
+        for t in sorted(trials, key=lambda t: (t.variant, t.depth, t.phase, t.seed))
+    ]
     paths["md"].write_text("\n".join(lines) + "\n")
     plot_errors(results, max_error, paths["plot"])
     return paths
@@ -110,8 +127,12 @@ def plot_errors(results: list[SearchResult], max_error: float, path: Path) -> No
         points = sorted((t.depth, 1.0 if math.isnan(t.val_err) else t.val_err) for t in r.trials)
         ax.plot([d for d, _ in points], [e for _, e in points], "o", alpha=0.7, label=f"{r.variant} (k*={r.deepest})")
     ax.axhline(max_error, color="grey", linestyle="--", label=f"threshold {max_error:.0%}")
-    ax.set(xlabel="depth k (conv layers)", ylabel="validation error after training", ylim=(0, 1.02),
-           title="Trainability against depth")
+    ax.set(
+        xlabel="depth k (conv layers)",
+        ylabel="validation error after training",
+        ylim=(0, 1.02),
+        title="Trainability against depth",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -40,22 +40,25 @@ def config_name(path: str | Path) -> str:
 @contextlib.contextmanager
 def quiet_lightning():
     """Silence Lightning's per-Trainer info lines (GPU available, ...) for the many short fits of a search."""
-    loggers = [logging.getLogger(n) for n in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")]
+    loggers = [
+        logging.getLogger(n) for n in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 
 class ResearchTrainer(pl.Trainer):
     """Lightning's Trainer with the framework's subcommands `count` and `search`."""
 
-    def count(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
-              per_layer: bool = False) -> Complexity:
+    def count(
+        self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None, per_layer: bool = False
+    ) -> Complexity:
         """Print the parameters and mult-adds of the model's net for one sample of the datamodule's input.
 
         Args:
@@ -70,9 +73,16 @@ class ResearchTrainer(pl.Trainer):
             print(result.table())
         return result
 
-    def search(self, model: pl.LightningModule, datamodule: pl.LightningDataModule, upper: int | None = None,
-               seeds: int = 1, epochs: int = 3, max_error: float = 0.2,
-               variants: dict[str, int] | None = None) -> list[SearchResult]:
+    def search(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        upper: int | None = None,
+        seeds: int = 1,
+        epochs: int = 3,
+        max_error: float = 0.2,
+        variants: dict[str, int] | None = None,
+    ) -> list[SearchResult]:
         """Binary-search the deepest trainable depth k of the model's net, then confirm the boundary.
 
         Each depth trains `epochs` epochs from scratch per seed; it is trainable when the mean validation
@@ -99,10 +109,16 @@ class ResearchTrainer(pl.Trainer):
         first_seed = pl.seed_everything(verbose=False)  # the run's seed (seed_everything in the config)
         results = []
         for name, net, bound in jobs:
-            print(f"search {name}: k in 3..{bound}, {seeds} seed(s) per depth, {epochs} epochs, trainable below {max_error:.0%}")
-            result = search_depth(self._trial_fn(model, net, datamodule, epochs), bound, seeds, max_error, first_seed, name)
-            print(f"search {name}: deepest trainable k = {result.deepest} "
-                  f"({'confirmed' if result.confirmed else 'NOT confirmed: the boundary is noisy, try more --seeds'})")
+            print(
+                f"search {name}: k in 3..{bound}, {seeds} seed(s) per depth, {epochs} epochs, trainable below {max_error:.0%}"
+            )
+            result = search_depth(
+                self._trial_fn(model, net, datamodule, epochs), bound, seeds, max_error, first_seed, name
+            )
+            print(
+                f"search {name}: deepest trainable k = {result.deepest} "
+                f"({'confirmed' if result.confirmed else 'NOT confirmed: the boundary is noisy, try more --seeds'})"
+            )
             results.append(result)
         self._report(results, max_error)
         return results
@@ -118,8 +134,14 @@ class ResearchTrainer(pl.Trainer):
                 trainer = pl.Trainer(
                     accelerator="gpu" if device.type == "cuda" else "cpu",
                     devices=[device.index or 0] if device.type == "cuda" else 1,
-                    precision=self.precision, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                    precision=self.precision,
+                    max_epochs=epochs,
+                    logger=False,
+                    enable_checkpointing=False,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    num_sanity_val_steps=0,
+                )
                 try:
                     trainer.fit(model, datamodule=datamodule)
                     errors = float(trainer.callback_metrics["train/err"]), float(trainer.callback_metrics["val/err"])
@@ -140,6 +162,9 @@ class ResearchTrainer(pl.Trainer):
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_table("search/trials", columns=columns, data=[list(vars(t).values()) for t in trials])
-                logger.log_table("search/deepest", columns=["variant", "upper", "deepest", "confirmed"],
-                                 data=[[r.variant, r.upper, r.deepest, r.confirmed] for r in results])
+                logger.log_table(
+                    "search/deepest",
+                    columns=["variant", "upper", "deepest", "confirmed"],
+                    data=[[r.variant, r.upper, r.deepest, r.confirmed] for r in results],
+                )
                 logger.log_image("search/error_vs_depth", [str(paths["plot"])])

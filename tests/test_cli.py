@@ -32,16 +32,34 @@ def data_args(config: Path, data_dir: Path) -> list[str]:
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_experiment_config_runs_fast_dev_run(config, tiny_mnist, in_tmp):
-    trainer = cli("fit", "--config", config, *data_args(config, tiny_mnist), "--trainer.fast_dev_run", "true",
-                  "--data.batch_size", "8", *QUIET).trainer
+    trainer = cli(
+        "fit",
+        "--config",
+        config,
+        *data_args(config, tiny_mnist),
+        "--trainer.fast_dev_run",
+        "true",
+        "--data.batch_size",
+        "8",
+        *QUIET,
+    ).trainer
     assert trainer.state.finished and trainer.global_step == 1
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p.stem != "ddp"], ids=lambda p: p.stem)
 def test_every_preset_stacks_on_an_experiment(preset, tiny_mnist, in_tmp):
     args = ["--data.data_dir", str(tiny_mnist), "--data.val_size", "16"] if "MNIST" in preset.read_text() else []
-    trainer = cli("fit", "--config", CONFIGS / "quickstart.yaml", "--config", preset, *args,
-                  "--trainer.fast_dev_run", "true", *QUIET).trainer
+    trainer = cli(
+        "fit",
+        "--config",
+        CONFIGS / "quickstart.yaml",
+        "--config",
+        preset,
+        *args,
+        "--trainer.fast_dev_run",
+        "true",
+        *QUIET,
+    ).trainer
     assert trainer.state.finished
 
 
@@ -51,8 +69,13 @@ def test_ddp_preset_parses():
 
 
 def cli_config(*args) -> dict:
-    out = subprocess.run([sys.executable, "train.py", "fit", *map(str, args), "--print_config"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "train.py", "fit", *map(str, args), "--print_config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return yaml.safe_load(out)
 
 
@@ -64,8 +87,14 @@ def test_print_config_shows_the_resolved_config():
 
 def run_train(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_wrong_config_key_is_a_clear_error(tmp_path):
@@ -76,8 +105,9 @@ def test_wrong_config_key_is_a_clear_error(tmp_path):
 
 
 def test_missing_data_is_one_clear_line(tmp_path):
-    result = run_train("fit", "--config", CONFIGS / "depth" / "tanh.yaml", "--data.download", "false",
-                       "--wandb", "false", cwd=tmp_path)
+    result = run_train(
+        "fit", "--config", CONFIGS / "depth" / "tanh.yaml", "--data.download", "false", "--wandb", "false", cwd=tmp_path
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and str(Path("data") / "MNIST" / "raw") in error[0]
@@ -85,21 +115,41 @@ def test_missing_data_is_one_clear_line(tmp_path):
 
 def test_corrupt_data_is_one_clear_line(tiny_mnist, tmp_path):
     (tiny_mnist / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz").write_bytes(b"garbage")
-    result = run_train("fit", "--config", CONFIGS / "depth" / "tanh.yaml", "--data.data_dir", tiny_mnist,
-                       "--wandb", "false", cwd=tmp_path)
+    result = run_train(
+        "fit",
+        "--config",
+        CONFIGS / "depth" / "tanh.yaml",
+        "--data.data_dir",
+        tiny_mnist,
+        "--wandb",
+        "false",
+        cwd=tmp_path,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr and "error:" in result.stderr
 
 
 def test_val_size_too_large_is_one_clear_line(tmp_path):
-    result = run_train("fit", "--config", CONFIGS / "quickstart.yaml", "--data.val_size", "5000", "--wandb", "false",
-                       cwd=tmp_path)
+    result = run_train(
+        "fit", "--config", CONFIGS / "quickstart.yaml", "--data.val_size", "5000", "--wandb", "false", cwd=tmp_path
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: val_size=5000 must be between 1 and 1499" in result.stderr
 
 
 def fit_quickstart(*extra: str):
-    return cli("fit", "--config", CONFIGS / "quickstart.yaml", "--trainer.max_epochs", "1",
-               "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2", *QUIET, *extra).trainer
+    return cli(
+        "fit",
+        "--config",
+        CONFIGS / "quickstart.yaml",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "4",
+        "--trainer.limit_val_batches",
+        "2",
+        *QUIET,
+        *extra,
+    ).trainer
 
 
 def test_run_folder_holds_config_checkpoints_and_metrics_per_run(in_tmp):
@@ -140,8 +190,18 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(in_tmp):
     trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, default_root_dir=in_tmp)
     with pytest.raises(NonFiniteLossError, match="NaN or infinite"):
         trainer.fit(model, datamodule=Digits(batch_size=64))
-    result = run_train("fit", "--config", CONFIGS / "quickstart.yaml", "--model.init_args.optimizer.init_args.lr",
-                       "1e38", "--wandb", "false", "--trainer.enable_progress_bar", "false", cwd=in_tmp)
+    result = run_train(
+        "fit",
+        "--config",
+        CONFIGS / "quickstart.yaml",
+        "--model.init_args.optimizer.init_args.lr",
+        "1e38",
+        "--wandb",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        cwd=in_tmp,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: the training loss became NaN or infinite" in result.stderr
 
@@ -152,17 +212,44 @@ def test_wandb_without_key_or_network_logs_offline(tmp_path):
     env = {k: v for k, v in {**os.environ, **env}.items() if not (k.startswith("WANDB_") and v == "")}
     env.pop("WANDB_MODE", None)
     env.pop("WANDB_API_KEY", None)
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(CONFIGS / "quickstart.yaml"),
-                             "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"],
-                            cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "fit",
+            "--config",
+            str(CONFIGS / "quickstart.yaml"),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "W&B: logging offline (no W&B API key)" in result.stdout + result.stderr
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 def test_search_subcommand_writes_its_table(in_tmp, capsys):
-    cli("search", "--config", CONFIGS / "quickstart.yaml", "--upper", "6", "--epochs", "1", "--seeds", "2",
-        "--trainer.limit_train_batches", "2", *QUIET)
+    cli(
+        "search",
+        "--config",
+        CONFIGS / "quickstart.yaml",
+        "--upper",
+        "6",
+        "--epochs",
+        "1",
+        "--seeds",
+        "2",
+        "--trainer.limit_train_batches",
+        "2",
+        *QUIET,
+    )
     folder = in_tmp / "runs" / "quickstart" / "version_0"
     rows = list(csv.DictReader((folder / "results.csv").open()))
     assert {int(r["depth"]) for r in rows} <= {3, 6} and len(rows) >= 4

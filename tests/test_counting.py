@@ -11,8 +11,15 @@ from tests.conftest import CONFIGS, QUIET, cli
 
 
 def test_hand_counted_small_net():
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4),
-                        nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4),
+        nn.Tanh(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 5),
+    )
     result = count(net, (3, 8, 8))
     conv1 = 8 * 8 * 8 * (3 * 9)  # 8 channels x 8x8 positions, each 3 inputs x 9 taps
     relu = 8 * 8 * 8
@@ -33,8 +40,12 @@ def test_depth_cnn_hand_count():
 
 @pytest.mark.parametrize("groups", [1, 2, 16])
 def test_matches_torch_flop_counter_on_conv_linear_nets(groups):
-    net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, groups=groups, bias=False),
-                        nn.Conv2d(32, 32, 1, stride=2, bias=False), nn.Flatten(), nn.Linear(32 * 8 * 8, 10, bias=False))
+    net = nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1, groups=groups, bias=False),
+        nn.Conv2d(32, 32, 1, stride=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 10, bias=False),
+    )
     with FlopCounterMode(display=False) as counter:
         net(torch.zeros(1, 16, 16, 16))
     assert count(net, (16, 16, 16)).mult_adds == counter.get_total_flops() // 2  # flops = 2 x multiply-adds

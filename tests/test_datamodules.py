@@ -105,7 +105,9 @@ def test_digits_look_like_mnist():
 
 @pytest.mark.parametrize("size,world", [(10, 3), (9, 3), (7, 2), (5, 4)])
 def test_eval_sharding_covers_every_sample_exactly_once(size, world):
-    shards = [ShardedOrder(size, shuffle=False, seed=0, rank=r, world_size=world, pad=False).indices() for r in range(world)]
+    shards = [
+        ShardedOrder(size, shuffle=False, seed=0, rank=r, world_size=world, pad=False).indices() for r in range(world)
+    ]
     assert sorted(torch.cat(shards).tolist()) == list(range(size))
 
 

@@ -24,7 +24,9 @@ def spec_params(k: int, batch_norm: bool) -> int:
 
 
 def variant_net(name: str, depth: int) -> DepthCNN:
-    settings = yaml.safe_load((CONFIGS / "depth" / f"{name}.yaml").read_text())["model"]["init_args"]["net"]["init_args"]
+    settings = yaml.safe_load((CONFIGS / "depth" / f"{name}.yaml").read_text())["model"]["init_args"]["net"][
+        "init_args"
+    ]
     return DepthCNN(**{**settings, "depth": depth})
 
 
@@ -48,9 +50,14 @@ def test_pooling_takes_28_to_3():
     assert x.shape == (1, 16, 3, 3) and net.head.in_features == 144
 
 
-@pytest.mark.parametrize("init_std,expected", [(0.05, lambda c_in, c_out: 0.05),
-                                               ("fan_in", lambda c_in, c_out: math.sqrt(1 / (9 * c_in))),
-                                               ("fan_out", lambda c_in, c_out: math.sqrt(1 / (9 * c_out)))])
+@pytest.mark.parametrize(
+    "init_std,expected",
+    [
+        (0.05, lambda c_in, c_out: 0.05),
+        ("fan_in", lambda c_in, c_out: math.sqrt(1 / (9 * c_in))),
+        ("fan_out", lambda c_in, c_out: math.sqrt(1 / (9 * c_out))),
+    ],
+)
 def test_conv_init_statistics(init_std, expected):
     torch.manual_seed(0)
     net = DepthCNN(depth=30, widths=(32, 64, 64), init_std=init_std)  # wide, so the sample std is tight

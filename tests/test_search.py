@@ -19,7 +19,9 @@ def stub(boundary: int, calls: list | None = None):
     return train
 
 
-@pytest.mark.parametrize("upper,boundary", [(450, 447), (450, 450), (24, 3), (24, 0), (120, 84), (150, 93), (300, 156), (30, 12)])
+@pytest.mark.parametrize(
+    "upper,boundary", [(450, 447), (450, 450), (24, 3), (24, 0), (120, 84), (150, 93), (300, 156), (30, 12)]
+)
 def test_finds_the_stub_boundary(upper, boundary):
     calls = []
     result = search_depth(stub(boundary, calls), upper=upper)

@@ -67,9 +67,17 @@ class DepthCNN(nn.Module):
         super().__init__()
         if depth < 3 or depth % 3:
             raise ValueError(f"depth must be a positive multiple of 3, got {depth}")
-        self.settings = dict(depth=depth, activation=activation, batch_norm=batch_norm, residual=residual,
-                             init_std=init_std, widths=tuple(widths), in_channels=in_channels,
-                             input_size=input_size, num_classes=num_classes)
+        self.settings = dict(
+            depth=depth,
+            activation=activation,
+            batch_norm=batch_norm,
+            residual=residual,
+            init_std=init_std,
+            widths=tuple(widths),
+            in_channels=in_channels,
+            input_size=input_size,
+            num_classes=num_classes,
+        )
         layers: list[nn.Module] = []
         c_in, size = in_channels, input_size
         for width in widths:
@@ -84,7 +92,11 @@ class DepthCNN(nn.Module):
     def reset_conv_parameters(self, init_std: float | str) -> None:
         for module in self.features.modules():
             if isinstance(module, nn.Conv2d):
-                fan = {"fan_in": module.in_channels, "fan_out": module.out_channels}.get(init_std) if isinstance(init_std, str) else None
+                fan = (
+                    {"fan_in": module.in_channels, "fan_out": module.out_channels}.get(init_std)
+                    if isinstance(init_std, str)
+                    else None
+                )
                 if isinstance(init_std, str) and fan is None:
                     raise ValueError(f"init_std must be a number, 'fan_in' or 'fan_out', got {init_std!r}")
                 std = math.sqrt(1.0 / (9 * fan)) if fan is not None else float(init_std)
