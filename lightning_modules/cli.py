@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import sys
 
+import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
 
 from callbacks.complexity import Complexity
+from datamodules.tensor_data import DataError
+from lightning_modules.classifier import NonFiniteLossError
 from lightning_modules.loggers import default_loggers
 from lightning_modules.trainer import ResearchTrainer, config_name
 
@@ -16,11 +20,10 @@ class RunConfig(SaveConfigCallback):
     """Saves the resolved config into the run folder (beside its checkpoints) and into W&B's run config."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        config = self.parser.dump(self.config, skip_none=False, format="yaml")
-        import yaml
-
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
-            logger.log_hyperparams({"config": yaml.safe_load(config)})
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams(config)
 
 
 class ResearchCLI(LightningCLI):
@@ -69,9 +72,8 @@ class ResearchCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         configs = config.get("config") or []
-        name = config.name or (
-            config_name(str(configs[0])) if configs else "run"
-        )  # the experiment, not a preset after it
+        # named for the first config (the experiment), not for a preset stacked after it
+        name = config.name or (config_name(str(configs[0])) if configs else "run")
         if self.subcommand == "count":
             kwargs["logger"] = False
         elif config.trainer.get("logger") in (None, True):
@@ -83,9 +85,6 @@ class ResearchCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; data and divergence problems end in one clear line, not a traceback."""
-    from datamodules.tensor_data import DataError
-    from lightning_modules.classifier import NonFiniteLossError
-
     try:
         ResearchCLI(args=args)
     except (DataError, NonFiniteLossError) as e:

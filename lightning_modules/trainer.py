@@ -34,7 +34,10 @@ def net_from_config(path: str | Path) -> nn.Module:
 def config_name(path: str | Path) -> str:
     """A run's name from its config path: the part after `configs/`, without suffix (depth/resnet)."""
     parts = Path(path).with_suffix("").parts
-    return "/".join(parts[parts.index("configs") + 1 :]) if "configs" in parts[:-1] else parts[-1]
+    if "configs" not in parts[:-1]:
+        return parts[-1]
+    last = len(parts) - 1 - parts[::-1].index("configs")
+    return "/".join(parts[last + 1 :])
 
 
 @contextlib.contextmanager

@@ -264,3 +264,17 @@ def test_search_all_names_every_variant_with_its_bound():
     for path, upper in variants.items():
         net = net_from_config(ROOT / path)
         assert isinstance(net, DepthCNN) and net.settings["depth"] <= upper
+
+
+@pytest.mark.parametrize(
+    "path,name",
+    [
+        ("configs/depth/resnet.yaml", "depth/resnet"),
+        ("/a/configs/b/configs/quickstart.yaml", "quickstart"),
+        ("x/my.yaml", "my"),
+    ],
+)
+def test_run_name_is_the_config_path_under_configs(path, name):
+    from lightning_modules.trainer import config_name
+
+    assert config_name(path) == name
