@@ -16,7 +16,7 @@ from datamodules import Digits
 from lightning_modules import Classifier, NonFiniteLossError
 from lightning_modules.nets import DepthCNN
 from lightning_modules.trainer import net_from_config
-from tests.conftest import CONFIGS, QUIET, ROOT, cli
+from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_mnist
 
 EXPERIMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if "presets" not in p.parts and p.name != "search_all.yaml")
 PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
@@ -47,8 +47,12 @@ def test_every_experiment_config_runs_fast_dev_run(config, tiny_mnist, in_tmp):
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p.stem != "ddp"], ids=lambda p: p.stem)
-def test_every_preset_stacks_on_an_experiment(preset, tiny_mnist, in_tmp):
-    args = ["--data.data_dir", str(tiny_mnist), "--data.val_size", "16"] if "MNIST" in preset.read_text() else []
+def test_every_preset_stacks_on_an_experiment(preset, in_tmp):
+    data_class = (yaml.safe_load(preset.read_text()).get("data") or {}).get("class_path", "")
+    args = []
+    if "MNIST" in data_class:  # tiny files in the folder of the preset's dataset (MNIST/ or FashionMNIST/)
+        root = make_mnist(in_tmp / "data", folder=data_class.rsplit(".", 1)[-1])
+        args = ["--data.data_dir", str(root), "--data.download", "false", "--data.val_size", "16"]
     trainer = cli(
         "fit",
         "--config",
