@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_modules.counting import count
+from lightning_modules.counting import count_model
 
 
 class Complexity(pl.Callback):
@@ -24,10 +24,7 @@ class Complexity(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:  # the count is deterministic: one rank does it
             return
-        shape = self.input_shape or getattr(trainer.datamodule, "input_shape", None)
-        if shape is None:
-            raise ValueError("Complexity needs input_shape, or a datamodule with an `input_shape` attribute")
-        result = count(getattr(pl_module, "net", pl_module), tuple(shape))
+        result = count_model(pl_module, trainer.datamodule, self.input_shape)
         rank_zero_info(result.summary() + ("\n" + result.table() if self.per_layer else ""))
         stats = {"complexity/params": result.params, "complexity/mult_adds": result.mult_adds}
         for logger in trainer.loggers:

@@ -136,3 +136,11 @@ def count(net: nn.Module, input_shape: tuple[int, ...]) -> Complexity:
             LayerCount(name, type(module).__name__, (), sum(p.numel() for p in module.parameters(recurse=False)), 0)
         )
     return result
+
+
+def count_model(model: nn.Module, datamodule: object = None, input_shape: tuple[int, ...] | None = None) -> Complexity:
+    """Count a trained model's `net` (or the model itself) on `input_shape`, by default the datamodule's."""
+    shape = input_shape or getattr(datamodule, "input_shape", None)
+    if shape is None:
+        raise ValueError("counting needs input_shape (C, H, W), or a datamodule with an `input_shape` attribute")
+    return count(getattr(model, "net", model), tuple(shape))

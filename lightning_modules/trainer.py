@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
 from lightning_modules.classifier import NonFiniteLossError
-from lightning_modules.counting import Complexity, count
+from lightning_modules.counting import Complexity, count_model
 from lightning_modules.search import SearchResult, search_depth, write_results
 
 
@@ -67,10 +67,7 @@ class ResearchTrainer(pl.Trainer):
         Args:
             per_layer: also print a per-layer table.
         """
-        shape = getattr(datamodule, "input_shape", None)
-        if shape is None:
-            raise ValueError("count needs a datamodule with an `input_shape` (C, H, W)")
-        result = count(getattr(model, "net", model), tuple(shape))
+        result = count_model(model, datamodule)
         print(result.summary())
         if per_layer:
             print(result.table())
