@@ -1,5 +1,7 @@
 """Callbacks: observers that watch a model through hooks and report to the loggers."""
 
+from callbacks.activation_stats import ActivationStats
 from callbacks.complexity import Complexity
+from callbacks.dead_units import DeadUnits
 
-__all__ = ["Complexity"]
+__all__ = ["ActivationStats", "Complexity", "DeadUnits"]

@@ -1,11 +1,15 @@
 """Datamodules: datasets held in memory as tensors, batches cut by index."""
 
+from datamodules.augment import BatchAugment
+from datamodules.cifar10 import CIFAR10
 from datamodules.digits import Digits
 from datamodules.mnist import MNIST, FashionMNIST
 from datamodules.tensor_data import CorruptDataError, DataError, DataNotFoundError, SplitSizeError, TensorDataModule
 
 __all__ = [
+    "CIFAR10",
     "MNIST",
+    "BatchAugment",
     "CorruptDataError",
     "DataError",
     "DataNotFoundError",

@@ -8,6 +8,7 @@ batch is one `index_select`, normalised on the fly on whatever device holds the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
@@ -106,8 +107,10 @@ class TensorLoader:
         std: tuple[float, ...],
         sampler: ShardedOrder,
         drop_last: bool = False,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.split, self.batch_size, self.sampler, self.drop_last = split, batch_size, sampler, drop_last
+        self.augment = augment
         device = split.images.device
         # x / 255 - mean) / std  ==  x * scale + shift, one fused pass per batch
         std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
@@ -122,15 +125,20 @@ class TensorLoader:
         order = self.sampler.indices().to(self.split.images.device)
         for b in range(len(self)):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
-            images = self.split.images.index_select(0, index)
-            yield torch.addcmul(self.shift, images.float(), self.scale), self.split.labels.index_select(0, index)
+            images = torch.addcmul(self.shift, self.split.images.index_select(0, index).float(), self.scale)
+            if self.augment:
+                images = self.augment(images)
+            yield images, self.split.labels.index_select(0, index)
 
 
 class TensorDataModule(pl.LightningDataModule):
     """Base of the in-memory datamodules: splits a train pool into train/val, places data, builds loaders.
 
-    Subclasses set `mean`, `std`, `num_classes`, `input_shape` and implement `load()`.
+    Subclasses set `mean`, `std`, `num_classes`, `input_shape` and implement `load()`; a subclass
+    that augments sets `augment`, applied to training batches only.
     """
+
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -185,7 +193,15 @@ class TensorDataModule(pl.LightningDataModule):
         sampler = ShardedOrder(
             len(split), shuffle=train, seed=self.shuffle_seed, rank=rank, world_size=world, pad=train
         )
-        return TensorLoader(split, self.batch_size, self.mean, self.std, sampler)
+        return TensorLoader(
+            split, self.batch_size, self.mean, self.std, sampler, augment=self.augment if train else None
+        )
+
+    def eval_dataloader(self, split: str) -> TensorLoader:
+        """Any split (`train`, `val`, `test`) in evaluation order: unshuffled, unaugmented, unpadded."""
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}: one of {sorted(self.splits)}")
+        return self._loader(split, train=False)
 
     def train_dataloader(self) -> TensorLoader:
         return self._loader("train", train=True)

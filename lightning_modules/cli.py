@@ -9,6 +9,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
+from callbacks.activation_observer import NoLayersError
 from callbacks.complexity import Complexity
 from datamodules.tensor_data import DataError
 from lightning_modules.classifier import NonFiniteLossError
@@ -84,8 +85,8 @@ class ResearchCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the CLI; data and divergence problems end in one clear line, not a traceback."""
+    """Run the CLI; data, divergence and layer-selection problems end in one clear line, not a traceback."""
     try:
         ResearchCLI(args=args)
-    except (DataError, NonFiniteLossError) as e:
+    except (DataError, NonFiniteLossError, NoLayersError) as e:
         sys.exit(f"error: {e}")

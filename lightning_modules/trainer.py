@@ -20,12 +20,22 @@ from lightning_modules.search import SearchResult, search_depth, write_results
 
 
 def net_from_config(path: str | Path) -> nn.Module:
-    """Build the `model.net` of a training config (class_path/init_args YAML), ignoring the rest of it."""
-    config = yaml.safe_load(Path(path).read_text()) or {}
-    model = config.get("model", {})
-    net = model.get("init_args", model).get("net")
-    if net is None:
-        raise ValueError(f"{path}: no model.net in this config")
+    """Build the `model.net` of a training config (class_path/init_args YAML), ignoring the rest of it.
+
+    `path` may also be a net file (class_path/init_args at the top), and `model.net` a path to one,
+    relative to the config, as jsonargparse reads it.
+    """
+    path = Path(path)
+    config = yaml.safe_load(path.read_text()) or {}
+    if "class_path" in config:
+        net = config
+    else:
+        model = config.get("model", {})
+        net = model.get("init_args", model).get("net")
+        if net is None:
+            raise ValueError(f"{path}: no model.net in this config")
+        if isinstance(net, str):
+            return net_from_config(path.parent / net)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--net", type=nn.Module)
     return parser.instantiate_classes(parser.parse_object({"net": net})).net

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from datamodules.tensor_data import Split, TensorDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -66,3 +70,46 @@ def cli(*args: str):
 
 
 QUIET = ["--wandb", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def make_cifar10(root: Path, per_batch: int = 20, n_test: int = 40, seed: int = 0) -> Path:
+    """A tiny CIFAR-10 in the official python format (<root>/cifar-10-batches-py/, pickled dicts, bytes keys)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 3, 32, 32)).astype(np.uint8)
+        for i, label in enumerate(labels):  # a bright square whose place encodes the label
+            r, c = 3 + 7 * (label // 4), 3 + 7 * (label % 4)
+            images[i, label % 3, r : r + 6, c : c + 6] = 255
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [int(v) for v in labels],
+            b"data": images.reshape(n, 3072),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return root
+
+
+@pytest.fixture
+def tiny_cifar10(tmp_path: Path) -> Path:
+    return make_cifar10(tmp_path / "data")
+
+
+class TinyImages(TensorDataModule):
+    """Given uint8 images as the official test split (and a copy as the training pool), through the real
+    in-memory machinery; normalised as x / 255, so a test knows every activation exactly."""
+
+    mean, std, num_classes = (0.0,), (1.0,), 10
+
+    def __init__(self, images: torch.Tensor, batch_size: int = 4):
+        super().__init__(batch_size=batch_size, val_size=len(images) - 1)
+        self.images = images
+        self.input_shape = tuple(images.shape[1:])
+
+    def load(self) -> tuple[Split, Split]:
+        labels = torch.arange(len(self.images)) % 10
+        return Split(self.images.clone(), labels), Split(self.images, labels)

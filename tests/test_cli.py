@@ -16,27 +16,33 @@ from datamodules import Digits
 from lightning_modules import Classifier, NonFiniteLossError
 from lightning_modules.nets import DepthCNN
 from lightning_modules.trainer import net_from_config
-from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_mnist
+from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_cifar10, make_mnist
 
-EXPERIMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if "presets" not in p.parts and p.name != "search_all.yaml")
+EXPERIMENTS = sorted(
+    p for p in CONFIGS.rglob("*.yaml") if not {"presets", "nets"} & set(p.parts) and p.name != "search_all.yaml"
+)
 PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
 
 
-def data_args(config: Path, data_dir: Path) -> list[str]:
-    """Point MNIST-style configs at the tiny files of the test."""
-    data = yaml.safe_load(config.read_text()).get("data", {})
-    if "MNIST" in data.get("class_path", ""):
-        return ["--data.data_dir", str(data_dir), "--data.download", "false", "--data.val_size", "16"]
-    return []
+def data_args(config: Path, root: Path) -> list[str]:
+    """Tiny files in the real format of the config's dataset, and the arguments that point at them."""
+    data_class = yaml.safe_load(config.read_text()).get("data", {}).get("class_path", "")
+    if "MNIST" in data_class:
+        make_mnist(root)
+    elif "CIFAR10" in data_class:
+        make_cifar10(root)
+    else:
+        return []
+    return ["--data.data_dir", str(root), "--data.download", "false", "--data.val_size", "16"]
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_every_experiment_config_runs_fast_dev_run(config, tiny_mnist, in_tmp):
+def test_every_experiment_config_runs_fast_dev_run(config, in_tmp):
     trainer = cli(
         "fit",
         "--config",
         config,
-        *data_args(config, tiny_mnist),
+        *data_args(config, in_tmp / "data"),
         "--trainer.fast_dev_run",
         "true",
         "--data.batch_size",
@@ -49,21 +55,27 @@ def test_every_experiment_config_runs_fast_dev_run(config, tiny_mnist, in_tmp):
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p.stem != "ddp"], ids=lambda p: p.stem)
 def test_every_preset_stacks_on_an_experiment(preset, in_tmp):
     data_class = (yaml.safe_load(preset.read_text()).get("data") or {}).get("class_path", "")
-    args = []
+    experiment, args = CONFIGS / "quickstart.yaml", []
     if "MNIST" in data_class:  # tiny files in the folder of the preset's dataset (MNIST/ or FashionMNIST/)
         root = make_mnist(in_tmp / "data", folder=data_class.rsplit(".", 1)[-1])
         args = ["--data.data_dir", str(root), "--data.download", "false", "--data.val_size", "16"]
+    elif "CIFAR10" in data_class:  # a CIFAR-10 preset goes on a CIFAR-10 experiment
+        experiment, args = CONFIGS / "dead_units" / "model4.yaml", data_args(CONFIGS / "dead_units" / "model4.yaml", in_tmp)
     trainer = cli(
         "fit",
         "--config",
-        CONFIGS / "quickstart.yaml",
+        experiment,
         "--config",
         preset,
         *args,
         "--trainer.fast_dev_run",
         "true",
+        "--data.batch_size",
+        "8",
         *QUIET,
     ).trainer
+    if "CIFAR10" in data_class:
+        assert trainer.datamodule.augment.crop_padding == 4 and trainer.datamodule.augment.cutout == 16
     assert trainer.state.finished
 
 
@@ -108,13 +120,20 @@ def test_wrong_config_key_is_a_clear_error(tmp_path):
     assert result.returncode != 0 and "max_epoch" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_missing_data_is_one_clear_line(tmp_path):
+@pytest.mark.parametrize(
+    "config, folder",
+    [
+        ("depth/tanh.yaml", Path("data") / "MNIST" / "raw"),
+        ("dead_units/model4.yaml", Path("data") / "cifar-10-batches-py"),
+    ],
+)
+def test_missing_data_is_one_clear_line(config, folder, tmp_path):
     result = run_train(
-        "fit", "--config", CONFIGS / "depth" / "tanh.yaml", "--data.download", "false", "--wandb", "false", cwd=tmp_path
+        "fit", "--config", CONFIGS / config, "--data.download", "false", "--wandb", "false", cwd=tmp_path
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and str(Path("data") / "MNIST" / "raw") in error[0]
+    assert len(error) == 1 and str(folder) in error[0]
 
 
 def test_corrupt_data_is_one_clear_line(tiny_mnist, tmp_path):
@@ -223,6 +242,7 @@ def test_wandb_without_key_or_network_logs_offline(tmp_path):
             "fit",
             "--config",
             str(CONFIGS / "quickstart.yaml"),
+            "--trainer.callbacks+=callbacks.ActivationStats",
             "--trainer.max_epochs",
             "1",
             "--trainer.enable_progress_bar",
@@ -237,6 +257,14 @@ def test_wandb_without_key_or_network_logs_offline(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "W&B: logging offline (no W&B API key)" in result.stdout + result.stderr
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    media = {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "wandb").glob("offline-run-*/files/media/**/*")}
+    for key in (
+        "images/dead/per_layer",
+        "table/dead/table",
+        "images/act/variance_histograms",
+        "table/act/pca_explained",
+    ):
+        assert any(f"/media/{key}_" in m for m in media), (key, sorted(media))
 
 
 def test_search_subcommand_writes_its_table(in_tmp, capsys):

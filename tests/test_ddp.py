@@ -1,12 +1,21 @@
-"""DDP on CPU: 2 processes (gloo) through `train.py`, metrics synced over ranks."""
+"""DDP on CPU: 2 processes (gloo) through `train.py`; metrics, dead units and variances equal one process's."""
 
 import csv
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import CONFIGS, QUIET, cli
 from tests.test_cli import run_train
+
+# 301 validation samples: ranks hold 151 and 150, so nothing may be counted twice or dropped
+EXTRA = ["--data.val_size", "301", "--trainer.callbacks+=callbacks.ActivationStats"]
+
+
+def saved(folder: Path, kind: str) -> dict:
+    (path,) = (folder / kind).glob("step*.pt")
+    return torch.load(path, weights_only=True)
 
 
 @pytest.mark.slow
@@ -15,6 +24,7 @@ def test_ddp_fit_logs_the_same_validation_metrics_as_one_process(in_tmp):
         "fit",
         "--config",
         CONFIGS / "quickstart.yaml",
+        *EXTRA,
         "--trainer.accelerator",
         "cpu",
         "--trainer.devices",
@@ -37,9 +47,31 @@ def test_ddp_fit_logs_the_same_validation_metrics_as_one_process(in_tmp):
 
     # the same weights validated by one process over the whole validation split
     single = cli(
-        "validate", "--config", CONFIGS / "quickstart.yaml", "--ckpt_path", folder / "checkpoints" / "last.ckpt", *QUIET
+        "validate",
+        "--config",
+        CONFIGS / "quickstart.yaml",
+        *EXTRA,
+        "--ckpt_path",
+        folder / "checkpoints" / "last.ckpt",
+        *QUIET,
     ).trainer.callback_metrics
-    # 300 validation samples split 150/150 with no padding: synced counts equal one process's exactly
+    single_folder = in_tmp / "runs" / "quickstart" / "version_1"
     assert ddp_acc == pytest.approx(single["val/acc"].item(), abs=1e-7)
     assert ddp_loss == pytest.approx(single["val/loss"].item(), rel=1e-5)
     assert Path(folder / "checkpoints" / "last.ckpt").is_file()
+
+    # dead units: each unit's peak over the split is a maximum over ranks, exact to the bit
+    ddp_peaks, single_peaks = saved(folder, "dead_units"), saved(single_folder, "dead_units")
+    assert ddp_peaks.keys() == single_peaks.keys() and len(ddp_peaks) == 9
+    for name in ddp_peaks:
+        assert torch.equal(ddp_peaks[name], single_peaks[name]), name
+    assert float(rows[-1]["dead/total"]) == single["dead/total"].item()
+
+    # activation moments merged over ranks: the same counts, means and variances as one process
+    ddp_stats, single_stats = saved(folder, "activation_stats"), saved(single_folder, "activation_stats")
+    assert ddp_stats["features.0"]["count"] == 301 * 28 * 28  # every position of every image, once
+    for name, stats in ddp_stats.items():
+        assert stats["count"] == single_stats[name]["count"], name
+        # float32 batch sums, batched differently on 2 ranks: equal to float32 rounding
+        assert torch.allclose(stats["mean"], single_stats[name]["mean"], rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(stats["var"], single_stats[name]["var"], rtol=1e-5, atol=1e-6), name

@@ -34,3 +34,27 @@ def test_resnet_k9_trains_below_10_percent_error_in_3_epochs(in_tmp):
     ).trainer
     assert trainer.current_epoch == 3
     assert trainer.callback_metrics["val/err"].item() < 0.10
+
+
+def dead_after(optimiser: str, epochs: int) -> tuple[float, float]:
+    metrics = cli(
+        "fit",
+        "--config",
+        CONFIGS / "dead_units" / f"mnist_vgg_{optimiser}.yaml",
+        "--data.data_dir",
+        SHARED_MNIST,
+        "--trainer.max_epochs",
+        epochs,
+        "--model.init_args.net.init_args.init",
+        "fan_in",  # He init: SGD learns within 3 epochs, so both nets reach the same accuracy
+        *QUIET,
+    ).trainer.callback_metrics
+    return metrics["dead/total"].item(), metrics["val/acc"].item()
+
+
+@pytest.mark.slow
+def test_adam_leaves_more_dead_units_than_sgd_at_the_same_accuracy(in_tmp):
+    adam_dead, adam_acc = dead_after("adam", 3)
+    sgd_dead, sgd_acc = dead_after("sgd", 3)
+    assert adam_acc > 0.93 and sgd_acc > 0.93 and abs(adam_acc - sgd_acc) < 0.03
+    assert adam_dead > 1.3 * sgd_dead, (adam_dead, sgd_dead)

@@ -1,5 +1,6 @@
 """Plain networks: nn.Modules with no Lightning import, usable from a notebook."""
 
 from lightning_modules.nets.depth_cnn import DepthBlock, DepthCNN
+from lightning_modules.nets.vgg import VGG
 
-__all__ = ["DepthBlock", "DepthCNN"]
+__all__ = ["VGG", "DepthBlock", "DepthCNN"]

@@ -1,0 +1,282 @@
+"""The machinery shared by the activation callbacks: pick layers, hook them over one split, reduce over ranks.
+
+Observation rides along the validation batches (split `val`, no extra forward pass) or runs its
+own no-grad pass over another split at the end of each validation epoch. Each rank counts its own
+samples exactly once: samples a distributed sampler repeats to even out the ranks are cut off.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+from pathlib import Path
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.loggers import WandbLogger
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from datamodules.tensor_data import ShardedOrder
+
+DEFAULT_TYPES = ("ReLU", "ELU", "KWinners")
+
+
+class NoLayersError(ValueError):
+    """An activation callback's `types` and `names` match no module of the net; the CLI prints it as one line."""
+
+
+BLOCK_PARTS = ("act", "conv", "linear")
+
+
+def layer_name(qualified: str) -> str:
+    """A module's report name: its path in the net, with a block's part named by its block (conv1_1.act -> conv1_1)."""
+    head, _, last = qualified.rpartition(".")
+    return head if head and last in BLOCK_PARTS else qualified
+
+
+def network_of(pl_module: nn.Module) -> nn.Module:
+    """The plain net a LightningModule trains (its `net`), or the module itself."""
+    return getattr(pl_module, "net", pl_module)
+
+
+def select_layers(net: nn.Module, types: tuple[str, ...] | None, names: tuple[str, ...]) -> dict[str, nn.Module]:
+    """Modules whose class name is in `types` (None: any class) and whose path matches a `names` pattern."""
+    chosen = {}
+    for qualified, module in net.named_modules():
+        if not qualified or (types is not None and type(module).__name__ not in types):
+            continue
+        if any(fnmatch.fnmatchcase(qualified, p) or fnmatch.fnmatchcase(layer_name(qualified), p) for p in names):
+            chosen[layer_name(qualified)] = module
+    return chosen
+
+
+def samples_on_rank(loader) -> int | None:
+    """How many distinct samples this rank's loader holds, when its sampler pads ranks to equal length."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, ShardedOrder):
+        return len(range(sampler.rank, sampler.size, sampler.world_size))
+    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+        return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
+    return None
+
+
+def batch_size_of(batch) -> int:
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return len(first)
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum over ranks, in place (a no-op in one process)."""
+    if distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's tensor (same shape on all ranks), stacked in rank order: (world, *shape)."""
+    if not distributed():
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts)
+
+
+def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+def run_folder(trainer: pl.Trainer) -> Path | None:
+    """Where a run's files go (beside its checkpoints and metrics.csv); None when nothing is logged.
+
+    Call it on every rank: under DDP `trainer.log_dir` broadcasts from rank 0.
+    """
+    if not trainer.loggers:
+        return None
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+class ActivationObserver(pl.Callback):
+    """Base of the callbacks that stream activations of chosen layers over a split, once per validation epoch.
+
+    Subclasses implement `start` (reset state), `observe` (one batch of one layer's output, on the
+    device, no host sync), and `finish` (reduce over ranks and report); `observe_input` when
+    `wants_inputs` (pre-activations, captured before an in-place activation overwrites them).
+    """
+
+    wants_inputs = False
+
+    def __init__(
+        self,
+        split: Literal["val", "train", "test"] = "val",
+        max_batches: int | None = None,
+        types: tuple[str, ...] | None = DEFAULT_TYPES,
+        names: tuple[str, ...] = ("*",),
+        every_n_epochs: int = 1,
+        print_table: bool = True,
+    ):
+        """
+        Args:
+            split: the data observed: `val` rides along the validation batches; `train` or `test` runs an
+                extra no-grad pass at the end of each validation epoch (the framework's datamodules only).
+            max_batches: observe at most this many batches per device (like limit_val_batches); all by default.
+            types: monitor modules of these class names (None: any class); by default the activations.
+            names: and whose path in the net matches one of these patterns (fnmatch: `conv5_*`, `fc6`).
+            every_n_epochs: observe every this many epochs (and always in the last and in `validate`).
+            print_table: print the per-layer table at each observation.
+        """
+        if split not in ("val", "train", "test"):
+            raise ValueError(f"split must be 'val', 'train' or 'test', got {split!r}")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.split, self.max_batches, self.every_n_epochs = split, max_batches, every_n_epochs
+        self.types = list(types) if types is not None else None
+        self.names, self.print_table = list(names), print_table
+        self.layers: dict[str, nn.Module] = {}
+        self._handles: list = []
+        self._watching = False
+        self._take = 0
+        self._remaining: int | None = None
+
+    # --- what a subclass implements -------------------------------------------------------------
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def observe(self, name: str, output: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def observe_input(self, name: str, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        raise NotImplementedError
+
+    # --- hooks ------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.layers = select_layers(network_of(pl_module), self.types, self.names)
+        if not self.layers:
+            raise NoLayersError(
+                f"{type(self).__name__}: no module of types {self.types} matches names {self.names} in "
+                f"{type(network_of(pl_module)).__name__}"
+            )
+
+    def _on_output(self, name: str, module: nn.Module, inputs, output) -> None:
+        if self._take and isinstance(output, torch.Tensor):
+            self.observe(name, output.detach()[: self._take])
+
+    def _on_input(self, name: str, module: nn.Module, inputs) -> None:
+        if self._take and inputs and isinstance(inputs[0], torch.Tensor):
+            self.observe_input(name, inputs[0].detach()[: self._take])
+
+    def _attach(self) -> None:
+        self._detach()
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_hook(functools.partial(self._on_output, name)))
+            if self.wants_inputs:
+                self._handles.append(module.register_forward_pre_hook(functools.partial(self._on_input, name)))
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        if trainer.state.fn != "fit":
+            return True
+        epoch = trainer.current_epoch + 1
+        return epoch % self.every_n_epochs == 0 or epoch == trainer.max_epochs
+
+    def _begin(self, remaining: int | None) -> None:
+        self.start()
+        self._remaining = remaining
+        self._watching = True
+        self._attach()
+
+    def _count_batch(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Decide how many rows of this batch the hooks see: none past max_batches or past the rank's samples."""
+        take = batch_size_of(batch)
+        if dataloader_idx or (self.max_batches is not None and batch_idx >= self.max_batches):
+            take = 0
+        if self._remaining is not None:
+            take = min(take, self._remaining)
+            self._remaining -= take
+        self._take = take
+
+    def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._detach()
+        self._watching, self._take = False, 0
+        self.finish(trainer, pl_module)
+
+    def _loop_start(self, trainer: pl.Trainer, loop: str) -> None:
+        if self.split == loop and self._due(trainer):
+            loaders = trainer.val_dataloaders if loop == "val" else trainer.test_dataloaders
+            first = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            self._begin(samples_on_rank(first))
+
+    def _loop_batch(self, batch, batch_idx: int, dataloader_idx: int) -> None:
+        if self._watching:
+            self._count_batch(batch, batch_idx, dataloader_idx)
+
+    def _loop_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loop: str) -> None:
+        if self._watching:
+            self._end(trainer, pl_module)
+        elif loop == "val" and self.split != "val" and self._due(trainer):
+            self._own_pass(trainer, pl_module)
+
+    def _own_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """One no-grad pass over `split` in evaluation order (no shuffling, augmentation or padding)."""
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "eval_dataloader"):
+            raise TypeError(
+                f"{type(self).__name__}(split={self.split!r}) needs one of the framework's datamodules "
+                f"(with eval_dataloader); with {type(datamodule).__name__} use split='val'"
+            )
+        loader = datamodule.eval_dataloader(self.split)
+        self._begin(samples_on_rank(loader))
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                for batch_idx, batch in enumerate(loader):
+                    if self.max_batches is not None and batch_idx >= self.max_batches:
+                        break
+                    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                    self._count_batch(batch, batch_idx)
+                    pl_module(batch[0])
+        finally:
+            pl_module.train(was_training)
+        self._end(trainer, pl_module)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loop_start(trainer, "val")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._loop_batch(batch, batch_idx, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loop_end(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loop_start(trainer, "test")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._loop_batch(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loop_end(trainer, pl_module, "test")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._detach()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._detach()

@@ -1,0 +1,217 @@
+"""Activation statistics per unit and per layer (research line 3): variances, their distribution, PCA.
+
+Per unit, the mean and variance of the activation over a split, streamed on the device and merged
+over ranks exactly (Chan et al.). Per layer, from those variances: sum, zero-variance count,
+Shapiro-Wilk, exponential + normal and two-gamma mixture fits; and PCA of the pre-activations
+on a capped sample of them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from callbacks.activation_observer import (
+    ActivationObserver,
+    all_gather_rows,
+    distributed,
+    run_folder,
+    wandb_loggers,
+)
+from callbacks.figures import variance_histograms
+from lightning_modules.moments import MomentAccumulator, Moments
+from lightning_modules.unit_statistics import pca_summary, variance_summary
+
+
+class ActivationStats(ActivationObserver):
+    """Logs `act/<layer>/<statistic>` at every validation epoch and saves the per-unit statistics.
+
+    Files in the run folder: `activation_stats/step<N>.pt` (per layer: per-unit mean, var, count and
+    the PCA explained-variance ratios; load with `torch.load(..., weights_only=True)`) at every
+    observation, and `activation_variance.png` (the variance histograms) of the last one, at the end
+    of fit, validate or test (drawing it every epoch would cost about a second an epoch). W&B gets
+    histograms and the PCA table at every observation, and the figure at the end.
+    """
+
+    def __init__(
+        self,
+        pca: bool = True,
+        pca_samples: int = 2048,
+        pca_k: tuple[int, ...] = (1, 10, 50),
+        zero_tol: float = 0.0,
+        **kwargs,
+    ):
+        """
+        Args:
+            pca: PCA of each layer's pre-activations (the input of the monitored module).
+            pca_samples: at most this many pre-activation vectors per layer (split evenly over ranks): one
+                per sample for linear layers, one at a random position per sample for convs.
+            pca_k: report the mean reconstruction distance with the top-k components for these k.
+            zero_tol: a unit whose variance is <= this counts as zero-variance.
+            **kwargs: which layers, over which data, how often: see `ActivationObserver`.
+        """
+        super().__init__(**kwargs)
+        self.pca, self.pca_samples, self.pca_k, self.zero_tol = pca, pca_samples, list(pca_k), zero_tol
+        self.accumulators: dict[str, MomentAccumulator] = {}
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        self.row_counts: dict[str, int] = {}
+        self.positions: torch.Generator | None = None
+        self.summaries: dict[str, dict[str, float]] = {}
+        self.means: dict[str, np.ndarray] = {}  # per unit, of the last observation (for notebooks and tests)
+        self.variances: dict[str, np.ndarray] = {}
+        self.title = ""
+
+    @property
+    def wants_inputs(self) -> bool:
+        return self.pca
+
+    def start(self) -> None:
+        self.accumulators, self.rows, self.row_counts = {}, {}, {}
+        self.positions: torch.Generator | None = None  # its own generator: training's random stream stays untouched
+
+    def observe(self, name: str, output: torch.Tensor) -> None:
+        self.accumulators.setdefault(name, MomentAccumulator()).update(output)
+
+    def observe_input(self, name: str, x: torch.Tensor) -> None:
+        world = torch.distributed.get_world_size() if distributed() else 1
+        room = math.ceil(self.pca_samples / world) - self.row_counts.get(name, 0)
+        if room <= 0:
+            return
+        x = x[:room]
+        if x.dim() > 2:  # one random position per sample: (N, C, *positions) -> (N, C)
+            if self.positions is None:
+                self.positions = torch.Generator(device=x.device).manual_seed(0)
+            flat = x.flatten(2)
+            position = torch.randint(flat.shape[2], (len(flat),), device=x.device, generator=self.positions)
+            x = flat[torch.arange(len(flat), device=x.device), :, position]
+        self.rows.setdefault(name, []).append(x.to(torch.float32, copy=True))  # an in-place activation overwrites x
+        self.row_counts[name] = self.row_counts.get(name, 0) + len(x)
+
+    def _reduced_moments(self, names: list[str]) -> dict[str, Moments]:
+        """Every rank's moments merged in rank order: one all_gather for all layers."""
+        local = [self.accumulators[name].moments().pack() for name in names]
+        per_rank = all_gather_rows(torch.cat(local))
+        sizes = [len(part) for part in local]
+        merged: dict[str, Moments] = {}
+        for rank_row in per_rank:
+            for name, flat in zip(names, rank_row.split(sizes), strict=True):
+                part = Moments.unpack(flat)
+                merged[name] = part if name not in merged else merged[name].merge(part)
+        return merged
+
+    def _gathered_rows(self, name: str) -> torch.Tensor:
+        """This layer's pre-activation sample from every rank (ranks may hold different counts)."""
+        rows = torch.cat(self.rows[name])
+        if not distributed():
+            return rows
+        cap = math.ceil(self.pca_samples / torch.distributed.get_world_size())
+        padded = torch.zeros(cap, rows.shape[1], device=rows.device, dtype=rows.dtype)
+        padded[: len(rows)] = rows
+        counts = all_gather_rows(torch.tensor([len(rows)], device=rows.device))
+        gathered = all_gather_rows(padded)
+        return torch.cat([part[:n] for part, n in zip(gathered, counts.view(-1).tolist(), strict=True)])
+
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        names = [name for name in self.layers if name in self.accumulators]
+        if not names:
+            return
+        moments = self._reduced_moments(names)
+        variances = {name: moments[name].var.cpu().numpy() for name in names}
+        self.means = {name: moments[name].mean.cpu().numpy() for name in names}
+        self.variances = variances
+        explained: dict[str, np.ndarray] = {}
+        self.summaries = {}
+        for name in names:  # every rank computes the same summary from the same reduced data
+            self.summaries[name] = variance_summary(variances[name], self.zero_tol)
+            if self.pca and name in self.rows:
+                explained[name], pca = pca_summary(self._gathered_rows(name), self.pca_k)
+                self.summaries[name].update(pca)
+        pl_module.log_dict(
+            {f"act/{name}/{key}": value for name, summary in self.summaries.items() for key, value in summary.items()},
+            sync_dist=False,
+        )
+        folder = run_folder(trainer)  # on every rank: trainer.log_dir is a collective under DDP
+        if trainer.is_global_zero:
+            self.report(trainer, folder, moments, variances, explained)
+
+    def report(self, trainer, folder: Path | None, moments: dict, variances: dict, explained: dict) -> None:
+        title = f"activation statistics ({self.split}, epoch {trainer.current_epoch}, step {trainer.global_step})"
+        if self.print_table:
+            rank_zero_info(self.table(title, variances))
+        if folder is None:
+            return
+        (folder / "activation_stats").mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                name: {
+                    "mean": moments[name].mean.cpu(),
+                    "var": moments[name].var.cpu(),
+                    "count": float(moments[name].count),
+                    "pca_explained": torch.from_numpy(explained[name]) if name in explained else torch.empty(0),
+                }
+                for name in variances
+            },
+            folder / "activation_stats" / f"step{trainer.global_step:07d}.pt",
+        )
+        loggers = wandb_loggers(trainer)
+        if loggers:
+            import wandb
+
+            for logger in loggers:
+                logger.log_metrics(
+                    {f"act/{name}/var_hist": wandb.Histogram(var) for name, var in variances.items()},
+                    step=trainer.global_step,
+                )
+                if explained:
+                    logger.log_table(
+                        "act/pca_explained",
+                        columns=["layer", "component", "explained_ratio"],
+                        data=[[n, i + 1, float(r)] for n, ratios in explained.items() for i, r in enumerate(ratios)],
+                    )
+        self.title = title
+        if trainer.state.fn != "fit":
+            self.draw(trainer, folder)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        folder = run_folder(trainer)  # on every rank (a collective under DDP)
+        if trainer.is_global_zero and folder is not None and self.variances:
+            self.draw(trainer, folder)
+
+    def draw(self, trainer: pl.Trainer, folder: Path) -> None:
+        """The histograms of the last observation: a PNG in the run folder and an image in W&B."""
+        image = variance_histograms(self.variances, self.title, folder / "activation_variance.png")
+        for logger in wandb_loggers(trainer):
+            logger.log_image("act/variance_histograms", [str(image)])
+
+    COLUMNS = (
+        ("var_sum", "var sum"),
+        ("zero_var", "zero var"),
+        ("shapiro_w", "Shapiro W"),
+        ("shapiro_p", "p"),
+        ("expnorm_w_exp", "exp: w"),
+        ("expnorm_rate", "rate"),
+        ("expnorm_mu", "normal: mu"),
+        ("expnorm_sigma", "sigma"),
+        ("gammas_w1", "gamma1: w"),
+        ("gammas_k1", "k"),
+        ("gammas_theta1", "theta"),
+        ("gammas_k2", "gamma2: k"),
+        ("gammas_theta2", "theta"),
+        ("pca_ev1", "PCA ev1"),
+        ("pca_k90", "k90"),
+    )
+
+    def table(self, title: str, variances: dict[str, np.ndarray]) -> str:
+        """One row per layer: units and every summary statistic (the mixture fits ignore zero-variance units)."""
+        columns = [(key, label) for key, label in self.COLUMNS if any(key in s for s in self.summaries.values())]
+        width = max(len(name) for name in variances) + 2
+        lines = [title, f"  {'layer':<{width}}{'units':>6}" + "".join(f"{label:>11}" for _, label in columns)]
+        for name, summary in self.summaries.items():
+            cells = "".join(f"{summary.get(key, math.nan):>11.4g}" for key, _ in columns)
+            lines.append(f"  {name:<{width}}{len(variances[name]):>6}{cells}")
+        return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""DeadUnits: exact counts on a net whose every activation is known, the original's format, padding."""
+
+from collections import OrderedDict
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from callbacks import DeadUnits
+from callbacks.activation_observer import ActivationObserver, samples_on_rank, select_layers
+from callbacks.dead_units import consumer_keyed
+from datamodules.tensor_data import ShardedOrder
+from lightning_modules import Classifier
+from lightning_modules.nets import VGG
+from tests.conftest import CONFIGS, QUIET, TinyImages, cli
+
+
+def probe_images() -> torch.Tensor:
+    """Ten 1x4x4 images with pixels in [0, 200]; one pixel of the last image is 255."""
+    images = torch.randint(0, 201, (10, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    images[9, 0, 2, 3] = 255
+    return images
+
+
+def probe_net() -> nn.Module:
+    """Conv units: 0 alive, 1 and 2 dead, 3 alive only at the 255 pixel. Hidden units: 0 alive, 1 dead,
+    2 alive only for the last image. Both activations in place."""
+    conv = nn.Conv2d(1, 4, 1)
+    hidden = nn.Linear(4, 3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, -1.0, 1.0, 1.0]).view(4, 1, 1, 1))
+        conv.bias.copy_(torch.tensor([0.0, 0.0, -2.0, -0.9]))
+        hidden.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0], [0, 0, 0, 1.0]]))
+        hidden.bias.zero_()
+    return nn.Sequential(
+        OrderedDict(
+            features=nn.Sequential(OrderedDict(conv=conv, act=nn.ReLU(inplace=True))),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            hidden=nn.Sequential(OrderedDict(linear=hidden, act=nn.ReLU(inplace=True))),
+            head=nn.Linear(3, 10),
+        )
+    )
+
+
+def run_test(callback: pl.Callback, batch_size: int = 4) -> dict[str, float]:
+    trainer = pl.Trainer(logger=False, callbacks=[callback], enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(Classifier(probe_net(), channels_last=False), datamodule=TinyImages(probe_images(), batch_size))
+    return {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("dead/")}
+
+
+def test_counts_units_that_never_fire_over_the_whole_split():
+    metrics = run_test(DeadUnits(split="test"))
+    assert metrics["dead/features"] == 2 and metrics["dead/hidden"] == 1
+    assert metrics["dead/total"] == 3 and metrics["dead/fraction"] == pytest.approx(3 / 7)
+
+
+def test_threshold_and_max_batches():
+    # hidden unit 2 peaks at 0.1 / 16 (one hot pixel averaged over 16): dead above that threshold
+    assert run_test(DeadUnits(split="test", threshold=0.05))["dead/total"] == 4
+    # the first batch (images 0-3) lacks the 255 pixel: conv unit 3 and hidden unit 2 look dead
+    assert run_test(DeadUnits(split="test", max_batches=1))["dead/total"] == 5
+
+
+def test_names_pick_layers_and_types_none_takes_any_module():
+    metrics = run_test(DeadUnits(split="test", names=["hidden"]))
+    assert "dead/features" not in metrics and metrics["dead/total"] == 1
+    layers = select_layers(probe_net(), None, ["features.conv", "head"])
+    assert list(layers) == ["features", "head"]  # a block's part is reported under the block's name
+    with pytest.raises(ValueError, match="no module"):
+        run_test(DeadUnits(split="test", names=["nothing*"]))
+
+
+def test_own_pass_over_another_split_uses_evaluation_order(tmp_path):
+    data = TinyImages(probe_images(), batch_size=4)
+    callback = DeadUnits(split="test")  # validate: its own pass over the test split at the validation epoch end
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        logger=False,
+        callbacks=[callback],
+        max_epochs=1,
+        limit_train_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.validate(Classifier(probe_net(), channels_last=False), datamodule=data)
+    assert callback.counts == {"features": (2, 4), "hidden": (1, 3)}
+
+
+def test_padded_samplers_count_each_sample_once():
+    assert samples_on_rank(type("L", (), {"sampler": ShardedOrder(5, True, 0, rank=1, world_size=2, pad=True)})) == 2
+    sampler = DistributedSampler(list(range(5)), num_replicas=2, rank=1, shuffle=False)
+    assert len(sampler) == 3 and samples_on_rank(type("L", (), {"sampler": sampler})) == 2
+    observer = ActivationObserver()
+    observer.start = lambda: None
+    observer._begin(remaining=5)
+    taken = []
+    for batch_idx in range(3):
+        observer._count_batch((torch.zeros(4),), batch_idx)
+        taken.append(observer._take)
+    observer._detach()
+    assert taken == [4, 1, 0]
+
+
+def test_consumer_keyed_format_of_the_original():
+    net = VGG(
+        [
+            ("conv1_1", (4, None)),
+            ("pool1", (2, 2)),
+            ("conv2_1", (8, None)),
+            ("fc6", (16, 0.5)),
+            ("logit", (None, None)),
+        ],
+        in_channels=3,
+        input_size=4,
+    )
+    layers = select_layers(net, ["ReLU"], ["*"])
+    counts = {"conv1_1": (1, 4), "conv2_1": (3, 8), "fc6": (5, 16)}
+    assert consumer_keyed(net, layers, counts) == {
+        "conv1_1/0": (0, 3),
+        "conv2_1/0": (1, 4),
+        "fc6/0": (3, 8),
+        "logit": (5, 16),
+    }
+
+
+def test_quickstart_prints_and_saves_the_per_layer_table(in_tmp, caplog):
+    trainer = cli(
+        "fit",
+        "--config",
+        CONFIGS / "quickstart.yaml",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        *QUIET,
+    ).trainer
+    assert "dead/total" in trainer.callback_metrics and "dead/features.0" in trainer.callback_metrics
+    folder = in_tmp / "runs" / "quickstart" / "version_0"
+    assert (folder / "dead_units.png").stat().st_size > 1000
+    assert "dead/total" in (folder / "metrics.csv").read_text().splitlines()[0]
+    assert "dead units (val, epoch 0" in caplog.text and "total" in caplog.text
+
+
+def test_a_layer_pattern_that_matches_nothing_is_one_clear_line(in_tmp):
+    from lightning_modules.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.callbacks.names", "[conv9_*]", *QUIET])
+    assert str(exit_.value.code).startswith("error: DeadUnits: no module of types") and "conv9_*" in str(
+        exit_.value.code
+    )
