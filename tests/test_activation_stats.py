@@ -46,25 +46,25 @@ def test_per_unit_moments_equal_a_direct_computation_in_any_batching():
             assert np.allclose(callback.variances[name], var, rtol=1e-5, atol=1e-12)
 
 
-def test_layer_statistics_are_logged_and_dead_units_have_zero_variance():
+def test_dead_units_have_zero_variance_and_layer_sums_match():
     callback = ActivationStats(split="test", pca=False)
-    metrics = run_test(callback).callback_metrics
+    run_test(callback)
+    summary = callback.summaries
     # conv units 1 and 2 are dead (always 0); hidden unit 1 too
-    assert metrics["act/features/zero_var"].item() == 2 and metrics["act/hidden/zero_var"].item() == 1
-    assert metrics["act/features/var_sum"].item() == pytest.approx(
-        direct_statistics(probe_images())["features"][1].sum()
-    )
-    assert "act/features/pca_ev1" not in metrics
+    assert summary["features"]["zero_var"] == 2 and summary["hidden"]["zero_var"] == 1
+    expected = direct_statistics(probe_images())["features"][1].sum()
+    assert summary["features"]["var_sum"] == pytest.approx(expected)
+    assert "pca_ev1" not in summary["features"]
 
 
 def test_pca_sees_pre_activations_even_behind_an_in_place_relu():
     callback = ActivationStats(split="test", pca=True, pca_samples=6, pca_k=[1, 2])
-    metrics = run_test(callback).callback_metrics
+    run_test(callback)
     rows = torch.cat(callback.rows["features"])
     assert rows.shape == (6, 4)  # capped at pca_samples, one random position per image
     assert (rows[:, 1] < 0).any()  # conv unit 1 is -x before its ReLU: negative, not the ReLU's 0
-    assert 0 < metrics["act/features/pca_ev1"].item() <= 1
-    assert metrics["act/features/pca_recon_k2"].item() <= metrics["act/features/pca_recon_k1"].item()
+    summary = callback.summaries["features"]
+    assert 0 < summary["pca_ev1"] <= 1 and summary["pca_recon_k2"] <= summary["pca_recon_k1"]
 
 
 def test_files_and_figure_in_the_run_folder(in_tmp):
@@ -80,6 +80,8 @@ def test_files_and_figure_in_the_run_folder(in_tmp):
         *QUIET,
     )
     folder = in_tmp / "runs" / "quickstart" / "version_0"
+    header = (folder / "metrics.csv").read_text().splitlines()[0]
+    assert "act/features.0/var_sum" in header and "act/features.10/shapiro_w" in header
     (saved,) = (folder / "activation_stats").glob("step*.pt")
     stats = torch.load(saved, weights_only=True)
     assert set(stats["features.0"]) == {"mean", "var", "count", "pca_explained"}

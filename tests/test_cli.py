@@ -60,7 +60,10 @@ def test_every_preset_stacks_on_an_experiment(preset, in_tmp):
         root = make_mnist(in_tmp / "data", folder=data_class.rsplit(".", 1)[-1])
         args = ["--data.data_dir", str(root), "--data.download", "false", "--data.val_size", "16"]
     elif "CIFAR10" in data_class:  # a CIFAR-10 preset goes on a CIFAR-10 experiment
-        experiment, args = CONFIGS / "dead_units" / "model4.yaml", data_args(CONFIGS / "dead_units" / "model4.yaml", in_tmp)
+        experiment, args = (
+            CONFIGS / "dead_units" / "model4.yaml",
+            data_args(CONFIGS / "dead_units" / "model4.yaml", in_tmp),
+        )
     trainer = cli(
         "fit",
         "--config",
