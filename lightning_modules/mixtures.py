@@ -135,5 +135,11 @@ def fit_two_gammas(x: np.ndarray, max_iter: int = 300, tol: float = 1e-6) -> Gam
     w = w if first == 0 else 1 - w
     loglik -= len(x) * math.log(scale)
     return GammaMixtureFit(
-        w, float(k[first]), float(theta[first] * scale), float(k[second]), float(theta[second] * scale), loglik, iteration
+        w,
+        float(k[first]),
+        float(theta[first] * scale),
+        float(k[second]),
+        float(theta[second] * scale),
+        loglik,
+        iteration,
     )
