@@ -7,7 +7,8 @@ import torch
 
 from callbacks import ActivationStats
 from lightning_modules import Classifier
-from tests.conftest import CONFIGS, QUIET, TinyImages, cli
+from tests.conftest import TinyImages
+from tests.test_cli import fit_quickstart
 from tests.test_dead_units import probe_images, probe_net
 
 
@@ -68,22 +69,14 @@ def test_pca_sees_pre_activations_even_behind_an_in_place_relu():
 
 
 def test_files_and_figure_in_the_run_folder(in_tmp):
-    cli(
-        "fit",
-        "--config",
-        CONFIGS / "quickstart.yaml",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_train_batches",
-        "2",
-        "--trainer.callbacks+=callbacks.ActivationStats",
-        *QUIET,
-    )
+    fit_quickstart("--trainer.callbacks+=callbacks.ActivationStats")
     folder = in_tmp / "runs" / "quickstart" / "version_0"
     header = (folder / "metrics.csv").read_text().splitlines()[0]
     assert "act/features.0/var_sum" in header and "act/features.10/shapiro_w" in header
     (saved,) = (folder / "activation_stats").glob("step*.pt")
     stats = torch.load(saved, weights_only=True)
     assert set(stats["features.0"]) == {"mean", "var", "count", "pca_explained"}
-    assert stats["features.0"]["var"].shape == (4,) and stats["features.0"]["count"] == 300 * 28 * 28
+    assert (
+        stats["features.0"]["var"].shape == (4,) and stats["features.0"]["count"] == 2 * 64 * 28 * 28
+    )  # two validation batches
     assert (folder / "activation_variance.png").stat().st_size > 1000

@@ -14,7 +14,8 @@ from callbacks.dead_units import consumer_keyed
 from datamodules.tensor_data import ShardedOrder
 from lightning_modules import Classifier
 from lightning_modules.nets import VGG
-from tests.conftest import CONFIGS, QUIET, TinyImages, cli
+from tests.conftest import CONFIGS, QUIET, TinyImages
+from tests.test_cli import fit_quickstart
 
 
 def probe_images() -> torch.Tensor:
@@ -128,16 +129,7 @@ def test_consumer_keyed_format_of_the_original():
 
 
 def test_quickstart_prints_and_saves_the_per_layer_table(in_tmp, caplog):
-    trainer = cli(
-        "fit",
-        "--config",
-        CONFIGS / "quickstart.yaml",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_train_batches",
-        "3",
-        *QUIET,
-    ).trainer
+    trainer = fit_quickstart()
     assert "dead/total" in trainer.callback_metrics and "dead/features.0" in trainer.callback_metrics
     folder = in_tmp / "runs" / "quickstart" / "version_0"
     assert (folder / "dead_units.png").stat().st_size > 1000
