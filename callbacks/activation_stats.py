@@ -176,6 +176,7 @@ class ActivationStats(ActivationObserver):
                         "act/pca_explained",
                         columns=["layer", "component", "explained_ratio"],
                         data=[[n, i + 1, float(r)] for n, ratios in explained.items() for i, r in enumerate(ratios)],
+                        step=trainer.global_step,
                     )
         self.title = title
         if trainer.state.fn != "fit":
@@ -190,7 +191,7 @@ class ActivationStats(ActivationObserver):
         """The histograms of the last observation: a PNG in the run folder and an image in W&B."""
         image = variance_histograms(self.variances, self.title, folder / "activation_variance.png")
         for logger in wandb_loggers(trainer):
-            logger.log_image("act/variance_histograms", [str(image)])
+            logger.log_image("act/variance_histograms", [str(image)], step=trainer.global_step)
 
     COLUMNS = (
         ("var_sum", "var sum"),
