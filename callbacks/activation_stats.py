@@ -80,8 +80,7 @@ class ActivationStats(ActivationObserver):
         self.accumulators.setdefault(name, MomentAccumulator()).update(output)
 
     def observe_input(self, name: str, x: torch.Tensor) -> None:
-        world = torch.distributed.get_world_size() if distributed() else 1
-        room = math.ceil(self.pca_samples / world) - self.row_counts.get(name, 0)
+        room = self._rows_per_rank() - self.row_counts.get(name, 0)
         if room <= 0:
             return
         x = x[:room]
@@ -93,6 +92,10 @@ class ActivationStats(ActivationObserver):
             x = flat[torch.arange(len(flat), device=x.device), :, position]
         self.rows.setdefault(name, []).append(x.to(torch.float32, copy=True))  # an in-place activation overwrites x
         self.row_counts[name] = self.row_counts.get(name, 0) + len(x)
+
+    def _rows_per_rank(self) -> int:
+        """Each rank's share of the `pca_samples` cap."""
+        return math.ceil(self.pca_samples / (torch.distributed.get_world_size() if distributed() else 1))
 
     def _reduced_moments(self, names: list[str]) -> dict[str, Moments]:
         """Every rank's moments merged in rank order: one all_gather for all layers."""
@@ -111,8 +114,7 @@ class ActivationStats(ActivationObserver):
         rows = torch.cat(self.rows[name])
         if not distributed():
             return rows
-        cap = math.ceil(self.pca_samples / torch.distributed.get_world_size())
-        padded = torch.zeros(cap, rows.shape[1], device=rows.device, dtype=rows.dtype)
+        padded = torch.zeros(self._rows_per_rank(), rows.shape[1], device=rows.device, dtype=rows.dtype)
         padded[: len(rows)] = rows
         counts = all_gather_rows(torch.tensor([len(rows)], device=rows.device))
         gathered = all_gather_rows(padded)
@@ -153,8 +155,8 @@ class ActivationStats(ActivationObserver):
         torch.save(
             {
                 name: {
-                    "mean": moments[name].mean.cpu(),
-                    "var": moments[name].var.cpu(),
+                    "mean": torch.from_numpy(self.means[name]),  # already on the host from `finish`
+                    "var": torch.from_numpy(variances[name]),
                     "count": float(moments[name].count),
                     "pca_explained": torch.from_numpy(explained[name]) if name in explained else torch.empty(0),
                 }
