@@ -124,11 +124,14 @@ class TensorLoader:
     def __iter__(self):
         order = self.sampler.indices().to(self.split.images.device)
         for b in range(len(self)):
-            index = order[b * self.batch_size : (b + 1) * self.batch_size]
-            images = torch.addcmul(self.shift, self.split.images.index_select(0, index).float(), self.scale)
-            if self.augment:
-                images = self.augment(images)
-            yield images, self.split.labels.index_select(0, index)
+            yield self.batch(order[b * self.batch_size : (b + 1) * self.batch_size])
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at `index`, normalised (and augmented, if the loader augments)."""
+        images = torch.addcmul(self.shift, self.split.images.index_select(0, index).float(), self.scale)
+        if self.augment:
+            images = self.augment(images)
+        return images, self.split.labels.index_select(0, index)
 
 
 class TensorDataModule(pl.LightningDataModule):

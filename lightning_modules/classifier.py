@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -15,6 +18,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; checkpoints written before it are kept."""
 
 
+class ConfigError(ValueError):
+    """Settings that cannot work together; the CLI prints it as one line."""
+
+
 class Classifier(pl.LightningModule):
     """Trains `net` with cross-entropy; logs `<split>/loss`, `<split>/acc`, `<split>/err` per epoch."""
 
@@ -26,6 +33,7 @@ class Classifier(pl.LightningModule):
         num_classes: int = 10,
         channels_last: bool = True,
         finite_check_every: int = 50,
+        param_groups: dict[str, dict[str, float]] | None = None,
     ):
         """
         Args:
@@ -37,6 +45,9 @@ class Classifier(pl.LightningModule):
                 cuDNN (GPU, tensor cores) run faster; results are the same up to float rounding.
             finite_check_every: check every this many steps that the loss stayed finite, and stop with an
                 error if not (checking is one host sync, so not every step).
+            param_groups: optimizer options per parameter-name pattern (fnmatch), e.g.
+                `{"*.bias": {weight_decay: 0}, "net.out.*": {lr: 0.1}}`; the first matching pattern wins and
+                parameters no pattern matches keep the optimizer's own settings.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -45,6 +56,7 @@ class Classifier(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.channels_last = channels_last
         self.finite_check_every = finite_check_every
+        self.param_groups = {pattern: dict(options) for pattern, options in (param_groups or {}).items()}
         for split in ("train", "val", "test"):  # one set of metrics per split: train_metrics, val_metrics, ...
             setattr(
                 self,
@@ -96,14 +108,11 @@ class Classifier(pl.LightningModule):
         self.step(batch, "test")
 
     def log_split(self, split: str) -> None:
-        """Log the epoch's metrics of one split, synced over ranks, and reset them."""
+        """Log the epoch's metrics of one split (`acc` also as `err`), synced over ranks, and reset them."""
         metrics = getattr(self, f"{split}_metrics")
-        acc, loss = metrics["acc"].compute(), metrics["loss"].compute()
-        self.log_dict(
-            {f"{split}/loss": loss, f"{split}/acc": acc, f"{split}/err": 1 - acc},
-            prog_bar=split != "train",
-            sync_dist=False,
-        )  # compute() already reduced over ranks
+        values = {f"{split}/{name}": metric.compute() for name, metric in metrics.items()}
+        values[f"{split}/err"] = 1 - values[f"{split}/acc"]
+        self.log_dict(values, prog_bar=split != "train", sync_dist=False)  # compute() already reduced over ranks
         for metric in metrics.values():
             metric.reset()
 
@@ -117,16 +126,34 @@ class Classifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log_split("test")
 
+    def group_options(self) -> dict[str, dict[str, float]]:
+        """Optimizer options per parameter-name pattern, in matching order (subclasses add their defaults)."""
+        return self.param_groups
+
+    def build_optimizer(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> torch.optim.Optimizer:
+        """The configured optimizer over these parameters, grouped by the first pattern each matches."""
+        groups = param_groups(named_parameters, self.group_options())
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(groups)
+        return torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = (
-            self.optimizer_factory(params)
-            if self.optimizer_factory is not None
-            else torch.optim.SGD(params, lr=0.01, momentum=0.9)
-        )
+        optimizer = self.build_optimizer(self.named_parameters())
         if self.scheduler_factory is None:
             return optimizer
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
         }
+
+
+def param_groups(
+    named_parameters: Iterable[tuple[str, torch.Tensor]], options: dict[str, dict[str, float]]
+) -> list[dict]:
+    """Optimizer parameter groups: one per matched pattern with its options (first match wins), one for the rest."""
+    groups: dict[str | None, list[torch.Tensor]] = {}
+    for name, param in named_parameters:
+        if param.requires_grad:
+            pattern = next((p for p in options if fnmatchcase(name, p)), None)
+            groups.setdefault(pattern, []).append(param)
+    return [{"params": params, **options.get(pattern, {})} for pattern, params in groups.items()]

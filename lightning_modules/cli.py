@@ -12,7 +12,7 @@ from pytorch_lightning.loggers import WandbLogger
 from callbacks.activation_observer import NoLayersError
 from callbacks.complexity import Complexity
 from datamodules.tensor_data import DataError
-from lightning_modules.classifier import NonFiniteLossError
+from lightning_modules.classifier import ConfigError, NonFiniteLossError
 from lightning_modules.loggers import default_loggers
 from lightning_modules.trainer import ResearchTrainer, config_name
 
@@ -28,7 +28,7 @@ class RunConfig(SaveConfigCallback):
 
 
 class ResearchCLI(LightningCLI):
-    """`python train.py fit|validate|test|count|search --config C`."""
+    """`python train.py fit|validate|test|count|search|sweep --config C`."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("trainer_class", ResearchTrainer)
@@ -40,7 +40,12 @@ class ResearchCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "count": {"model", "datamodule"}, "search": {"model", "datamodule"}}
+        return {
+            **LightningCLI.subcommands(),
+            "count": {"model", "datamodule"},
+            "search": {"model", "datamodule"},
+            "sweep": {"model", "datamodule"},
+        }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -88,5 +93,5 @@ def main(args: list[str] | None = None) -> None:
     """Run the CLI; data, divergence and layer-selection problems end in one clear line, not a traceback."""
     try:
         ResearchCLI(args=args)
-    except (DataError, NonFiniteLossError, NoLayersError) as e:
+    except (DataError, NonFiniteLossError, NoLayersError, ConfigError) as e:
         sys.exit(f"error: {e}")

@@ -14,9 +14,11 @@ from jsonargparse import ArgumentParser
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
-from lightning_modules.classifier import NonFiniteLossError
+from lightning_modules.classifier import ConfigError, NonFiniteLossError
 from lightning_modules.counting import Complexity, count_model
 from lightning_modules.search import SearchResult, search_depth, write_results
+from lightning_modules.sweep import TRAINING_KEYS, expand_grids, point_label, run_group, stack_groups, write_tables
+from lightning_modules.sweep_plots import write_plots
 
 
 def net_from_config(path: str | Path) -> nn.Module:
@@ -67,7 +69,7 @@ def quiet_lightning():
 
 
 class ResearchTrainer(pl.Trainer):
-    """Lightning's Trainer with the framework's subcommands `count` and `search`."""
+    """Lightning's Trainer with the framework's subcommands `count`, `search` and `sweep`."""
 
     def count(
         self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None, per_layer: bool = False
@@ -178,3 +180,94 @@ class ResearchTrainer(pl.Trainer):
                     data=[[r.variant, r.upper, r.deepest, r.confirmed] for r in results],
                 )
                 logger.log_image("search/error_vs_depth", [str(paths["plot"])])
+
+    def sweep(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        grids: list[dict[str, list]] | None = None,
+        seeds: int = 4,
+        epochs: int = 3,
+        pca_samples: int = 2048,
+        pca_k: list[int] | None = None,
+        zero_tol: float = 0.0,
+    ) -> list[dict]:
+        """Train every point of the grids for `seeds` seeds, all seeds of a point at once (vmapped), and
+        measure accuracy, size, dead units and the activation statistics of the hidden layer.
+
+        Writes runs.csv, runs.md, history.csv and the study's plots into the run folder and logs them to
+        W&B. Seeds start at the run's `seed_everything`; seed s trains as `fit --seed_everything s` would.
+
+        Args:
+            grids: a list of grids, each mapping MLP arguments (width, layer, start_size, ...) or `penalty`
+                to a list of values; a grid stands for the cartesian product of its lists. Default: the
+                model's own net.
+            seeds: seeds per grid point.
+            epochs: epochs per run.
+            pca_samples: validation samples whose pre-activations enter the PCA.
+            pca_k: top-k components whose reconstruction distance is reported (default 1, 10, 50).
+            zero_tol: a unit with activation variance at or below this counts as zero-variance.
+        """
+        if self.world_size > 1:
+            raise ConfigError("sweep runs in one process: it stacks seeds, not ranks (use --trainer.devices 1)")
+        if not callable(getattr(model.net, "variant", None)) or not callable(getattr(model, "build_optimizer", None)):
+            raise ConfigError(
+                f"sweep needs a Classifier-like model over a net with variant(**args) "
+                f"(lightning_modules.nets.MLP); got {type(model).__name__} over {type(model.net).__name__}"
+            )
+        points = expand_grids(grids) if grids else [{}]
+        for point in points:  # every point must build, before any training starts
+            try:
+                model.net.variant(**{k: v for k, v in point.items() if k not in TRAINING_KEYS})
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"sweep grid point {point_label(point)}: {e}") from e
+        first_seed = pl.seed_everything(verbose=False)
+        seed_list = list(range(first_seed, first_seed + seeds))
+        datamodule.trainer = self
+        datamodule.setup("fit")
+        device = self.strategy.root_device
+        rows, history, variances = [], [], []
+        groups = stack_groups(points)
+        for n, group in enumerate(groups, 1):
+            print(
+                f"sweep [{n}/{len(groups)}] {len(group)} point(s) x {seeds} seed(s) as one stack, {epochs} epochs:",
+                flush=True,
+            )
+            group_rows, group_history, group_variances = run_group(
+                model.net,
+                group,
+                seed_list,
+                datamodule,
+                epochs,
+                model.build_optimizer,
+                model.scheduler_factory,
+                getattr(model, "penalty", 0.0),
+                device,
+                pca_samples,
+                tuple(pca_k or (1, 10, 50)),
+                zero_tol,
+            )
+            for i, point in enumerate(group):
+                runs = group_rows[i * seeds : (i + 1) * seeds]
+                accs = ", ".join(f"{r['val_acc']:.4f}" for r in runs)
+                sizes = ", ".join(f"{r['size']:g}" for r in runs)
+                print(f"  {point_label(point) or 'the config net'}: val acc {accs}; size {sizes}", flush=True)
+            rows += group_rows
+            history += group_history
+            variances += group_variances
+        self._report_sweep(rows, history, variances)
+        return rows
+
+    def _report_sweep(self, rows: list[dict], history: list[dict], variances: list) -> None:
+        folder = Path(self.log_dir or self.default_root_dir)
+        paths = write_tables(rows, history, folder)
+        plots = write_plots(rows, history, variances, folder)
+        print(paths["md"].read_text())
+        print("sweep results: " + ", ".join(str(p) for p in [*paths.values(), *plots]))
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                for key, table in (("sweep/runs", rows), ("sweep/history", history)):
+                    columns = list(dict.fromkeys(k for row in table for k in row))
+                    logger.log_table(key, columns=columns, data=[[row.get(c) for c in columns] for row in table])
+                for plot in plots:
+                    logger.log_image(f"sweep/{plot.stem}", [str(plot)])

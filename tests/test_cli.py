@@ -19,7 +19,9 @@ from lightning_modules.trainer import net_from_config
 from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_cifar10, make_mnist
 
 EXPERIMENTS = sorted(
-    p for p in CONFIGS.rglob("*.yaml") if not {"presets", "nets"} & set(p.parts) and p.name != "search_all.yaml"
+    p
+    for p in CONFIGS.rglob("*.yaml")
+    if not {"presets", "nets"} & set(p.parts) and p.name != "search_all.yaml" and not p.name.startswith("sweep_")
 )
 PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
 

@@ -46,7 +46,7 @@ def test_x0_starts_at_the_configured_size_and_gets_a_gradient():
 
 def test_units_right_of_x0_are_off_and_random_slopes_only_in_training():
     torch.manual_seed(0)
-    layer = FlexibleLinear(8, 64, start_size=20.0, slope=100.0)
+    layer = FlexibleLinear(8, 64, start_size=20.0, slope=100.0, activation="identity")
     out = layer(torch.randn(3, 8)).detach()
     assert (out[:, 25:] == 0).all() and (out[:, :15] != 0).all()
     random = FlexibleLinear(8, 64, start_size=20.0, random_slope=True)

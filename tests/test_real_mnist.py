@@ -1,8 +1,14 @@
 """Real data: the official MNIST test file (10,000 images), when it sits beside the project."""
 
+from functools import partial
+
 import pytest
+import torch
 
 from datamodules import MNIST
+from lightning_modules import LearnedSize
+from lightning_modules.nets import MLP
+from lightning_modules.seed_stack import SeedStack
 from tests.conftest import CONFIGS, QUIET, SHARED_MNIST, cli
 
 pytestmark = pytest.mark.skipif(
@@ -58,3 +64,33 @@ def test_adam_leaves_more_dead_units_than_sgd_at_the_same_accuracy(in_tmp):
     sgd_dead, sgd_acc = dead_after("sgd", 3)
     assert adam_acc > 0.93 and sgd_acc > 0.93 and abs(adam_acc - sgd_acc) < 0.03
     assert adam_dead > 1.3 * sgd_dead, (adam_dead, sgd_dead)
+
+
+def size_runs(makers, penalties, epochs: int, size_lr: float) -> list[float]:
+    """Final sizes of nets trained as one stack on the 10k split: Adam, lr 1e-3, the size parameters' lr `size_lr`."""
+    data = MNIST(data_dir=str(SHARED_MNIST), test_file_only=True, val_size=2000, seed=0, batch_size=64)
+    data.setup("fit")
+    model = LearnedSize(
+        MLP(8),
+        optimizer=partial(torch.optim.Adam, lr=1e-3),
+        param_groups={"*.x0": {"lr": size_lr}, "*.liveness": {"lr": size_lr}},
+    )
+    stack = SeedStack.build(makers, [0])
+    records = stack.fit(data, epochs, model.build_optimizer, penalty=penalties)
+    return records[-1].sizes["hidden"]
+
+
+@pytest.mark.slow
+def test_flexible_sizes_started_apart_end_closer_together():
+    starts = [32.0, 128.0, 512.0]
+    makers = [partial(MLP, 1024, "flexible", start_size=s) for s in starts]
+    final = size_runs(makers, 0.003, epochs=4, size_lr=1.0)  # flexible.yaml's settings
+    assert max(final) - min(final) < 0.5 * (max(starts) - min(starts)), final
+
+
+@pytest.mark.slow
+def test_sparsifier_final_size_falls_as_the_penalty_rises():
+    penalties = [0.001, 0.01, 0.03]
+    # sparsifier.yaml's liveness lr is 1e-3 over 60 epochs; 1e-2 shows the same direction in 3
+    final = size_runs([partial(MLP, 500, "sparsifier")] * 3, penalties, epochs=3, size_lr=0.01)
+    assert final[0] > final[1] > final[2], final

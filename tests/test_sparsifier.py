@@ -9,7 +9,7 @@ from lightning_modules.layers import SparsifierLinear
 
 def kill_units(layer: SparsifierLinear) -> None:
     with torch.no_grad():
-        layer.liveness[[1, 4, 5, 9]] = torch.tensor([0.0, 1e-4, -5e-4, 0.0])  # four dead units
+        layer.liveness[[1, 4, 5, 9]] = torch.tensor([0.0, 1e-4, -5e-4, 0.0])  # four dead units (threshold 1e-3)
 
 
 @pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, torch.optim.SGD])
@@ -25,7 +25,7 @@ def test_pruned_net_equals_the_masked_net_and_keeps_training(optimizer_class):
     layer, head = net[0], net[1]
     kill_units(layer)
     with torch.no_grad():  # the masked net: dead units' liveness set to exactly zero
-        masked = net(x) - (layer.act(layer.linear(x)) * layer.liveness * ~layer.alive()) @ head.weight.T
+        masked = net(x) - (layer.act(layer.linear(x)) * layer.liveness.clamp(min=0) * ~layer.alive()) @ head.weight.T
     keep = layer.prune(head, optimizer)
 
     assert keep.tolist() == [0, 2, 3, 6, 7, 8] and layer.size() == 6
@@ -49,4 +49,9 @@ def test_penalty_and_size():
     with torch.no_grad():
         layer.liveness[0] = -2.0
         layer.liveness[1] = 0.0
-    assert layer.penalty().item() == 5 and layer.size() == 4  # |-2| + 0 + 3 x 1
+    assert layer.penalty().item() == 3 and layer.size() == 3  # a liveness at or below zero is off: 3 x 1
+    x = torch.randn(6, 4)
+    out = layer(x)
+    assert (out[:, :2] == 0).all()
+    (out.sum() + layer.penalty()).backward()
+    assert (layer.liveness.grad[:2] == 0).all() and (layer.liveness.grad[2:] != 0).all()  # no way back

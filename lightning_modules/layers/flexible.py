@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.layers.activations import activation as make_activation
+
 
 def unit_scales(x0: torch.Tensor, k: torch.Tensor | float, n: int) -> torch.Tensor:
     """f_i = 1 - sigmoid(k (i - x0)) = sigmoid(k (x0 - i)) for i = 0..n-1 (the second form never cancels)."""
@@ -31,7 +33,7 @@ def soft_size(x0: torch.Tensor, k: torch.Tensor | float, n: int) -> torch.Tensor
 
 
 class FlexibleLinear(nn.Module):
-    """Linear layer whose outputs are scaled by f_i(x0, k); `x0` (the size) is a trained parameter."""
+    """Linear layer + activation whose outputs are scaled by f_i(x0, k); `x0` (the size) is a trained parameter."""
 
     def __init__(
         self,
@@ -41,6 +43,7 @@ class FlexibleLinear(nn.Module):
         slope: float = 1.0,
         random_slope: bool = False,
         grey_zone: tuple[float, float] = (1.0, 20.0),
+        activation: str = "relu",
     ):
         """
         Args:
@@ -50,11 +53,13 @@ class FlexibleLinear(nn.Module):
             slope: k, fixed (the original: 1); also used in evaluation when `random_slope`.
             random_slope: draw k per training batch, k = 10 / w with the grey-zone width w uniform in `grey_zone`.
             grey_zone: the range of w for `random_slope`.
+            activation: applied before the scale (`relu`, `tanh`, `identity`); f_i > 0, so a unit's sign is kept.
         """
         super().__init__()
         if not 0 <= start_size <= out_features:
             raise ValueError(f"start_size must be in [0, {out_features}], got {start_size}")
         self.linear = nn.Linear(in_features, out_features)
+        self.act = make_activation(activation)
         self.x0 = nn.Parameter(torch.tensor(float(start_size)))
         self.slope, self.random_slope, self.grey_zone = slope, random_slope, tuple(grey_zone)
         self.last_slope = float(slope)
@@ -67,15 +72,15 @@ class FlexibleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.last_slope = self.current_slope()
-        return self.linear(x) * unit_scales(self.x0, self.last_slope, self.linear.out_features)
+        return self.act(self.linear(x)) * unit_scales(self.x0, self.last_slope, self.linear.out_features)
 
     def penalty(self) -> torch.Tensor:
         """The soft size S with the slope of the last forward pass (differentiable in x0)."""
         return soft_size(self.x0, self.last_slope, self.linear.out_features)
 
-    def size(self) -> float:
-        """The effective size: x0 within [0, N]."""
-        return float(self.x0.detach().clamp(0, self.linear.out_features))
+    def size(self) -> torch.Tensor:
+        """The effective size: x0 within [0, N] (a tensor, so it also reads stacked seeds under `torch.func`)."""
+        return self.x0.detach().clamp(0, self.linear.out_features)
 
     def extra_repr(self) -> str:
         return f"slope={self.slope}, random_slope={self.random_slope}, grey_zone={self.grey_zone}"

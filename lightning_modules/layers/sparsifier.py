@@ -1,7 +1,10 @@
 """The sparsifier layer of the network-size study (research line 3): per-unit liveness, pruned for real.
 
-Output act(Wx + b) * l with a liveness l_i per unit (init 1) and the penalty sum |l_i|. A unit whose
-|l_i| falls to the threshold or below is dead: `prune` removes it, cutting its weight row, bias,
+Output act(Wx + b) * max(l, 0) with a liveness l_i per unit (init 1) and the L1 penalty
+sum max(l_i, 0). A liveness that crosses zero switches its unit off exactly, and no gradient
+reaches it there (neither from the task nor from the penalty), so a unit that reaches zero stays
+dead, as in the spec; a plain |l| gate would only oscillate around zero under Adam, never reaching
+it. `prune` removes dead units (liveness at or below the threshold), cutting their weight row, bias,
 liveness and the next layer's input column into new, smaller tensors (and the optimizer's state
 with them), so the shrunk model is smaller and faster, not only masked.
 """
@@ -11,11 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity}
+from lightning_modules.layers.activations import activation as make_activation
 
 
 class SparsifierLinear(nn.Module):
-    """Linear + activation, each unit scaled by its own trained liveness."""
+    """Linear + activation, each unit scaled by its own trained liveness (clamped at zero)."""
 
     def __init__(self, in_features: int, out_features: int, activation: str = "relu", threshold: float = 0.0):
         """
@@ -23,35 +26,42 @@ class SparsifierLinear(nn.Module):
             in_features: inputs.
             out_features: units at the start.
             activation: applied before the liveness scale (`relu`, `tanh`, `identity`).
-            threshold: a unit with |liveness| at or below this is dead and pruned.
+            threshold: a unit with liveness at or below this is dead and pruned (0: exactly off units only).
         """
         super().__init__()
         self.linear = nn.Linear(in_features, out_features)
-        self.act = ACTIVATIONS[activation]()
+        self.act = make_activation(activation)
         self.liveness = nn.Parameter(torch.ones(out_features))
         self.threshold = threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.linear(x)) * self.liveness
+        return self.act(self.linear(x)) * self.liveness.clamp(min=0)
 
     def penalty(self) -> torch.Tensor:
-        """The L1 penalty sum |l_i|."""
-        return self.liveness.abs().sum()
+        """The L1 penalty sum max(l_i, 0) of the gates."""
+        return self.liveness.clamp(min=0).sum(-1)
 
     def alive(self) -> torch.Tensor:
-        """Mask of the units whose |liveness| is above the threshold."""
-        return self.liveness.detach().abs() > self.threshold
+        """Mask of the units whose liveness is above the threshold."""
+        return self.liveness.detach() > self.threshold
 
-    def size(self) -> int:
-        """Live units."""
-        return int(self.alive().sum())
+    def size(self) -> torch.Tensor:
+        """Live units (a tensor, so it also reads stacked seeds under `torch.func`)."""
+        return self.alive().sum(-1)
 
     @torch.no_grad()
-    def prune(self, next_layer: nn.Linear, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+    def prune(
+        self,
+        next_layer: nn.Linear,
+        optimizer: torch.optim.Optimizer | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Remove the dead units from this layer and their input columns from `next_layer`; returns the
         indices kept. Parameters are replaced by smaller ones; the optimizer's groups and per-parameter
-        state (momentum, Adam moments) are cut to match."""
-        keep = self.alive().nonzero().flatten()
+        state (momentum, Adam moments) are cut to match. `keep` overrides which units stay (to shrink
+        a fresh layer to a pruned checkpoint's size before loading it)."""
+        if keep is None:
+            keep = self.alive().nonzero().flatten()
         cuts = [
             (self.linear, "weight", 0),
             (self.linear, "bias", 0),

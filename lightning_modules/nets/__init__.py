@@ -1,6 +1,7 @@
 """Plain networks: nn.Modules with no Lightning import, usable from a notebook."""
 
 from lightning_modules.nets.depth_cnn import DepthBlock, DepthCNN
+from lightning_modules.nets.mlp import MLP
 from lightning_modules.nets.vgg import VGG
 
-__all__ = ["VGG", "DepthBlock", "DepthCNN"]
+__all__ = ["MLP", "VGG", "DepthBlock", "DepthCNN"]

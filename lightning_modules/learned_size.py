@@ -1,0 +1,108 @@
+"""Training a net whose layer size is learned (research line 3): task loss + lambda * the size penalty.
+
+The net (e.g. `nets.MLP` with a flexible or sparsifier layer) provides `penalty()` and `sizes()`, and
+a sparsifier net `prune(optimizer)`. Logged per epoch: `train/loss` (the task's cross-entropy alone,
+comparable with static nets), `train/penalty` (lambda * penalty, the term added to it), accuracy,
+and `size/<layer>` (x0, or the live units).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lightning_modules.classifier import Classifier, ConfigError
+
+# the size parameters themselves are never decayed unless their pattern says so: decay on x0 pulls
+# the size to zero, on the liveness it adds an L2 penalty to the L1 one
+SIZE_PARAMETERS = ("*.x0", "*.liveness")
+
+
+class LearnedSize(Classifier):
+    """The Classifier plus the net's size penalty, size logging and (for sparsifiers) pruning for real."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        penalty: float = 0.0,
+        prune_every_n_epochs: int | None = 1,
+        param_groups: dict[str, dict[str, float]] | None = None,
+        num_classes: int = 10,
+        finite_check_every: int = 50,
+    ):
+        """
+        Args:
+            net: a net with `penalty()` and `sizes()` (e.g. `lightning_modules.nets.MLP`).
+            optimizer: builds the optimizer from the parameter groups; default SGD(lr=0.01, momentum=0.9).
+            scheduler: builds an lr scheduler from the optimizer, stepped once per epoch.
+            penalty: lambda, the weight of the net's size penalty in the loss.
+            prune_every_n_epochs: remove a sparsifier's dead units for real every this many epochs (null:
+                never; they stay masked). Pruning changes parameter shapes, which DDP cannot follow, so a
+                multi-process run needs null.
+            param_groups: optimizer options per parameter-name pattern (first match wins), e.g.
+                `{"*.x0": {lr: 0.1}}`. The size parameters (`*.x0`, `*.liveness`) get weight_decay 0 unless
+                their pattern here sets it, so the optimizer's weight decay is L2 on the weights alone (the
+                spec's finding: with it a flexible layer's size plateaus).
+            num_classes: classes of the task.
+            finite_check_every: check every this many steps that the loss stayed finite.
+        """
+        super().__init__(
+            net,
+            optimizer,
+            scheduler,
+            num_classes=num_classes,
+            channels_last=False,
+            finite_check_every=finite_check_every,
+            param_groups=param_groups,
+        )
+        for method in ("penalty", "sizes"):
+            if not callable(getattr(net, method, None)):
+                raise TypeError(f"{type(net).__name__} has no {method}(): LearnedSize needs a net with a sized layer")
+        self.penalty = penalty
+        self.prune_every_n_epochs = prune_every_n_epochs
+        self.train_metrics["penalty"] = MeanMetric()
+
+    def group_options(self) -> dict[str, dict[str, float]]:
+        size_options = {p: {"weight_decay": 0.0, **self.param_groups.get(p, {})} for p in SIZE_PARAMETERS}
+        rest = {p: options for p, options in self.param_groups.items() if p not in size_options}
+        return {**size_options, **rest}  # size patterns first: a user's catch-all must not take them
+
+    def setup(self, stage: str) -> None:
+        if self.prunes and self.trainer is not None and self.trainer.world_size > 1:
+            raise ConfigError(
+                "pruning changes parameter shapes, which DDP cannot follow: set "
+                "model.init_args.prune_every_n_epochs: null for a multi-process run (dead units stay masked)"
+            )
+
+    @property
+    def prunes(self) -> bool:
+        return self.prune_every_n_epochs is not None and getattr(self.net, "layer", None) == "sparsifier"
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        task = F.cross_entropy(logits, y)
+        penalty = self.penalty * self.net.penalty()
+        self.train_metrics["acc"].update(logits.detach(), y)
+        self.train_metrics["loss"].update(task.detach(), weight=len(y))
+        self.train_metrics["penalty"].update(penalty.detach(), weight=len(y))
+        loss = task + penalty
+        self.loss_finite &= torch.isfinite(loss.detach())
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if self.prunes and (self.current_epoch + 1) % self.prune_every_n_epochs == 0:
+            self.net.prune(self.trainer.optimizers[0])
+        self.log_dict({f"size/{name}": size.float() for name, size in self.net.sizes().items()})
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Shrink a freshly built sparsifier to a pruned checkpoint's width before its weights are loaded."""
+        liveness = checkpoint["state_dict"].get("net.hidden.liveness")
+        if liveness is not None and getattr(self.net, "layer", None) == "sparsifier" and len(liveness) < self.net.width:
+            self.net.prune(keep=torch.arange(len(liveness)))

@@ -1,0 +1,170 @@
+"""Sweeps of widths, sizes, penalties and seeds for the one-hidden-layer net (research line 3).
+
+A sweep is a list of grids; each grid maps argument names to lists of values and stands for their
+cartesian product. Every point trains all its seeds at once as one `SeedStack` (together with the
+points whose nets have the same shapes: other starting sizes or penalties), then measures
+what DeadUnits and ActivationStats measure on the hidden layer over the validation split. Results:
+one row per (point, seed) in runs.csv/.md, and one row per epoch in history.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from datamodules.tensor_data import TensorDataModule
+from lightning_modules.seed_stack import EpochRecord, SeedStack
+from lightning_modules.unit_statistics import pca_summary, variance_summary
+
+# grid keys that are not net arguments
+TRAINING_KEYS = ("penalty",)
+# net arguments that only set initial values, not shapes: points differing in them share a stack
+INIT_ONLY_KEYS = ("start_size",)
+
+
+def expand_grids(grids: list[dict[str, list]]) -> list[dict]:
+    """The points of every grid (the cartesian product of its value lists), grid after grid."""
+    points = []
+    for grid in grids:
+        if not grid:
+            raise ValueError("an empty grid: give each grid at least one argument with a list of values")
+        keys = list(grid)
+        values = [v if isinstance(v, list | tuple) else [v] for v in grid.values()]
+        points += [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
+    return points
+
+
+def point_label(point: dict) -> str:
+    """A short readable name for a grid point: `layer=flexible width=1024 start_size=32`."""
+    return " ".join(f"{k}={v}" for k, v in point.items())
+
+
+def stack_groups(points: list[dict]) -> list[list[dict]]:
+    """Points that build nets of the same shape (they differ only in `start_size` or `penalty`) train
+    as one stack; the groups keep the points' order."""
+    groups: dict[tuple, list[dict]] = {}
+    for point in points:
+        key = tuple(sorted((k, repr(v)) for k, v in point.items() if k not in (*TRAINING_KEYS, *INIT_ONLY_KEYS)))
+        groups.setdefault(key, []).append(point)
+    return list(groups.values())
+
+
+def run_group(
+    template: nn.Module,
+    points: list[dict],
+    seeds: list[int],
+    data: TensorDataModule,
+    epochs: int,
+    optimizer,
+    scheduler=None,
+    penalty: float = 0.0,
+    device: torch.device | str = "cpu",
+    pca_samples: int = 2048,
+    pca_k: tuple[int, ...] = (1, 10, 50),
+    zero_tol: float = 0.0,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> tuple[list[dict], list[dict], list[torch.Tensor]]:
+    """Train every seed of these same-shaped grid points as one stack; returns one result row per
+    (point, seed), the history rows, and each run's hidden-unit variances (for the variance plot)."""
+    makers = [_maker(template, {k: v for k, v in p.items() if k not in TRAINING_KEYS}) for p in points]
+    stack = SeedStack.build(makers, seeds).to(device)
+    members = [(point, seed) for point in points for seed in seeds]  # the stack's order
+    # a static net has no penalty: its rows say 0, whatever the config's lambda
+    penalties = [0.0 if stack.template.layer == "static" else point.get("penalty", penalty) for point, _ in members]
+    records = stack.fit(data, epochs, optimizer, scheduler, penalties, on_epoch)
+    stats = stack.hidden_statistics(data.eval_dataloader("val"), pca_samples)
+    last = records[-1]
+    rows, history, variances = [], [], []
+    for i, (point, seed) in enumerate(members):
+        described = {**stack.template.args, **point, "penalty": penalties[i]}
+        labels = {k: described[k] for k in ("layer", "width", "start_size", "penalty")}
+        var = stats.moments[i].var.float().cpu()
+        variances.append(var)
+        diverged = not math.isfinite(last.train_loss[i])
+        row = {
+            **labels,
+            "seed": seed,
+            "epochs": epochs,
+            "diverged": diverged,
+            "size": _size(last, i),
+            "train_acc": last.train_acc[i],
+            "val_acc": last.val_acc[i],
+            "val_loss": last.val_loss[i],
+            "dead": int((stats.peaks[i] <= 0).sum()),
+        }
+        if not diverged:
+            row.update(variance_summary(var.numpy(), zero_tol))
+            row.update(pca_summary(stats.pre_rows[i], pca_k)[1])
+        rows.append(row)
+        history += [
+            {
+                **labels,
+                "seed": seed,
+                "epoch": r.epoch,
+                "size": _size(r, i),
+                "train_loss": r.train_loss[i],
+                "penalty_loss": r.penalty[i],
+                "train_acc": r.train_acc[i],
+                "val_acc": r.val_acc[i],
+            }
+            for r in records
+        ]
+    return rows, history, variances
+
+
+def _maker(template: nn.Module, args: dict) -> Callable[[], nn.Module]:
+    return lambda: template.variant(**args)
+
+
+def _size(record: EpochRecord, index: int) -> float:
+    return record.sizes["hidden"][index] if "hidden" in record.sizes else math.nan
+
+
+def write_tables(rows: list[dict], history: list[dict], folder: Path) -> dict[str, Path]:
+    """runs.csv, runs.md (the main columns, mean over seeds per point) and history.csv."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": folder / "runs.csv", "md": folder / "runs.md", "history": folder / "history.csv"}
+    for path, table in ((paths["csv"], rows), (paths["history"], history)):
+        columns = list(dict.fromkeys(k for row in table for k in row))
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(table)
+    paths["md"].write_text(markdown_summary(rows))
+    return paths
+
+
+def markdown_summary(rows: list[dict]) -> str:
+    """One line per grid point: seeds, final size, accuracy and the hidden-layer statistics, mean (std) over seeds."""
+    columns = ["size", "val_acc", "dead", "var_sum", "shapiro_w", "pca_k90"]
+    lines = [
+        "| layer | width | start size | penalty | seeds | " + " | ".join(columns) + " |",
+        "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in columns) + " |",
+    ]
+    points: dict[tuple, list[dict]] = {}
+    for row in rows:
+        points.setdefault((row["layer"], row["width"], row["start_size"], row["penalty"]), []).append(row)
+    for (layer, width, start, penalty), group in points.items():
+        cells = []
+        for column in columns:
+            values = torch.tensor([float(r.get(column, math.nan)) for r in group], dtype=torch.float64)
+            values = values[~values.isnan()]
+            if len(values) == 0:
+                cells.append("-")
+            elif len(values) == 1:
+                cells.append(_fmt(values[0].item()))
+            else:
+                cells.append(f"{_fmt(values.mean().item())} ({_fmt(values.std().item())})")
+        start_cell = "-" if start is None else f"{start:g}"
+        lines.append(f"| {layer} | {width} | {start_cell} | {penalty:g} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"

@@ -1,0 +1,112 @@
+"""`train.py sweep` as a user runs it: grids, stacked seeds, tables, plots, W&B offline, and bad input."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_modules.sweep import expand_grids, stack_groups
+from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_mnist
+
+
+def test_grids_expand_to_their_products_and_group_by_shape():
+    points = expand_grids(
+        [
+            {"layer": ["flexible"], "width": [64], "start_size": [8, 32], "penalty": [0.1, 1.0]},
+            {"layer": ["static"], "width": [8, 16]},
+        ]
+    )
+    assert len(points) == 6 and points[0] == {"layer": "flexible", "width": 64, "start_size": 8, "penalty": 0.1}
+    groups = stack_groups(points)
+    assert [len(g) for g in groups] == [4, 1, 1]  # start sizes and penalties share a stack; widths do not
+    with pytest.raises(ValueError, match="empty grid"):
+        expand_grids([{}])
+
+
+def sweep(root: Path, *extra: str):
+    return cli(
+        "sweep",
+        "--config",
+        CONFIGS / "network_size" / "flexible.yaml",
+        "--data.data_dir",
+        root,
+        "--data.download",
+        "false",
+        "--data.val_size",
+        "24",
+        "--data.batch_size",
+        "16",
+        *QUIET,
+        *extra,
+    ).trainer
+
+
+@pytest.mark.parametrize("grid_config", sorted((CONFIGS / "network_size").glob("sweep_*.yaml")), ids=lambda p: p.stem)
+def test_every_sweep_config_runs_and_writes_its_tables_and_plots(in_tmp, grid_config):
+    root = make_mnist(in_tmp / "data", n_train=120)
+    trainer = sweep(root, "--config", grid_config, "--seeds", "2", "--epochs", "2", "--seed_everything", "5")
+    folder = Path(trainer.log_dir)
+    rows = list(csv.DictReader(open(folder / "runs.csv")))
+    history = list(csv.DictReader(open(folder / "history.csv")))
+    grids = yaml.safe_load(grid_config.read_text())["grids"]
+    assert len(rows) == 2 * len(expand_grids(grids)) and len(history) == 2 * len(rows)
+    assert {r["seed"] for r in rows} == {"5", "6"}
+    for row in rows:
+        assert 0 <= float(row["val_acc"]) <= 1 and 0 <= int(row["dead"]) <= int(row["width"])
+        assert float(row["var_sum"]) >= 0 and "pca_k90" in row and "shapiro_w" in row
+        if row["layer"] == "static":
+            assert float(row["size"]) == int(row["width"]) and float(row["penalty"]) == 0
+    plots = {p.name for p in folder.glob("*.png")}
+    if "widths" in grid_config.stem:
+        assert {"variance_by_width.png", "width_metrics.png"} <= plots
+    else:
+        assert {"size_vs_epoch.png", "frontier.png", "width_metrics.png"} <= plots
+        flexible = [r for r in rows if r["layer"] == "flexible"]
+        assert sorted({float(r["start_size"]) for r in flexible}) == [32.0, 128.0, 512.0]
+    assert "| layer | width |" in (folder / "runs.md").read_text()
+
+
+def test_sweep_defaults_to_the_config_net_and_logs_to_wandb_offline(in_tmp, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root = make_mnist(in_tmp / "data", n_train=120)
+    args = ["--seeds", "2", "--epochs", "1", "--model.init_args.net.init_args.width", "160"]
+    trainer = sweep(root, *args, "--wandb", "true")
+    rows = list(csv.DictReader(open(Path(trainer.log_dir) / "runs.csv")))
+    assert [r["layer"] for r in rows] == ["flexible", "flexible"] and float(rows[0]["start_size"]) == 128
+    media = {p.relative_to(in_tmp).as_posix() for p in in_tmp.glob("wandb/offline-run-*/files/media/**/*")}
+    for key in ("table/sweep/runs", "table/sweep/history", "images/sweep/size_vs_epoch", "images/sweep/frontier"):
+        assert any(f"/media/{key}_" in m for m in media), (key, sorted(media))
+
+
+def test_sweep_errors_are_one_line(in_tmp):
+    make_mnist(in_tmp / "data", n_train=120)
+    grid = in_tmp / "grid.yaml"
+    grid.write_text("grids:\n  - {layer: [static], depth: [3]}\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "sweep",
+            "--config",
+            str(CONFIGS / "network_size" / "static.yaml"),
+            "--config",
+            str(grid),
+            "--data.data_dir",
+            "data",
+            "--data.download",
+            "false",
+            "--wandb",
+            "false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=in_tmp,
+    )
+    assert result.returncode != 0
+    assert (
+        "error: sweep grid point layer=static depth=3: MLP has no argument(s) ['depth']" in result.stderr
+        and "Traceback" not in result.stderr
+    )
