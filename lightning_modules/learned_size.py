@@ -73,6 +73,7 @@ class LearnedSize(Classifier):
         return {**size_options, **rest}  # size patterns first: a user's catch-all must not take them
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.prunes and self.trainer is not None and self.trainer.world_size > 1:
             raise ConfigError(
                 "pruning changes parameter shapes, which DDP cannot follow: set "
