@@ -1,0 +1,89 @@
+"""WRN-d-k for CIFAR (Zagoruyko & Komodakis), the teacher and students of research line 4.
+
+A 3x3 stem conv to 16 channels; three groups of n = (d - 4) / 6 pre-activation basic blocks with
+widths 16k, 32k, 64k and strides 1, 2, 2; a 1x1 shortcut conv where the shape changes; a final
+BN-ReLU, global average pool and linear. Every conv inside the blocks (3x3 and 1x1 shortcut) is
+built by `layers.substitute_conv` from the `conv` string, so a student is the same net with
+`conv: Shuffle_4`. Counts: WRN-28-10 36,479,194 parameters, WRN-40-2 2,243,546, WRN-16-2 691,674.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_modules.layers.substitutes import parse_substitute, substitute_conv
+
+
+class WideBlock(nn.Module):
+    """Pre-activation basic block: BN-ReLU-conv(stride)-BN-ReLU-conv, plus the input or a 1x1 shortcut
+    of the activated input where the shape changes (as the original WRN code does)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, conv: str = "Conv", dropout: float = 0.0):
+        super().__init__()
+        self.bn1, self.act1 = nn.BatchNorm2d(in_ch), nn.ReLU(inplace=True)
+        self.conv1 = substitute_conv(conv, in_ch, out_ch, 3, stride)
+        self.bn2, self.act2 = nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.conv2 = substitute_conv(conv, out_ch, out_ch, 3, 1)
+        self.shortcut = substitute_conv(conv, in_ch, out_ch, 1, stride, 0) if in_ch != out_ch or stride != 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.act1(self.bn1(x))
+        y = self.conv2(self.drop(self.act2(self.bn2(self.conv1(o)))))
+        return y + (x if self.shortcut is None else self.shortcut(o))
+
+
+class WideResNet(nn.Module):
+    """WRN-`depth`-`width` with every block conv replaced by the substitute named `conv`."""
+
+    def __init__(
+        self,
+        depth: int = 28,
+        width: int = 10,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        conv: str = "Conv",
+        dropout: float = 0.0,
+    ):
+        """
+        Args:
+            depth: d; (d - 4) must be divisible by 6 (16, 22, 28, 40, ...).
+            width: k, the widening factor.
+            num_classes: outputs.
+            in_channels: image channels (3 for CIFAR, 1 for MNIST).
+            conv: the block convs' substitute: `Conv` (the teacher), `Sep`, `Generic_<r>`, `Shuffle_<g>`.
+            dropout: dropout between the two convs of a block (0 in the spec).
+        """
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
+        parse_substitute(conv)  # a bad name fails here, with the list of names
+        self.depth, self.width, self.conv = depth, width, conv
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        self.stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.group1, self.group2, self.group3 = (
+            nn.Sequential(
+                *(
+                    WideBlock(
+                        widths[g] if i == 0 else widths[g + 1], widths[g + 1], stride if i == 0 else 1, conv, dropout
+                    )
+                    for i in range(n)
+                )
+            )
+            for g, stride in enumerate((1, 2, 2))
+        )
+        self.bn, self.act = nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True)
+        self.pool, self.flatten = nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.group3(self.group2(self.group1(self.stem(x))))
+        return self.fc(self.flatten(self.pool(self.act(self.bn(x)))))
+
+    def extra_repr(self) -> str:
+        return f"WRN-{self.depth}-{self.width}, conv={self.conv}"

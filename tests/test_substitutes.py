@@ -1,0 +1,79 @@
+"""Conv substitutes and WRN-d-k: shapes, gradients, counts against the spec and an independent counter."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_modules.counting import count
+from lightning_modules.layers import substitute_conv
+from lightning_modules.layers.substitutes import parse_substitute
+from lightning_modules.nets import WideResNet
+
+NAMES = ["Conv", "Sep", "Generic_0.25", "Shuffle_4", "Shuffle_8"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("kernel_size, stride", [(3, 1), (3, 2), (1, 1), (1, 2)])
+def test_substitute_shapes_gradients_and_mult_adds(name, kernel_size, stride):
+    torch.manual_seed(0)
+    layer = substitute_conv(name, 32, 64, kernel_size, stride)
+    x = torch.randn(2, 32, 8, 8)
+    reference = nn.Conv2d(32, 64, kernel_size, stride, kernel_size // 2)
+    out = layer(x)
+    assert out.shape == reference(x).shape
+    out.square().mean().backward()
+    for pname, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+    # mult-adds by this project's counter against torch's own FLOP counter (2 FLOPs per multiply-add)
+    with FlopCounterMode(display=False) as flops:
+        layer(x[:1])
+    assert count(layer, (32, 8, 8)).mult_adds == flops.get_total_flops() // 2
+    assert count(layer, (32, 8, 8)).params == sum(p.numel() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("name", ["Sep", "Generic_0.5", "Shuffle_4"])
+def test_a_1x1_conv_gets_no_depthwise_part(name):
+    layer = substitute_conv(name, 32, 64, kernel_size=1)
+    assert all(m.kernel_size == (1, 1) for m in layer.modules() if isinstance(m, nn.Conv2d))
+    spatial = substitute_conv(name, 32, 64, kernel_size=3)
+    assert any(
+        m.kernel_size == (3, 3) and m.groups == m.in_channels for m in spatial.modules() if isinstance(m, nn.Conv2d)
+    )
+
+
+def test_substitute_names_are_checked():
+    assert parse_substitute("Shuffle_4") == ("Shuffle", 4.0) and parse_substitute("Conv") == ("Conv", None)
+    for bad, message in [
+        ("Dense", "unknown conv substitute"),
+        ("Shuffle", "needs its g"),
+        ("Conv_2", "takes no"),
+        ("Generic_x", "not a number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_substitute(bad)
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        WideResNet(depth=27)
+
+
+@pytest.mark.parametrize("depth, width, params", [(28, 10, 36_479_194), (40, 2, 2_243_546), (16, 2, 691_674)])
+def test_wrn_parameter_counts_match_the_spec(depth, width, params):
+    net = WideResNet(depth, width)
+    assert sum(p.numel() for p in net.parameters()) == params
+
+
+def test_wrn_28_10_count_prints_the_original_numbers():
+    result = count(WideResNet(28, 10), (3, 32, 32))
+    assert result.mult_adds == 5_245_638_922
+    assert result.summary() == "Mult-Adds: 5.24564E+09\nParams: 3.64792E+07\nSanity check, parameters: 3.64792E+07"
+
+
+@pytest.mark.parametrize("conv", NAMES)
+def test_wrn_students_run_and_count_from_real_weight_shapes(conv):
+    net = WideResNet(16, 2, conv=conv, in_channels=1)
+    out = net(torch.randn(2, 1, 28, 28))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    result = count(net, (1, 28, 28))
+    assert result.params == result.sanity_params == sum(p.numel() for p in net.parameters())
+    if conv != "Conv":
+        assert result.params < count(WideResNet(16, 2, in_channels=1), (1, 28, 28)).params
