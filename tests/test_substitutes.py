@@ -77,3 +77,20 @@ def test_wrn_students_run_and_count_from_real_weight_shapes(conv):
     assert result.params == result.sanity_params == sum(p.numel() for p in net.parameters())
     if conv != "Conv":
         assert result.params < count(WideResNet(16, 2, in_channels=1), (1, 28, 28)).params
+
+
+def test_a_budget_picks_the_hyperparameter_and_says_so(capsys):
+    generic = WideResNet(16, 2, conv="Generic", budget=1e5)
+    params = sum(p.numel() for p in generic.parameters())
+    assert 0.98e5 <= params <= 1e5 and generic.conv.startswith("Generic_")
+    assert f"conv {generic.conv} gives {params:,}" in capsys.readouterr().out
+    shuffle = WideResNet(16, 2, conv="Shuffle", budget=2.5e4)  # Shuffle_2 has 29,754, Shuffle_4 17,658
+    g = int(shuffle.conv.split("_")[1])
+    assert g > 1 and sum(p.numel() for p in shuffle.parameters()) <= 2.5e4
+    assert (
+        sum(p.numel() for p in WideResNet(16, 2, conv=f"Shuffle_{g - 1}").parameters()) > 2.5e4
+    )  # the smallest g that fits
+    with pytest.raises(ValueError, match="needs a substitute with a hyperparameter"):
+        WideResNet(16, 2, conv="Sep", budget=1e5)
+    with pytest.raises(ValueError, match="below the smallest"):
+        WideResNet(16, 2, conv="Generic", budget=10)

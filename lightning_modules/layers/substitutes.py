@@ -8,6 +8,8 @@ original once added a pointless grouped conv there).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 
@@ -72,6 +74,8 @@ class Shuffle(nn.Sequential):
     def __init__(
         self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, padding: int | None = None, g: int = 4
     ):
+        if g < 1:
+            raise ValueError(f"Shuffle needs g >= 1 groups, got {g}")
         padding = kernel_size // 2 if padding is None else padding
         mid = max(1, out_ch // 4)
         g1, g2 = _common_groups(g, in_ch, mid), _common_groups(g, mid, out_ch)
@@ -97,6 +101,28 @@ SUBSTITUTES = {
     "Generic": (Generic, "r"),
     "Shuffle": (Shuffle, "g"),
 }
+
+
+def fit_budget(kind: str, params_of: Callable[[str], int], budget: float) -> tuple[str, int]:
+    """The substitute name (`kind` with its hyperparameter) whose net has the most parameters at or under
+    `budget`, by a scalar search on `params_of(name)`: bisection on Generic's r, a scan of Shuffle's g."""
+    kind = kind.partition("_")[0]
+    if kind not in SUBSTITUTES or SUBSTITUTES[kind][1] is None:
+        fitting = sorted(k for k, (_, p) in SUBSTITUTES.items() if p is not None)
+        raise ValueError(f"a parameter budget needs a substitute with a hyperparameter ({fitting}), got {kind!r}")
+    if kind == "Generic":
+        low, high = 1e-4, 1.0
+        if params_of(f"Generic_{low}") > budget:
+            raise ValueError(f"budget {budget:.4g} is below the smallest Generic net ({params_of(f'Generic_{low}'):,})")
+        for _ in range(40):
+            mid = (low + high) / 2
+            low, high = (mid, high) if params_of(f"Generic_{mid:.6g}") <= budget else (low, mid)
+        name = f"Generic_{low:.6g}"
+    else:  # more groups, fewer parameters: the smallest g that fits
+        name = next((f"Shuffle_{g}" for g in range(1, 257) if params_of(f"Shuffle_{g}") <= budget), None)
+        if name is None:
+            raise ValueError(f"budget {budget:.4g} is below the smallest Shuffle net ({params_of('Shuffle_256'):,})")
+    return name, params_of(name)
 
 
 def parse_substitute(name: str) -> tuple[str, float | None]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_modules.layers.substitutes import parse_substitute, substitute_conv
+from lightning_modules.layers.substitutes import fit_budget, parse_substitute, substitute_conv
 
 
 class WideBlock(nn.Module):
@@ -45,6 +45,7 @@ class WideResNet(nn.Module):
         in_channels: int = 3,
         conv: str = "Conv",
         dropout: float = 0.0,
+        budget: float | None = None,
     ):
         """
         Args:
@@ -54,11 +55,19 @@ class WideResNet(nn.Module):
             in_channels: image channels (3 for CIFAR, 1 for MNIST).
             conv: the block convs' substitute: `Conv` (the teacher), `Sep`, `Generic_<r>`, `Shuffle_<g>`.
             dropout: dropout between the two convs of a block (0 in the spec).
+            budget: a parameter budget for the whole net: `conv`'s hyperparameter (Generic's r, Shuffle's
+                g) is chosen so the net has the most parameters at or under it, and printed.
         """
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
-        parse_substitute(conv)  # a bad name fails here, with the list of names
+        if budget is None:
+            parse_substitute(conv)  # a bad name fails here, with the list of names
+        else:
+            shape = (depth, width, num_classes, in_channels)
+            conv, params = fit_budget(conv, lambda name: _params_on_meta(*shape, name), budget)
+            coarse = "" if params >= 0.98 * budget else "; the nearest at or under it that this substitute allows"
+            print(f"budget {budget:,.0f} parameters: conv {conv} gives {params:,} ({params / budget - 1:+.2%}{coarse})")
         self.depth, self.width, self.conv = depth, width, conv
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
@@ -87,3 +96,10 @@ class WideResNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"WRN-{self.depth}-{self.width}, conv={self.conv}"
+
+
+def _params_on_meta(depth: int, width: int, num_classes: int, in_channels: int, conv: str) -> int:
+    """The parameter count of a WRN built on the meta device: shapes only, no memory, no initialisation."""
+    with torch.device("meta"):
+        net = WideResNet(depth, width, num_classes, in_channels, conv)
+    return sum(p.numel() for p in net.parameters())
