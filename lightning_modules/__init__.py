@@ -1,7 +1,8 @@
 """LightningModules that train the plain nets of `nets/`, and the framework's CLI pieces."""
 
 from lightning_modules.classifier import Classifier, ConfigError, NonFiniteLossError
+from lightning_modules.compressed import Compressed
 from lightning_modules.learned_size import LearnedSize
 from lightning_modules.schedules import PiecewiseLR
 
-__all__ = ["Classifier", "ConfigError", "LearnedSize", "NonFiniteLossError", "PiecewiseLR"]
+__all__ = ["Classifier", "Compressed", "ConfigError", "LearnedSize", "NonFiniteLossError", "PiecewiseLR"]

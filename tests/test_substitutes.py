@@ -94,3 +94,26 @@ def test_a_budget_picks_the_hyperparameter_and_says_so(capsys):
         WideResNet(16, 2, conv="Sep", budget=1e5)
     with pytest.raises(ValueError, match="below the smallest"):
         WideResNet(16, 2, conv="Generic", budget=10)
+
+
+def test_substitutes_get_compression_scaled_weight_decay():
+    from functools import partial
+
+    from lightning_modules import Compressed
+    from lightning_modules.layers.substitutes import compression_ratios
+
+    net = WideResNet(16, 2, conv="Shuffle_4")
+    sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    optimizer = Compressed(net, optimizer=sgd).configure_optimizers()
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    conv1 = net.group1[0].conv1
+    ratio = sum(p.numel() for p in conv1.parameters()) / (16 * 32 * 3 * 3)
+    assert compression_ratios(net)["group1.0.conv1"] == pytest.approx(ratio) and ratio < 0.2
+    assert all(decay_of[id(p)] == pytest.approx(5e-4 * ratio) for p in conv1.parameters())
+    for full in (net.stem.weight, net.fc.weight, net.bn.weight):  # full layers keep the configured decay
+        assert decay_of[id(full)] == 5e-4
+    assert sorted(decay_of) == sorted(id(p) for p in net.parameters())  # every parameter in one group
+    plain = Compressed(net, optimizer=sgd, scaled_weight_decay=False).configure_optimizers()
+    assert {g["weight_decay"] for g in plain.param_groups} == {5e-4}
+    teacher = Compressed(WideResNet(16, 2), optimizer=sgd).configure_optimizers()  # full convs: ratio 1
+    assert [g["weight_decay"] for g in teacher.param_groups] == [5e-4]

@@ -148,8 +148,20 @@ def parse_substitute(name: str) -> tuple[str, float | None]:
 def substitute_conv(
     name: str, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, padding: int | None = None
 ) -> nn.Module:
-    """The conv substitute `name` (e.g. `Shuffle_4`) for an in_ch -> out_ch k x k convolution."""
+    """The conv substitute `name` (e.g. `Shuffle_4`) for an in_ch -> out_ch k x k convolution; its
+    `full_params` is the weight count of the full conv it replaces (for compression-scaled weight decay)."""
     kind, value = parse_substitute(name)
     build, param = SUBSTITUTES[kind]
     kwargs = {} if param is None else {param: int(value) if param == "g" else value}
-    return build(in_ch, out_ch, kernel_size, stride, padding, **kwargs)
+    module = build(in_ch, out_ch, kernel_size, stride, padding, **kwargs)
+    module.full_params = in_ch * out_ch * kernel_size * kernel_size
+    return module
+
+
+def compression_ratios(net: nn.Module) -> dict[str, float]:
+    """Per substitute module of `net` (by name): its parameter count over that of the full conv it replaces."""
+    return {
+        name: sum(p.numel() for p in module.parameters()) / module.full_params
+        for name, module in net.named_modules()
+        if hasattr(module, "full_params")
+    }
