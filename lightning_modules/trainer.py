@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 import yaml
 from jsonargparse import ArgumentParser
 from pytorch_lightning.loggers import WandbLogger
@@ -50,6 +51,19 @@ def config_name(path: str | Path) -> str:
         return parts[-1]
     last = len(parts) - 1 - parts[::-1].index("configs")
     return "/".join(parts[last + 1 :])
+
+
+def bare_trainer(max_epochs: int, **kwargs) -> pl.Trainer:
+    """A Trainer for a short fit inside another job (a search trial, a reference run): no logger,
+    checkpoints, progress bar, model summary or sanity check."""
+    defaults = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return pl.Trainer(max_epochs=max_epochs, **{**defaults, **kwargs})
 
 
 @contextlib.contextmanager
@@ -143,16 +157,11 @@ class ResearchTrainer(pl.Trainer):
             model = copy.deepcopy(template)
             model.net = net.at_depth(depth)
             with quiet_lightning():
-                trainer = pl.Trainer(
+                trainer = bare_trainer(
+                    epochs,
                     accelerator="gpu" if device.type == "cuda" else "cpu",
                     devices=[device.index or 0] if device.type == "cuda" else 1,
                     precision=self.precision,
-                    max_epochs=epochs,
-                    logger=False,
-                    enable_checkpointing=False,
-                    enable_progress_bar=False,
-                    enable_model_summary=False,
-                    num_sanity_val_steps=0,
                 )
                 try:
                     trainer.fit(model, datamodule=datamodule)
@@ -216,9 +225,10 @@ class ResearchTrainer(pl.Trainer):
                 f"(lightning_modules.nets.MLP); got {type(model).__name__} over {type(model.net).__name__}"
             )
         points = expand_grids(grids) if grids else [{}]
-        for point in points:  # every point must build, before any training starts
+        for point in points:  # every point must build, before any training starts (shapes only: no memory)
             try:
-                model.net.variant(**{k: v for k, v in point.items() if k not in TRAINING_KEYS})
+                with torch.device("meta"):
+                    model.net.variant(**{k: v for k, v in point.items() if k not in TRAINING_KEYS})
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"sweep grid point {point_label(point)}: {e}") from e
         first_seed = pl.seed_everything(verbose=False)

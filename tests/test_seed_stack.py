@@ -8,6 +8,7 @@ from datamodules import MNIST
 from lightning_modules import LearnedSize
 from lightning_modules.nets import MLP
 from lightning_modules.seed_stack import SeedStack
+from lightning_modules.trainer import bare_trainer
 from tests.conftest import make_mnist
 
 
@@ -23,14 +24,7 @@ def lightning_fit(root, net_args: dict, seed: int, epochs: int, penalty: float) 
     """One seed as `train.py fit --seed_everything seed` trains it."""
     pl.seed_everything(seed, verbose=False)
     model = LearnedSize(MLP(**net_args), optimizer=adam, penalty=penalty, prune_every_n_epochs=None)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = bare_trainer(epochs)
     trainer.fit(model, datamodule=datamodule(root))
     model.val_acc = trainer.callback_metrics["val/acc"].item()
     return model
