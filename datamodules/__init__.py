@@ -1,8 +1,9 @@
-"""Datamodules: datasets held in memory as tensors, batches cut by index."""
+"""Datamodules: small datasets held in memory as tensors, batches cut by index; ImageNet-size ones streamed."""
 
 from datamodules.augment import BatchAugment
 from datamodules.cifar10 import CIFAR10
 from datamodules.digits import Digits
+from datamodules.image_folder import ImageFolderData
 from datamodules.mnist import MNIST, FashionMNIST
 from datamodules.tensor_data import CorruptDataError, DataError, DataNotFoundError, SplitSizeError, TensorDataModule
 
@@ -15,6 +16,7 @@ __all__ = [
     "DataNotFoundError",
     "Digits",
     "FashionMNIST",
+    "ImageFolderData",
     "SplitSizeError",
     "TensorDataModule",
 ]

@@ -2,7 +2,8 @@
 
 from lightning_modules.classifier import Classifier, ConfigError, NonFiniteLossError
 from lightning_modules.compressed import Compressed
+from lightning_modules.distillation import Student
 from lightning_modules.learned_size import LearnedSize
 from lightning_modules.schedules import PiecewiseLR
 
-__all__ = ["Classifier", "Compressed", "ConfigError", "LearnedSize", "NonFiniteLossError", "PiecewiseLR"]
+__all__ = ["Classifier", "Compressed", "ConfigError", "LearnedSize", "NonFiniteLossError", "PiecewiseLR", "Student"]

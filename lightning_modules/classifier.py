@@ -50,7 +50,7 @@ class Classifier(pl.LightningModule):
                 parameters no pattern matches keep the optimizer's own settings.
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["net", "teacher", "optimizer", "scheduler"])  # modules live in the state dict
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -69,10 +69,12 @@ class Classifier(pl.LightningModule):
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
 
+    def as_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of inputs in the memory order the net's weights use."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return self.net(self.as_input(x))
 
     def step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         x, y = batch

@@ -58,6 +58,12 @@ class ResearchCLI(LightningCLI):
         parser.add_argument(
             "--wandb", type=bool, default=True, help="Log to W&B (offline when there is no key or network)."
         )
+        parser.add_argument(
+            "--budget",
+            type=float | None,
+            default=None,
+            help="A parameter budget for the whole net: the net's substitute hyperparameter is chosen to meet it.",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -74,6 +80,11 @@ class ResearchCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("weights_only", True) is None:
             config.weights_only = True  # never unpickle a checkpoint: it holds state dicts and primitives only
+        if config.get("budget") is not None:
+            net = config.get("model.init_args.net.init_args")
+            if net is None or "budget" not in net:
+                raise ConfigError("--budget needs a net with a `budget` argument (lightning_modules.nets.WideResNet)")
+            net.budget = config.budget
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init

@@ -3,7 +3,9 @@
 Mult-adds: every multiply-add of convolutions (grouped and depthwise exactly: C_in/groups
 per output element per kernel tap; no bias) and linear layers (weights, plus one per bias),
 plus one per output element of an activation function. Batch norm, pooling, dropout and
-reshapes count zero. Measured with forward hooks on one sample of the given input shape.
+reshapes count zero. A layer of this project's own (hashed, ACDC, factorised 1x1 maps) counts
+itself through a `mult_adds(output)` method, and says where its count is a bound (`count_note`).
+Measured with forward hooks on one sample of the given input shape.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Complexity:
 
     layers: list[LayerCount] = field(default_factory=list)
     sanity_params: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def params(self) -> int:
@@ -61,11 +64,13 @@ class Complexity:
         return sum(layer.mult_adds for layer in self.layers)
 
     def summary(self) -> str:
-        """The original's three lines."""
-        return (
-            f"Mult-Adds: {self.mult_adds:.5E}\nParams: {self.params:.5E}\n"
-            f"Sanity check, parameters: {self.sanity_params:.5E}"
-        )
+        """The original's three lines, then a note per kind of layer whose count is a bound."""
+        lines = [
+            f"Mult-Adds: {self.mult_adds:.5E}",
+            f"Params: {self.params:.5E}",
+            f"Sanity check, parameters: {self.sanity_params:.5E}",
+        ]
+        return "\n".join(lines + [f"Note: {note}" for note in self.notes])
 
     def table(self) -> str:
         """A per-layer table, in Markdown."""
@@ -81,6 +86,8 @@ class Complexity:
 
 def layer_mult_adds(module: nn.Module, output: torch.Tensor) -> int:
     """Mult-adds of one leaf module for one sample, given its output."""
+    if callable(getattr(module, "mult_adds", None)):
+        return module.mult_adds(output)
     if isinstance(module, nn.modules.conv._ConvNd):
         per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
         return output[0].numel() * per_output
@@ -94,7 +101,8 @@ def layer_mult_adds(module: nn.Module, output: torch.Tensor) -> int:
 
 def count(net: nn.Module, input_shape: tuple[int, ...]) -> Complexity:
     """Count `net` on one sample of `input_shape` (C, H, W); the net's mode and weights are left as they were."""
-    result = Complexity(sanity_params=sum(p.numel() for p in net.parameters()))
+    notes = dict.fromkeys(note for m in net.modules() if (note := getattr(m, "count_note", None)))
+    result = Complexity(sanity_params=sum(p.numel() for p in net.parameters()), notes=list(notes))
     handles, seen = [], set()
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

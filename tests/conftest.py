@@ -113,3 +113,18 @@ class TinyImages(TensorDataModule):
     def load(self) -> tuple[Split, Split]:
         labels = torch.arange(len(self.images)) % 10
         return Split(self.images.clone(), labels), Split(self.images, labels)
+
+
+def make_image_folder(root: Path, classes: int = 2, train: int = 4, val: int = 2, size: int = 40) -> Path:
+    """A tiny dataset in ImageFolder layout (root/train/<class>/*.JPEG, root/val/...), JPEG files like ImageNet's."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", train), ("val", val)):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"img_{i}.JPEG", format="JPEG")
+    return root

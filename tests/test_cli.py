@@ -14,9 +14,10 @@ import yaml
 
 from datamodules import Digits
 from lightning_modules import Classifier, NonFiniteLossError
-from lightning_modules.nets import DepthCNN
+from lightning_modules.cli import main
+from lightning_modules.nets import DepthCNN, WideResNet
 from lightning_modules.trainer import net_from_config
-from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_cifar10, make_mnist
+from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_cifar10, make_image_folder, make_mnist
 
 EXPERIMENTS = sorted(
     p
@@ -33,9 +34,28 @@ def data_args(config: Path, root: Path) -> list[str]:
         make_mnist(root)
     elif "CIFAR10" in data_class:
         make_cifar10(root)
+    elif "ImageFolder" in data_class:
+        make_image_folder(root)
+        return ["--data.data_dir", str(root), "--data.image_size", "32", "--data.num_workers", "0"]
     else:
         return []
     return ["--data.data_dir", str(root), "--data.download", "false", "--data.val_size", "16"]
+
+
+def teacher_args(config: Path, root: Path) -> list[str]:
+    """For a student's config: student and teacher shrunk to WRN-10-1 (the full-size run is a GPU job), and
+    that teacher, freshly initialised, saved as a checkpoint of this framework."""
+    model = yaml.safe_load(config.read_text())["model"]
+    if "Student" not in model["class_path"]:
+        return []
+    small = {"depth": 10, "width": 1}
+    teacher = WideResNet(**{**model["init_args"]["teacher"]["init_args"], **small})
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {f"net.{k}": v for k, v in teacher.state_dict().items()}}, root / "teacher.ckpt")
+    shrink = [
+        [f"--model.init_args.{net}.init_args.{k}", str(v)] for net in ("net", "teacher") for k, v in small.items()
+    ]
+    return [*sum(shrink, []), "--model.init_args.teacher_checkpoint", str(root / "teacher.ckpt")]
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -45,6 +65,7 @@ def test_every_experiment_config_runs_fast_dev_run(config, in_tmp):
         "--config",
         config,
         *data_args(config, in_tmp / "data"),
+        *teacher_args(config, in_tmp / "teacher"),
         "--trainer.fast_dev_run",
         "true",
         "--data.batch_size",
@@ -315,3 +336,15 @@ def test_run_name_is_the_config_path_under_configs(path, name):
     from lightning_modules.trainer import config_name
 
     assert config_name(path) == name
+
+
+def test_budget_flag_picks_the_substitutes_hyperparameter(capsys):
+    config = CONFIGS / "compression" / "students" / "tensor_train.yaml"
+    cli("count", "--config", config, "--budget", "7e5", "--model.init_args.net.init_args.depth", "10")
+    out = capsys.readouterr().out
+    chosen = out.split("conv ")[1].split()[0]
+    assert chosen.startswith("TensorTrain_") and "budget 700,000 parameters" in out
+    params = int(out.split(" gives ")[1].split()[0].replace(",", ""))
+    assert 0.98 * 7e5 <= params <= 7e5 and f"Params: {params:.5E}" in out
+    with pytest.raises(SystemExit, match="--budget needs a net with a `budget` argument"):
+        main(["count", "--config", str(CONFIGS / "quickstart.yaml"), "--budget", "7e5"])

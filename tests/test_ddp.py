@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS, QUIET, cli
-from tests.test_cli import run_train
+from tests.test_cli import data_args, run_train, teacher_args
 
 # 301 validation samples: ranks hold 151 and 150, so nothing may be counted twice or dropped
 EXTRA = ["--data.val_size", "301", "--trainer.callbacks+=callbacks.ActivationStats"]
+TWO_CPU_RANKS = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+NO_BAR = ["--trainer.enable_progress_bar", "false"]
 
 
 def saved(folder: Path, kind: str) -> dict:
@@ -25,17 +27,11 @@ def test_ddp_fit_logs_the_same_validation_metrics_as_one_process(in_tmp):
         "--config",
         CONFIGS / "quickstart.yaml",
         *EXTRA,
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp",
+        *TWO_CPU_RANKS,
+        *NO_BAR,
         "--trainer.max_epochs",
         "1",
         "--wandb",
-        "false",
-        "--trainer.enable_progress_bar",
         "false",
         cwd=in_tmp,
     )
@@ -75,3 +71,38 @@ def test_ddp_fit_logs_the_same_validation_metrics_as_one_process(in_tmp):
         # float32 batch sums, batched differently on 2 ranks: equal to float32 rounding
         assert torch.allclose(stats["mean"], single_stats[name]["mean"], rtol=1e-5, atol=1e-6), name
         assert torch.allclose(stats["var"], single_stats[name]["var"], rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_ddp_student_attention_transfer_equals_one_process_on_the_same_batch(in_tmp):
+    """A student trains 3 steps on 2 ranks; its validation AT losses (per-device maps, averaged over ranks by
+    the metrics) equal one process's on the same 16 images with the same weights. (Training steps differ:
+    batch norm normalises each rank's half on its own, and SyncBatchNorm needs GPUs.)"""
+    config = CONFIGS / "compression" / "mnist_student.yaml"
+    args = [*data_args(config, in_tmp / "data"), *teacher_args(config, in_tmp / "teacher"), "--wandb", "false"]
+    result = run_train(
+        "fit",
+        "--config",
+        config,
+        *args,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        "--data.batch_size",
+        "8",
+        *TWO_CPU_RANKS,
+        *NO_BAR,
+        "--name",
+        "ddp",
+        cwd=in_tmp,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = in_tmp / "runs" / "ddp" / "version_0"
+    ddp = {k: float(v) for row in csv.DictReader((folder / "metrics.csv").open()) for k, v in row.items() if v}
+    single = cli(
+        "validate", "--config", config, *args, "--ckpt_path", folder / "checkpoints" / "last.ckpt", *QUIET[2:]
+    ).trainer.callback_metrics
+    for key in ("val/at_g1", "val/at_g2", "val/at_g3", "val/task", "val/loss"):
+        assert ddp[key] == pytest.approx(single[key].item(), rel=1e-5), key
+    assert ddp["val/at_g3"] > 0 and ddp["train/at_g3"] > 0

@@ -1,5 +1,7 @@
 """Conv substitutes and WRN-d-k: shapes, gradients, counts against the spec and an independent counter."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -8,12 +10,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_modules.counting import count
 from lightning_modules.layers import substitute_conv
 from lightning_modules.layers.substitutes import parse_substitute
-from lightning_modules.nets import WideResNet
+from lightning_modules.nets import WideBlock, WideResNet
+from tests.conftest import ROOT
 
 NAMES = ["Conv", "Sep", "Generic_0.25", "Shuffle_4", "Shuffle_8"]
+CHEAP_POINTWISE = ["SepHashed_0.1", "TensorTrain_0.5", "Tucker_0.5", "CP_0.25"]  # counted by torch's counter too
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + CHEAP_POINTWISE)
 @pytest.mark.parametrize("kernel_size, stride", [(3, 1), (3, 2), (1, 1), (1, 2)])
 def test_substitute_shapes_gradients_and_mult_adds(name, kernel_size, stride):
     torch.manual_seed(0)
@@ -32,7 +36,22 @@ def test_substitute_shapes_gradients_and_mult_adds(name, kernel_size, stride):
     assert count(layer, (32, 8, 8)).params == sum(p.numel() for p in layer.parameters())
 
 
-@pytest.mark.parametrize("name", ["Sep", "Generic_0.5", "Shuffle_4"])
+@pytest.mark.parametrize("kernel_size, stride", [(3, 1), (3, 2), (1, 2)])
+def test_acdc_shapes_gradients_and_the_specs_count(kernel_size, stride):
+    layer = substitute_conv("ACDC_3", 32, 64, kernel_size, stride)
+    x = torch.randn(2, 32, 8, 8)
+    out = layer(x)
+    assert out.shape == nn.Conv2d(32, 64, kernel_size, stride, kernel_size // 2)(x).shape
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+    positions = out.shape[2] * out.shape[3]
+    depthwise = 32 * x.shape[2] // stride * x.shape[3] // stride * 9 if kernel_size == 3 else 0
+    by_hand = depthwise + positions * 3 * round(4 * 64 + 5 * 64 * 6)  # N = 64, log2 N = 6
+    assert count(layer, (32, 8, 8)).mult_adds == by_hand
+    assert count(layer, (32, 8, 8)).params == (32 * 9 if kernel_size == 3 else 0) + 2 * 3 * 64
+
+
+@pytest.mark.parametrize("name", ["Sep", "Generic_0.5", "Shuffle_4", *CHEAP_POINTWISE, "ACDC_2"])
 def test_a_1x1_conv_gets_no_depthwise_part(name):
     layer = substitute_conv(name, 32, 64, kernel_size=1)
     assert all(m.kernel_size == (1, 1) for m in layer.modules() if isinstance(m, nn.Conv2d))
@@ -68,7 +87,7 @@ def test_wrn_28_10_count_prints_the_original_numbers():
     assert result.summary() == "Mult-Adds: 5.24564E+09\nParams: 3.64792E+07\nSanity check, parameters: 3.64792E+07"
 
 
-@pytest.mark.parametrize("conv", NAMES)
+@pytest.mark.parametrize("conv", [*NAMES, *CHEAP_POINTWISE, "ACDC_4"])
 def test_wrn_students_run_and_count_from_real_weight_shapes(conv):
     net = WideResNet(16, 2, conv=conv, in_channels=1)
     out = net(torch.randn(2, 1, 28, 28))
@@ -96,6 +115,39 @@ def test_a_budget_picks_the_hyperparameter_and_says_so(capsys):
         WideResNet(16, 2, conv="Generic", budget=10)
 
 
+@pytest.mark.parametrize("kind", ["SepHashed", "TensorTrain", "Tucker", "CP"])
+def test_a_budget_is_met_within_two_percent_for_every_real_hyperparameter(kind, capsys):
+    net = WideResNet(16, 2, conv=kind, budget=6e4)
+    params = sum(p.numel() for p in net.parameters())
+    assert 0.98 * 6e4 <= params <= 6e4 and net.conv.startswith(f"{kind}_")
+    assert f"conv {net.conv} gives {params:,}" in capsys.readouterr().out
+
+
+def test_an_acdc_budget_takes_the_most_factors_that_fit():
+    net = WideResNet(16, 2, conv="ACDC", budget=3.5e4)
+    n = int(net.conv.split("_")[1])
+    assert sum(p.numel() for p in net.parameters()) <= 3.5e4
+    assert sum(p.numel() for p in WideResNet(16, 2, conv=f"ACDC_{n + 1}").parameters()) > 3.5e4
+
+
+def test_checkpointed_blocks_give_the_same_gradients_and_statistics():
+    torch.manual_seed(0)
+    plain = WideResNet(16, 2, conv="Shuffle_4", in_channels=1, dropout=0.3)
+    checkpointed = copy.deepcopy(plain)
+    for block in checkpointed.modules():
+        if isinstance(block, WideBlock):
+            block.checkpointed = True
+    x = torch.randn(4, 1, 28, 28)
+    for net in (plain, checkpointed):
+        torch.manual_seed(1)  # the same dropout masks: checkpointing replays the random state
+        net(x).square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
+    for (name, b), c in zip(plain.named_buffers(), checkpointed.buffers(), strict=True):
+        assert torch.equal(b, c), name  # the recomputation does not count its batch twice
+    assert WideResNet(16, 2, checkpoint_blocks=True).group2[0].checkpointed
+
+
 def test_substitutes_get_compression_scaled_weight_decay():
     from functools import partial
 
@@ -117,3 +169,16 @@ def test_substitutes_get_compression_scaled_weight_decay():
     assert {g["weight_decay"] for g in plain.param_groups} == {5e-4}
     teacher = Compressed(WideResNet(16, 2), optimizer=sgd).configure_optimizers()  # full convs: ratio 1
     assert [g["weight_decay"] for g in teacher.param_groups] == [5e-4]
+
+
+def test_the_readmes_substitute_table_is_what_count_gives():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("WRN-28-10 with each substitute in its blocks") :].split("\n\n")[1]
+    rows = [line.split("|")[1:4] for line in table.splitlines()[2:]]
+    assert len(rows) >= 12
+    for name, params, mult_adds in rows:
+        conv = name.split()[0]
+        with torch.device("meta"):  # shapes only: the count needs no weights
+            net = WideResNet(28, 10, conv=conv)
+        result = count(net, (3, 32, 32))
+        assert (f"{result.params:.5E}", f"{result.mult_adds:.5E}") == (params.strip(), mult_adds.strip()), conv

@@ -1,16 +1,24 @@
 """Cheap substitutes for a k x k convolution (research line 4), chosen by a config string.
 
 `substitute_conv("Shuffle_4", in_ch, out_ch, kernel_size=3, stride=1)` builds the module. The name
-is the kind and, after `_`, its hyperparameter: `Conv`, `Sep`, `Generic_0.25`, `Shuffle_4`. A depthwise
-part is added only where the kernel is spatial (k > 1): a 1x1 conv has nothing to separate (the
-original once added a pointless grouped conv there).
+is the kind and, after `_`, its hyperparameter: `Conv`, `Sep`, `Generic_0.25`, `Shuffle_4`,
+`SepHashed_0.1`, `ACDC_12`, `TensorTrain_0.25`, `Tucker_0.25`, `CP_0.1`. A depthwise part is added
+only where the kernel is spatial (k > 1): a 1x1 conv has nothing to separate (the original once
+added a pointless grouped conv there).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from itertools import takewhile
 
 from torch import nn
+
+from lightning_modules.layers.acdc import ACDC
+from lightning_modules.layers.factorized import CPPointwise, TensorTrainPointwise, TuckerPointwise
+from lightning_modules.layers.hashed import HashedPointwise
 
 
 def _pointwise(in_ch: int, out_ch: int, groups: int = 1, stride: int = 1) -> nn.Conv2d:
@@ -95,33 +103,80 @@ def full_conv(in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, pa
     return nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, bias=False)
 
 
+class DepthwiseThen(nn.Sequential):
+    """Depthwise k x k (k > 1), then a cheap 1x1 map: `pointwise(in, out, stride=..., **options)`."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int | None = None,
+        *,
+        pointwise: Callable[..., nn.Module],
+        **options: float,
+    ):
+        padding = kernel_size // 2 if padding is None else padding
+        spatial, stride = _spatial(in_ch, kernel_size, stride, padding)
+        super().__init__(*spatial, pointwise(in_ch, out_ch, stride=stride, **options))
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A substitute kind: how to build it and, for budgets, its hyperparameter's name and search range."""
+
+    build: Callable[..., nn.Module]
+    param: str | None = None
+    low: float = 1e-4
+    high: float = 1.0
+    integer: bool = False
+    grows: bool = True  # more of the hyperparameter, more parameters
+
+
 SUBSTITUTES = {
-    "Conv": (full_conv, None),
-    "Sep": (Separable, None),
-    "Generic": (Generic, "r"),
-    "Shuffle": (Shuffle, "g"),
+    "Conv": Kind(full_conv),
+    "Sep": Kind(Separable),
+    "Generic": Kind(Generic, "r"),
+    "Shuffle": Kind(Shuffle, "g", 1, 256, integer=True, grows=False),
+    "SepHashed": Kind(partial(DepthwiseThen, pointwise=HashedPointwise), "s", 1e-5),
+    "ACDC": Kind(partial(DepthwiseThen, pointwise=ACDC), "n", 1, 64, integer=True),
+    "TensorTrain": Kind(partial(DepthwiseThen, pointwise=TensorTrainPointwise), "r"),
+    "Tucker": Kind(partial(DepthwiseThen, pointwise=TuckerPointwise), "r"),
+    "CP": Kind(partial(DepthwiseThen, pointwise=CPPointwise), "r"),
 }
 
 
 def fit_budget(kind: str, params_of: Callable[[str], int], budget: float) -> tuple[str, int]:
     """The substitute name (`kind` with its hyperparameter) whose net has the most parameters at or under
-    `budget`, by a scalar search on `params_of(name)`: bisection on Generic's r, a scan of Shuffle's g."""
+    `budget`, by a scalar search on `params_of(name)`: bisection for a real hyperparameter (r, s), a scan
+    for an integer one (Shuffle's g, ACDC's n)."""
     kind = kind.partition("_")[0]
-    if kind not in SUBSTITUTES or SUBSTITUTES[kind][1] is None:
-        fitting = sorted(k for k, (_, p) in SUBSTITUTES.items() if p is not None)
+    if kind not in SUBSTITUTES or SUBSTITUTES[kind].param is None:
+        fitting = sorted(k for k, spec in SUBSTITUTES.items() if spec.param is not None)
         raise ValueError(f"a parameter budget needs a substitute with a hyperparameter ({fitting}), got {kind!r}")
-    if kind == "Generic":
-        low, high = 1e-4, 1.0
-        if params_of(f"Generic_{low}") > budget:
-            raise ValueError(f"budget {budget:.4g} is below the smallest Generic net ({params_of(f'Generic_{low}'):,})")
-        for _ in range(40):
-            mid = (low + high) / 2
-            low, high = (mid, high) if params_of(f"Generic_{mid:.6g}") <= budget else (low, mid)
-        name = f"Generic_{low:.6g}"
-    else:  # more groups, fewer parameters: the smallest g that fits
-        name = next((f"Shuffle_{g}" for g in range(1, 257) if params_of(f"Shuffle_{g}") <= budget), None)
-        if name is None:
-            raise ValueError(f"budget {budget:.4g} is below the smallest Shuffle net ({params_of('Shuffle_256'):,})")
+    spec = SUBSTITUTES[kind]
+
+    def fits(value: float) -> bool:
+        return params_of(f"{kind}_{value:.6g}") <= budget
+
+    values = range(int(spec.low), int(spec.high) + 1)
+    if spec.integer and spec.grows:  # ACDC: the most factors that fit
+        fitting = list(takewhile(fits, values))
+        best = fitting[-1] if fitting else None
+    elif spec.integer:  # Shuffle: the fewest groups that fit
+        best = next((v for v in values if fits(v)), None)
+    else:  # bisection on r or s
+        best = None
+        if fits(spec.low):
+            low, high = spec.low, spec.high
+            for _ in range(40):
+                mid = (low + high) / 2
+                low, high = (mid, high) if fits(mid) else (low, mid)
+            best = low
+    if best is None:
+        raise ValueError(f"budget {budget:.4g} is below the smallest {kind} net this search reaches")
+    name = f"{kind}_{best:.6g}"
     return name, params_of(name)
 
 
@@ -132,7 +187,7 @@ def parse_substitute(name: str) -> tuple[str, float | None]:
         raise ValueError(
             f"unknown conv substitute {name!r}: one of {sorted(SUBSTITUTES)} (with _<value> where it takes one)"
         )
-    needs = SUBSTITUTES[kind][1]
+    needs = SUBSTITUTES[kind].param
     if needs is None and value:
         raise ValueError(f"{kind} takes no hyperparameter, got {name!r}")
     if needs is not None:
@@ -151,9 +206,9 @@ def substitute_conv(
     """The conv substitute `name` (e.g. `Shuffle_4`) for an in_ch -> out_ch k x k convolution; its
     `full_params` is the weight count of the full conv it replaces (for compression-scaled weight decay)."""
     kind, value = parse_substitute(name)
-    build, param = SUBSTITUTES[kind]
-    kwargs = {} if param is None else {param: int(value) if param == "g" else value}
-    module = build(in_ch, out_ch, kernel_size, stride, padding, **kwargs)
+    spec = SUBSTITUTES[kind]
+    options = {} if spec.param is None else {spec.param: int(value) if spec.integer else value}
+    module = spec.build(in_ch, out_ch, kernel_size, stride, padding, **options)
     module.full_params = in_ch * out_ch * kernel_size * kernel_size
     return module
 

@@ -5,6 +5,8 @@ widths 16k, 32k, 64k and strides 1, 2, 2; a 1x1 shortcut conv where the shape ch
 BN-ReLU, global average pool and linear. Every conv inside the blocks (3x3 and 1x1 shortcut) is
 built by `layers.substitute_conv` from the `conv` string, so a student is the same net with
 `conv: Shuffle_4`. Counts: WRN-28-10 36,479,194 parameters, WRN-40-2 2,243,546, WRN-16-2 691,674.
+With `checkpoint_blocks`, each block keeps only its input for the backward pass and recomputes
+the rest (activation checkpointing: less memory, about a fifth more time per step).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_modules.layers.checkpointing import run_checkpointed
 from lightning_modules.layers.substitutes import fit_budget, parse_substitute, substitute_conv
 
 
@@ -19,8 +22,11 @@ class WideBlock(nn.Module):
     """Pre-activation basic block: BN-ReLU-conv(stride)-BN-ReLU-conv, plus the input or a 1x1 shortcut
     of the activated input where the shape changes (as the original WRN code does)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, conv: str = "Conv", dropout: float = 0.0):
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, conv: str = "Conv", dropout: float = 0.0, checkpointed: bool = False
+    ):
         super().__init__()
+        self.checkpointed = checkpointed
         self.bn1, self.act1 = nn.BatchNorm2d(in_ch), nn.ReLU(inplace=True)
         self.conv1 = substitute_conv(conv, in_ch, out_ch, 3, stride)
         self.bn2, self.act2 = nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)
@@ -29,6 +35,11 @@ class WideBlock(nn.Module):
         self.shortcut = substitute_conv(conv, in_ch, out_ch, 1, stride, 0) if in_ch != out_ch or stride != 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed and torch.is_grad_enabled():
+            return run_checkpointed(self, self.body, x)
+        return self.body(x)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
         o = self.act1(self.bn1(x))
         y = self.conv2(self.drop(self.act2(self.bn2(self.conv1(o)))))
         return y + (x if self.shortcut is None else self.shortcut(o))
@@ -46,6 +57,7 @@ class WideResNet(nn.Module):
         conv: str = "Conv",
         dropout: float = 0.0,
         budget: float | None = None,
+        checkpoint_blocks: bool = False,
     ):
         """
         Args:
@@ -53,10 +65,13 @@ class WideResNet(nn.Module):
             width: k, the widening factor.
             num_classes: outputs.
             in_channels: image channels (3 for CIFAR, 1 for MNIST).
-            conv: the block convs' substitute: `Conv` (the teacher), `Sep`, `Generic_<r>`, `Shuffle_<g>`.
+            conv: the block convs' substitute: `Conv` (the teacher), `Sep`, `Generic_<r>`, `Shuffle_<g>`,
+                `SepHashed_<s>`, `ACDC_<n>`, `TensorTrain_<r>`, `Tucker_<r>`, `CP_<r>`.
             dropout: dropout between the two convs of a block (0 in the spec).
-            budget: a parameter budget for the whole net: `conv`'s hyperparameter (Generic's r, Shuffle's
-                g) is chosen so the net has the most parameters at or under it, and printed.
+            budget: a parameter budget for the whole net: `conv`'s hyperparameter (r, g, s or n) is chosen
+                so the net has the most parameters at or under it, and printed.
+            checkpoint_blocks: recompute each block's activations in the backward pass instead of
+                keeping them (the same gradients, less memory, more time).
         """
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
@@ -76,7 +91,12 @@ class WideResNet(nn.Module):
             nn.Sequential(
                 *(
                     WideBlock(
-                        widths[g] if i == 0 else widths[g + 1], widths[g + 1], stride if i == 0 else 1, conv, dropout
+                        widths[g] if i == 0 else widths[g + 1],
+                        widths[g + 1],
+                        stride if i == 0 else 1,
+                        conv,
+                        dropout,
+                        checkpoint_blocks,
                     )
                     for i in range(n)
                 )
