@@ -9,6 +9,7 @@ import scipy.fft
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.counting import count
 from lightning_modules.layers.acdc import ACDC, dct, idct, riffle
 from lightning_modules.layers.factorized import CPPointwise, TensorTrainPointwise, TuckerPointwise, split_modes
 from lightning_modules.layers.hashed import HashedPointwise
@@ -38,6 +39,17 @@ def test_acdc_with_unit_diagonals_is_orthogonal_and_starts_near_them():
     assert not torch.allclose(out, x, atol=1e-3)  # but the shuffle between them mixes channels
     wider = ACDC(16, 64, n=2)
     assert wider.channels == 64 and wider(torch.randn(1, 16, 2, 2)).shape == (1, 64, 2, 2)
+
+
+def test_acdc_runs_the_specs_factor_order_with_its_dense_transforms():
+    torch.manual_seed(0)
+    layer = ACDC(40, 64, n=3)
+    x = torch.randn(2, 40, 5, 5)
+    y = F.pad(x.permute(0, 2, 3, 1), (0, 24))  # by the spec, with the FFT transforms: A, DCT, D, riffle, iDCT
+    for a, d in zip(layer.a, layer.d, strict=True):
+        y = idct((dct(y * a) * d)[..., riffle(64)])
+    torch.testing.assert_close(layer(x), y.permute(0, 3, 1, 2), rtol=1e-4, atol=1e-5)
+    assert "4N + 5N log2 N" in count(layer, (40, 5, 5)).summary()  # the count's convention is stated
 
 
 def test_hashed_weights_share_buckets_with_signs_and_sum_their_gradients():
