@@ -102,8 +102,6 @@ class Student(Compressed):
         super().__init__(
             net, optimizer, scheduler, scaled_weight_decay, param_groups, num_classes, channels_last, finite_check_every
         )
-        if not 0 <= kd_alpha <= 1:
-            raise ValueError(f"kd_alpha weighs distillation against CE and lies in [0, 1], got {kd_alpha}")
         self.teacher = teacher.requires_grad_(False).eval()
         self.teacher_checkpoint = teacher_checkpoint
         self.teacher_loaded = False
@@ -117,6 +115,8 @@ class Student(Compressed):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if not 0 <= self.kd_alpha <= 1:  # checked here, not in __init__: the CLI shows it as one line
+            raise ConfigError(f"kd_alpha weighs distillation against CE and lies in [0, 1], got {self.kd_alpha}")
         if not self.teacher_loaded:
             if self.teacher_checkpoint is None:
                 raise ConfigError("a student needs its teacher's weights: set model.init_args.teacher_checkpoint")

@@ -145,6 +145,8 @@ def test_bad_teacher_checkpoints_are_one_clear_error(write, message, tmp_path):
         student.setup("fit")
     with pytest.raises(ConfigError, match="teacher_checkpoint"):
         Student(small_wrn("Sep"), small_wrn()).setup("fit")
+    with pytest.raises(ConfigError, match="kd_alpha"):
+        Student(small_wrn("Sep"), small_wrn(), str(path), kd_alpha=2.0).setup("fit")
 
 
 def test_a_students_loss_is_task_plus_beta_times_the_summed_at_losses(teacher_checkpoint):

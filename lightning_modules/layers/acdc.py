@@ -1,7 +1,7 @@
 """ACDC factors (Moczulski et al. 2016), the pointwise part of `ACDC_n`.
 
 One factor on N channels: x -> iDCT(riffle(D * DCT(A * x))), with A, D learned diagonals
-initialised N(1, 0.01) (standard deviation 0.01, so a stack starts near the identity), DCT the
+initialised N(1, 0.01) (standard deviation 0.01: a stack starts near a fixed orthogonal map), DCT the
 orthonormal DCT-II and riffle the perfect shuffle of the two halves of the channels. A stack of
 n factors maps in -> out channels on N = max(in, out) channels: zero-padded in, cut to out.
 The count is the spec's 4N + 5N log2 N per factor and position, the cost of applying the factors
@@ -9,7 +9,7 @@ with fast DCTs. This code computes the same map another way: it multiplies the n
 diag(A) DCT diag(D) riffle iDCT, as N x N matrices) into one matrix per step and applies that as a
 1x1 conv, whose cost does not grow with n per position. Applying the factors one by one to every
 position (by FFT or matmul) is memory-bound, 12 passes of 4 elementwise ops over the activations,
-and ran a WRN-16-2 step 25x slower than this on CPU. `count` says which convention it prints.
+and made a WRN-16-2 training step 17x (matmuls) to 37x (FFTs) slower on CPU. `count` says which convention it prints.
 `dct` and `idct` (by FFT) build the matrices.
 """
 
