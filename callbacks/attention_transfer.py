@@ -17,8 +17,9 @@ from torch import nn
 
 
 def attention_map(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) activations -> (N, H * W) attention maps: channel mean of x^2, unit L2 norm per sample."""
-    return F.normalize(x.pow(2).mean(1).flatten(1), dim=1)
+    """(N, C, H, W) activations -> (N, H * W) attention maps: channel mean of x^2, unit L2 norm per sample
+    (in float32 also under bf16/fp16 autocast, where squares of large activations lose precision)."""
+    return F.normalize(x.float().pow(2).mean(1).flatten(1), dim=1)
 
 
 def attention_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
