@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
@@ -92,9 +91,11 @@ class ImageFolderData(pl.LightningDataModule):
 
     def loader(self, split: str) -> DataLoader:
         dataset, train = self.splits[split], split == "train"
-        sampler = None
-        if not train and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)  # each image once over the ranks
+        trainer, sampler = self.trainer, None
+        if not train and trainer is not None and trainer.world_size > 1:  # each image once over the ranks
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -36,3 +36,18 @@ def run_checkpointed(
     """`forward(x)` keeping only `x` for the backward pass, which recomputes the rest (random state replayed,
     so dropout draws the same masks); the same gradients as a plain call, less memory, more time."""
     return checkpoint(forward, x, use_reentrant=False, context_fn=partial(_contexts, module))
+
+
+class CheckpointableBlock(nn.Module):
+    """A block whose `body` runs checkpointed (see `run_checkpointed`) when `checkpointed` is set and
+    gradients are on, and plainly otherwise."""
+
+    checkpointed: bool = False
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed and torch.is_grad_enabled():
+            return run_checkpointed(self, self.body, x)
+        return self.body(x)

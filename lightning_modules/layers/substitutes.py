@@ -32,15 +32,6 @@ def _spatial(channels: int, kernel_size: int, stride: int, padding: int) -> tupl
     return [nn.Conv2d(channels, channels, kernel_size, stride, padding, groups=channels, bias=False)], 1
 
 
-class Separable(nn.Sequential):
-    """`Sep`: depthwise k x k (only when k > 1), then pointwise 1x1 (in -> out)."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, padding: int | None = None):
-        padding = kernel_size // 2 if padding is None else padding
-        spatial, stride = _spatial(in_ch, kernel_size, stride, padding)
-        super().__init__(*spatial, _pointwise(in_ch, out_ch, stride=stride))
-
-
 class Generic(nn.Sequential):
     """`Generic_r`: depthwise k x k (k > 1) -> 1x1 (in -> rank) -> 1x1 (rank -> out), rank = int(r * max(in, out))."""
 
@@ -136,7 +127,7 @@ class Kind:
 
 SUBSTITUTES = {
     "Conv": Kind(full_conv),
-    "Sep": Kind(Separable),
+    "Sep": Kind(partial(DepthwiseThen, pointwise=_pointwise)),  # depthwise k x k (k > 1), then a 1x1
     "Generic": Kind(Generic, "r"),
     "Shuffle": Kind(Shuffle, "g", 1, 256, integer=True, grows=False),
     "SepHashed": Kind(partial(DepthwiseThen, pointwise=HashedPointwise), "s", 1e-5),

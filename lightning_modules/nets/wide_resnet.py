@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_modules.layers.checkpointing import run_checkpointed
+from lightning_modules.layers.checkpointing import CheckpointableBlock
 from lightning_modules.layers.substitutes import fit_budget, parse_substitute, substitute_conv
 
 
-class WideBlock(nn.Module):
+class WideBlock(CheckpointableBlock):
     """Pre-activation basic block: BN-ReLU-conv(stride)-BN-ReLU-conv, plus the input or a 1x1 shortcut
     of the activated input where the shape changes (as the original WRN code does)."""
 
@@ -33,11 +33,6 @@ class WideBlock(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
         self.conv2 = substitute_conv(conv, out_ch, out_ch, 3, 1)
         self.shortcut = substitute_conv(conv, in_ch, out_ch, 1, stride, 0) if in_ch != out_ch or stride != 1 else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpointed and torch.is_grad_enabled():
-            return run_checkpointed(self, self.body, x)
-        return self.body(x)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         o = self.act1(self.bn1(x))

@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_modules.layers.checkpointing import run_checkpointed
+from lightning_modules.layers.checkpointing import CheckpointableBlock
 from lightning_modules.layers.substitutes import parse_substitute, substitute_conv
 
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(CheckpointableBlock):
     """1x1 (in -> width) - 3x3 substitute (stride) - 1x1 (width -> 4 planes), BN-ReLU after each, plus the input
     or a strided 1x1 conv-BN projection of it."""
 
@@ -37,11 +37,6 @@ class Bottleneck(nn.Module):
         self.downsample = None
         if stride != 1 or in_ch != out_ch:
             self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpointed and torch.is_grad_enabled():
-            return run_checkpointed(self, self.body, x)
-        return self.body(x)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
