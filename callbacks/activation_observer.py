@@ -21,7 +21,7 @@ from torch.utils.data import DistributedSampler
 
 from datamodules.tensor_data import ShardedOrder
 
-DEFAULT_TYPES = ("ReLU", "ELU", "KWinners")
+DEFAULT_TYPES = ("ReLU", "ELU", "KWinners", "KWinners2d")
 
 
 class NoLayersError(ValueError):

@@ -1,10 +1,12 @@
-"""Datamodules: small datasets held in memory as tensors, batches cut by index; ImageNet-size ones streamed."""
+"""Datamodules: small datasets held in memory as tensors, batches cut by index (Speech Commands as decoded
+clips, featurised per batch on the device); ImageNet-size ones streamed."""
 
 from datamodules.augment import BatchAugment
 from datamodules.cifar10 import CIFAR10
 from datamodules.digits import Digits
 from datamodules.image_folder import ImageFolderData
 from datamodules.mnist import MNIST, FashionMNIST
+from datamodules.speech_commands import SpeechCommands
 from datamodules.tensor_data import CorruptDataError, DataError, DataNotFoundError, SplitSizeError, TensorDataModule
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "Digits",
     "FashionMNIST",
     "ImageFolderData",
+    "SpeechCommands",
     "SplitSizeError",
     "TensorDataModule",
 ]

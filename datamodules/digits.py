@@ -21,15 +21,23 @@ class Digits(TensorDataModule):
     num_classes = 10
     input_shape = (1, 28, 28)
 
-    def __init__(self, batch_size: int = 256, val_size: int = 300, seed: int = 0, on_device: bool = True):
+    def __init__(
+        self,
+        batch_size: int = 256,
+        val_size: int = 300,
+        seed: int = 0,
+        on_device: bool = True,
+        first_epoch_batch_size: int | None = None,
+    ):
         """
         Args:
             batch_size: samples per batch, per device.
             val_size: samples held out of the 1,500-image training pool for validation.
             seed: seed of the train/validation split.
             on_device: keep the data on the training device (GPU) instead of host memory.
+            first_epoch_batch_size: a different training batch size for the first epoch only.
         """
-        super().__init__(batch_size=batch_size, val_size=val_size, seed=seed, on_device=on_device)
+        super().__init__(batch_size, val_size, seed, on_device, first_epoch_batch_size)
 
     def load(self) -> tuple[Split, Split | None]:
         from sklearn.datasets import load_digits

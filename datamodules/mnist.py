@@ -65,6 +65,7 @@ class MNIST(TensorDataModule):
         val_size: int = 5000,
         seed: int = 0,
         on_device: bool = True,
+        first_epoch_batch_size: int | None = None,
     ):
         """
         Args:
@@ -76,8 +77,10 @@ class MNIST(TensorDataModule):
             val_size: samples held out of the training pool for validation.
             seed: seed of the train/validation split.
             on_device: keep the data on the training device (GPU) instead of host memory.
+            first_epoch_batch_size: a different training batch size for the first epoch only (the paper's
+                sparse MNIST nets: 4).
         """
-        super().__init__(batch_size=batch_size, val_size=val_size, seed=seed, on_device=on_device)
+        super().__init__(batch_size, val_size, seed, on_device, first_epoch_batch_size)
         self.data_dir, self.download, self.test_file_only = Path(data_dir), download, test_file_only
 
     def _needed(self) -> list[str]:

@@ -33,15 +33,18 @@ class SplitSizeError(DataError, ValueError):
 
 @dataclass
 class Split:
-    """One split of a dataset: uint8 images (N, C, H, W) and int64 labels (N,)."""
+    """One split of a dataset: uint8 images (N, C, H, W) or int16 waveforms (N, L), and int64 labels (N,)."""
 
     images: torch.Tensor
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+        image = self.images.dtype == torch.uint8 and self.images.dim() == 4
+        waveform = self.images.dtype == torch.int16 and self.images.dim() == 2
+        if not (image or waveform):
             raise CorruptDataError(
-                f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+                f"samples must be uint8 images (N, C, H, W) or int16 waveforms (N, L), "
+                f"got {self.images.dtype} {tuple(self.images.shape)}"
             )
         if len(self.images) != len(self.labels):
             raise CorruptDataError(f"{len(self.images)} images but {len(self.labels)} labels")
@@ -108,10 +111,13 @@ class TensorLoader:
         sampler: ShardedOrder,
         drop_last: bool = False,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        noise: float = 0.0,
+        noise_seed: int = 0,
     ):
         self.split, self.batch_size, self.sampler, self.drop_last = split, batch_size, sampler, drop_last
-        self.augment = augment
+        self.augment, self.noise = augment, noise
         device = split.images.device
+        self.generator = torch.Generator(device).manual_seed(noise_seed) if noise else None
         # x / 255 - mean) / std  ==  x * scale + shift, one fused pass per batch
         std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.scale = 1.0 / (255.0 * std_t)
@@ -129,9 +135,24 @@ class TensorLoader:
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The samples at `index`, normalised (and augmented, if the loader augments)."""
         images = torch.addcmul(self.shift, self.split.images.index_select(0, index).float(), self.scale)
+        if self.noise:
+            images = pixel_noise(images, self.noise, self.generator)
         if self.augment:
             images = self.augment(images)
         return images, self.split.labels.index_select(0, index)
+
+
+def pixel_noise(images: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """The paper's MNIST noise on normalised images: round(fraction * H * W) random pixels of each image
+    (all channels) set to mean + 2 std before normalising, which is 2.0 after."""
+    n, _, h, w = images.shape
+    count = round(fraction * h * w)
+    if count == 0:
+        return images
+    scores = torch.rand(n, h * w, generator=generator, device=images.device)
+    chosen = torch.zeros(n, h * w, dtype=torch.bool, device=images.device)
+    chosen.scatter_(1, scores.topk(count, dim=1).indices, True)
+    return images.masked_fill(chosen.view(n, 1, h, w), 2.0)
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -148,16 +169,25 @@ class TensorDataModule(pl.LightningDataModule):
     num_classes: int
     input_shape: tuple[int, int, int]
 
-    def __init__(self, batch_size: int = 256, val_size: int = 5000, seed: int = 0, on_device: bool = True):
+    def __init__(
+        self,
+        batch_size: int = 256,
+        val_size: int = 5000,
+        seed: int = 0,
+        on_device: bool = True,
+        first_epoch_batch_size: int | None = None,
+    ):
         """
         Args:
             batch_size: samples per batch, per device.
             val_size: samples held out of the training pool for validation.
             seed: seed of the train/validation split.
             on_device: keep the data on the training device (GPU) instead of host memory.
+            first_epoch_batch_size: a different training batch size for the first epoch only.
         """
         super().__init__()
         self.batch_size, self.val_size, self.seed, self.on_device = batch_size, val_size, seed, on_device
+        self.first_epoch_batch_size = first_epoch_batch_size
         self.splits: dict[str, Split] = {}
         self.shuffle_seed = seed
 
@@ -165,18 +195,23 @@ class TensorDataModule(pl.LightningDataModule):
         """Read the training pool and the official test split (None when the source has none)."""
         raise NotImplementedError
 
+    def make_splits(self) -> dict[str, Split]:
+        """train/val/test: `val_size` seeded samples of the training pool validate; `test` is the official test
+        split (the validation split when the source has none)."""
+        pool, test = self.load()
+        if not 0 < self.val_size < len(pool):
+            raise SplitSizeError(
+                f"val_size={self.val_size} must be between 1 and {len(pool) - 1}: "
+                f"the training pool has {len(pool)} samples"
+            )
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed))
+        splits = {"train": pool.subset(order[self.val_size :]), "val": pool.subset(order[: self.val_size])}
+        splits["test"] = test if test is not None else splits["val"]
+        return splits
+
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
-            pool, test = self.load()
-            if not 0 < self.val_size < len(pool):
-                raise SplitSizeError(
-                    f"val_size={self.val_size} must be between 1 and {len(pool) - 1}: "
-                    f"the training pool has {len(pool)} samples"
-                )
-            order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed))
-            self.splits = {"train": pool.subset(order[self.val_size :]), "val": pool.subset(order[: self.val_size])}
-            # without an official test split, `test` evaluates the validation split
-            self.splits["test"] = test if test is not None else self.splits["val"]
+            self.splits = self.make_splits()
         device = (
             self.trainer.strategy.root_device if self.trainer is not None and self.on_device else torch.device("cpu")
         )
@@ -188,17 +223,44 @@ class TensorDataModule(pl.LightningDataModule):
         # every rank must shuffle alike: take rank 0's seed (itself set by seed_everything)
         seed = torch.initial_seed() % 2**31
         self.shuffle_seed = self.trainer.strategy.broadcast(seed) if self.trainer is not None else seed
+        if (
+            self.first_epoch_batch_size
+            and self.trainer is not None
+            and not self.trainer.reload_dataloaders_every_n_epochs
+        ):
+            # the first epoch's loader differs from the others: the trainer must ask for a new one each epoch
+            self.trainer.reload_dataloaders_every_n_epochs = 1
 
-    def _loader(self, name: str, train: bool) -> TensorLoader:
-        split = self.splits[name]
+    def train_batch_size(self) -> int:
+        """The training batch size of the trainer's current epoch."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return self.first_epoch_batch_size if self.first_epoch_batch_size and epoch == 0 else self.batch_size
+
+    def _sampler(self, name: str, train: bool) -> ShardedOrder:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ShardedOrder(
-            len(split), shuffle=train, seed=self.shuffle_seed, rank=rank, world_size=world, pad=train
+        return ShardedOrder(
+            len(self.splits[name]), shuffle=train, seed=self.shuffle_seed, rank=rank, world_size=world, pad=train
         )
+
+    def _loader(self, name: str, train: bool, noise: float = 0.0, noise_seed: int = 0) -> TensorLoader:
         return TensorLoader(
-            split, self.batch_size, self.mean, self.std, sampler, augment=self.augment if train else None
+            self.splits[name],
+            self.train_batch_size() if train else self.batch_size,
+            self.mean,
+            self.std,
+            self._sampler(name, train),
+            augment=self.augment if train else None,
+            noise=noise,
+            noise_seed=noise_seed,
         )
+
+    def noise_dataloader(self, split: str, level: float, seed: int = 0) -> TensorLoader:
+        """A split in evaluation order with the paper's input noise at `level` (MNIST: that fraction of
+        pixels set to mean + 2 std), seeded, so every model sees the same noisy inputs."""
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}: one of {sorted(self.splits)}")
+        return self._loader(split, train=False, noise=level, noise_seed=seed)
 
     def eval_dataloader(self, split: str) -> TensorLoader:
         """Any split (`train`, `val`, `test`) in evaluation order: unshuffled, unaugmented, unpadded."""

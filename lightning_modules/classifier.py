@@ -13,6 +13,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_modules.layers.kwinners import KWinnersBase
+from lightning_modules.layers.sparse_weights import RezeroAfterStep
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; checkpoints written before it are kept."""
@@ -118,6 +121,11 @@ class Classifier(pl.LightningModule):
         for metric in metrics.values():
             metric.reset()
 
+    def on_train_epoch_start(self) -> None:
+        for module in self.net.modules():  # k-winners: boost strength of this epoch, exact on resume too
+            if isinstance(module, KWinnersBase):
+                module.set_epoch(self.current_epoch)
+
     def on_train_epoch_end(self) -> None:
         self.check_finite()
         self.log_split("train")
@@ -136,8 +144,11 @@ class Classifier(pl.LightningModule):
         """The configured optimizer over these parameters, grouped by the first pattern each matches."""
         groups = param_groups(named_parameters, self.group_options())
         if self.optimizer_factory is not None:
-            return self.optimizer_factory(groups)
-        return torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+            optimizer = self.optimizer_factory(groups)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+        RezeroAfterStep.attach(optimizer, self.net)  # sparse weights stay sparse after every step
+        return optimizer
 
     def configure_optimizers(self):
         optimizer = self.build_optimizer(self.named_parameters())

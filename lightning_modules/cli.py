@@ -12,6 +12,7 @@ from pytorch_lightning.loggers import WandbLogger
 from callbacks.activation_observer import NoLayersError
 from callbacks.complexity import Complexity
 from datamodules.tensor_data import DataError
+from lightning_modules.checkpoints import keep_last_epoch
 from lightning_modules.classifier import ConfigError, NonFiniteLossError
 from lightning_modules.loggers import default_loggers
 from lightning_modules.trainer import ResearchTrainer, config_name
@@ -28,7 +29,7 @@ class RunConfig(SaveConfigCallback):
 
 
 class ResearchCLI(LightningCLI):
-    """`python train.py fit|validate|test|count|search|sweep --config C`."""
+    """`python train.py fit|validate|test|count|search|sweep|noise --config C`."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("trainer_class", ResearchTrainer)
@@ -45,6 +46,7 @@ class ResearchCLI(LightningCLI):
             "count": {"model", "datamodule"},
             "search": {"model", "datamodule"},
             "sweep": {"model", "datamodule"},
+            "noise": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -96,6 +98,7 @@ class ResearchCLI(LightningCLI):
         elif config.trainer.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(name, config.trainer.default_root_dir, config.project, config.wandb)
         trainer = super().instantiate_trainer(**kwargs)
+        keep_last_epoch(trainer.callbacks)
         trainer.run_name = name
         return trainer
 

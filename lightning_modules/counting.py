@@ -2,7 +2,7 @@
 
 Mult-adds: every multiply-add of convolutions (grouped and depthwise exactly: C_in/groups
 per output element per kernel tap; no bias) and linear layers (weights, plus one per bias),
-plus one per output element of an activation function. Batch norm, pooling, dropout and
+plus one per output element of an activation function (k-winners included). Batch norm, pooling, dropout and
 reshapes count zero. A layer of this project's own (hashed, ACDC, factorised 1x1 maps) counts
 itself through a `mult_adds(output)` method, and says where its count is a bound (`count_note`).
 Measured with forward hooks on one sample of the given input shape.
@@ -45,6 +45,11 @@ class LayerCount:
     output_shape: tuple[int, ...]
     params: int
     mult_adds: int
+    nonzero_mult_adds: int = -1  # counting only the non-zero weights of convs and linears; -1: as mult_adds
+
+    def __post_init__(self) -> None:
+        if self.nonzero_mult_adds < 0:
+            self.nonzero_mult_adds = self.mult_adds
 
 
 @dataclass
@@ -63,6 +68,11 @@ class Complexity:
     def mult_adds(self) -> int:
         return sum(layer.mult_adds for layer in self.layers)
 
+    @property
+    def nonzero_mult_adds(self) -> int:
+        """Mult-adds when the zero weights of convs and linears (sparse weights) are skipped."""
+        return sum(layer.nonzero_mult_adds for layer in self.layers)
+
     def summary(self) -> str:
         """The original's three lines, then a note per kind of layer whose count is a bound."""
         lines = [
@@ -70,7 +80,13 @@ class Complexity:
             f"Params: {self.params:.5E}",
             f"Sanity check, parameters: {self.sanity_params:.5E}",
         ]
-        return "\n".join(lines + [f"Note: {note}" for note in self.notes])
+        notes = list(self.notes)
+        if self.nonzero_mult_adds < self.mult_adds:
+            notes.append(
+                f"with only the non-zero weights (sparse weights), mult-adds are {self.nonzero_mult_adds:.5E} "
+                f"({self.nonzero_mult_adds / self.mult_adds:.1%} of the dense count above)"
+            )
+        return "\n".join(lines + [f"Note: {note}" for note in notes])
 
     def table(self) -> str:
         """A per-layer table, in Markdown."""
@@ -99,6 +115,22 @@ def layer_mult_adds(module: nn.Module, output: torch.Tensor) -> int:
     return 0
 
 
+def layer_nonzero_mult_adds(module: nn.Module, output: torch.Tensor, dense: int) -> int:
+    """Mult-adds of one leaf module for one sample when its zero weights are skipped (conv and linear; a net
+    on the meta device has no values: counted dense)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.is_meta:
+        return dense
+    if isinstance(module, nn.modules.conv._ConvNd):
+        positions = output[0].numel() // module.out_channels
+        return positions * int(torch.count_nonzero(module.weight))
+    if isinstance(module, nn.Linear):
+        positions = output[0].numel() // module.out_features
+        bias = module.bias.numel() if module.bias is not None else 0
+        return positions * (int(torch.count_nonzero(module.weight)) + bias)
+    return dense
+
+
 def count(net: nn.Module, input_shape: tuple[int, ...]) -> Complexity:
     """Count `net` on one sample of `input_shape` (C, H, W); the net's mode and weights are left as they were."""
     notes = dict.fromkeys(note for m in net.modules() if (note := getattr(m, "count_note", None)))
@@ -106,13 +138,15 @@ def count(net: nn.Module, input_shape: tuple[int, ...]) -> Complexity:
     handles, seen = [], set()
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        mult_adds = layer_mult_adds(module, output)
         result.layers.append(
             LayerCount(
                 name=names[module],
                 kind=type(module).__name__,
                 output_shape=tuple(output.shape[1:]),
                 params=0 if module in seen else sum(p.numel() for p in module.parameters(recurse=False)),
-                mult_adds=layer_mult_adds(module, output),
+                mult_adds=mult_adds,
+                nonzero_mult_adds=layer_nonzero_mult_adds(module, output, mult_adds),
             )
         )
         seen.add(module)  # a module called twice (a shared ReLU) costs twice but owns its parameters once

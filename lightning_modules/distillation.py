@@ -20,32 +20,19 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from callbacks.attention_transfer import AttentionTransfer
+from lightning_modules.checkpoints import load_net
 from lightning_modules.classifier import ConfigError
 from lightning_modules.compressed import Compressed
 
 
 def load_teacher(teacher: nn.Module, path: str | Path) -> None:
     """Load a teacher's weights from a checkpoint of this framework (its `net.*` entries) or a plain state dict."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise ConfigError(
             f"teacher checkpoint {path} not found: train the teacher first (e.g. python train.py fit --config "
             "configs/compression/wrn28_10.yaml) and set model.init_args.teacher_checkpoint to its last.ckpt"
         )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt file, or one that would need unpickling arbitrary objects
-        raise ConfigError(f"teacher checkpoint {path} cannot be read as weights: {str(e).splitlines()[0]}") from e
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ConfigError(f"teacher checkpoint {path} holds no state dict")
-    if any(key.startswith("net.") for key in state):
-        state = {key.removeprefix("net."): value for key, value in state.items() if key.startswith("net.")}
-    try:
-        teacher.load_state_dict(state)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise ConfigError(f"teacher checkpoint {path} does not fit the configured teacher net: {detail}") from e
+    load_net(teacher, path, "teacher checkpoint")
 
 
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

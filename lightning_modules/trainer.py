@@ -15,8 +15,10 @@ from jsonargparse import ArgumentParser
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
+from lightning_modules.checkpoints import load_net
 from lightning_modules.classifier import ConfigError, NonFiniteLossError
 from lightning_modules.counting import Complexity, count_model
+from lightning_modules.noise import NOISE_LEVELS, NoiseResult, checkpoint_label, evaluate_noise, write_noise_results
 from lightning_modules.search import SearchResult, search_depth, write_results
 from lightning_modules.sweep import TRAINING_KEYS, expand_grids, point_label, run_group, stack_groups, write_tables
 from lightning_modules.sweep_plots import write_plots
@@ -83,7 +85,7 @@ def quiet_lightning():
 
 
 class ResearchTrainer(pl.Trainer):
-    """Lightning's Trainer with the framework's subcommands `count`, `search` and `sweep`."""
+    """Lightning's Trainer with the framework's subcommands `count`, `search`, `sweep` and `noise`."""
 
     def count(
         self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None, per_layer: bool = False
@@ -281,3 +283,66 @@ class ResearchTrainer(pl.Trainer):
                     logger.log_table(key, columns=columns, data=[[row.get(c) for c in columns] for row in table])
                 for plot in plots:
                     logger.log_image(f"sweep/{plot.stem}", [str(plot)])
+
+    def noise(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        checkpoints: list[str] | str | None = None,
+        levels: list[float] | None = None,
+        split: str = "test",
+        noise_seed: int = 0,
+    ) -> list[NoiseResult]:
+        """Accuracy of trained models on the test split under input noise, and their noise scores.
+
+        Each checkpoint is evaluated with the net of its own run (the `config.yaml` beside its
+        `checkpoints/` folder; else this config's net), on this config's data. Writes noise.csv,
+        noise.md and noise.png into the run folder and logs the table and plot to W&B.
+
+        Args:
+            checkpoints: the checkpoints to evaluate: `--checkpoints A.ckpt`, `--checkpoints [A.ckpt,B.ckpt]`, or
+                `--checkpoints+=A.ckpt --checkpoints+=B.ckpt`.
+            levels: noise levels a (default 0, 0.05, ..., 0.5, the paper's).
+            split: the split to make noisy.
+            noise_seed: seed of the noise, the same for every model.
+        """
+        paths = [checkpoints] if isinstance(checkpoints, str) else list(checkpoints or [])
+        if not paths:
+            raise ConfigError("noise needs --checkpoints: one or more checkpoints of trained models")
+        if not callable(getattr(datamodule, "noise_dataloader", None)):
+            raise ConfigError(f"noise needs a datamodule with noise_dataloader; {type(datamodule).__name__} has none")
+        levels = tuple(levels) if levels is not None else NOISE_LEVELS
+        datamodule.trainer = self
+        datamodule.setup("test")
+        device = self.strategy.root_device
+        results = []
+        for path in paths:
+            path = Path(path)
+            config = path.parent.parent / "config.yaml"
+            net = net_from_config(config) if config.is_file() else copy.deepcopy(model.net)
+            load_net(net, path)
+            evaluated = copy.deepcopy(model)
+            evaluated.net = net
+            evaluated.setup("test")
+            evaluated.to(device).eval()
+            result = evaluate_noise(
+                evaluated,
+                lambda level: datamodule.noise_dataloader(split, level, noise_seed),
+                levels,
+                checkpoint_label(path),
+                device,
+            )
+            accuracies = ", ".join(f"{level:g}: {result.accuracy(level):.4f}" for level in levels)
+            print(f"noise {result.model}: {accuracies}; noise score {result.noise_score:,}", flush=True)
+            results.append(result)
+        folder = Path(self.log_dir or self.default_root_dir)
+        written = write_noise_results(results, folder)
+        print(written["md"].read_text())
+        print(f"noise results: {written['csv']}, {written['md']}, {written['plot']}")
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                columns = ["model", *(f"acc@{level:g}" for level in levels), "noise_score"]
+                data = [[r.model, *(r.accuracy(level) for level in levels), r.noise_score] for r in results]
+                logger.log_table("noise/results", columns=columns, data=data)
+                logger.log_image("noise/accuracy_vs_noise", [str(written["plot"])])
+        return results

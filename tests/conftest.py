@@ -128,3 +128,44 @@ def make_image_folder(root: Path, classes: int = 2, train: int = 4, val: int = 2
                 pixels = rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"img_{i}.JPEG", format="JPEG")
     return root
+
+
+def write_wav(path: Path, samples: np.ndarray, sample_rate: int = 16000) -> Path:
+    """A mono 16-bit PCM wav file, the format of the Speech Commands clips."""
+    import wave
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes(np.asarray(samples, dtype="<i2").tobytes())
+    return path
+
+
+SPEECH_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "bed", "cat")
+
+
+def tone(frequency: float, length: int = 16000, seed: int = 0) -> np.ndarray:
+    """A tone with a little noise, as int16 samples."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(length) / 16000
+    wave_ = 0.5 * np.sin(2 * np.pi * frequency * t) + 0.05 * rng.standard_normal(length)
+    return (np.clip(wave_, -1, 1) * 32767).astype(np.int16)
+
+
+def make_speech_commands(root: Path, clips: int = 4, words: tuple[str, ...] = SPEECH_WORDS) -> Path:
+    """A tiny Speech Commands folder in the real layout: one folder per word of 16 kHz wav files (a tone whose
+    pitch encodes the word; some clips shorter than 1 s), the two split lists, and _background_noise_."""
+    val, test = [], []
+    for w, word in enumerate(words):
+        for i in range(clips):
+            name = f"{word}/{i:08x}_nohash_0.wav"
+            length = 16000 if i % 2 == 0 else 12000
+            write_wav(root / name, tone(200 + 150 * w, length, seed=w * 100 + i))
+            (val if i == 1 else test if i == 2 else []).append(name)
+    (root / "validation_list.txt").write_text("\n".join(val) + "\n")
+    (root / "testing_list.txt").write_text("\n".join(test) + "\n")
+    rng = np.random.default_rng(0)
+    write_wav(root / "_background_noise_" / "white_noise.wav", (rng.standard_normal(40000) * 3000).astype(np.int16))
+    return root

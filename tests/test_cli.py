@@ -15,14 +15,16 @@ import yaml
 from datamodules import Digits
 from lightning_modules import Classifier, NonFiniteLossError
 from lightning_modules.cli import main
-from lightning_modules.nets import DepthCNN, WideResNet
+from lightning_modules.nets import DepthCNN, SparseCNN, WideResNet
 from lightning_modules.trainer import net_from_config
-from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_cifar10, make_image_folder, make_mnist
+from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_cifar10, make_image_folder, make_mnist, make_speech_commands
 
 EXPERIMENTS = sorted(
     p
     for p in CONFIGS.rglob("*.yaml")
-    if not {"presets", "nets"} & set(p.parts) and p.name != "search_all.yaml" and not p.name.startswith("sweep_")
+    if not {"presets", "nets", "variants"} & set(p.parts)
+    and p.name != "search_all.yaml"
+    and not p.name.startswith("sweep_")
 )
 PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
 
@@ -34,6 +36,9 @@ def data_args(config: Path, root: Path) -> list[str]:
         make_mnist(root)
     elif "CIFAR10" in data_class:
         make_cifar10(root)
+    elif "SpeechCommands" in data_class:
+        make_speech_commands(root / "speech")
+        return ["--data.data_dir", str(root / "speech")]
     elif "ImageFolder" in data_class:
         make_image_folder(root)
         return ["--data.data_dir", str(root), "--data.image_size", "32", "--data.num_workers", "0"]
@@ -77,9 +82,15 @@ def test_every_experiment_config_runs_fast_dev_run(config, in_tmp):
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p.stem != "ddp"], ids=lambda p: p.stem)
 def test_every_preset_stacks_on_an_experiment(preset, in_tmp):
-    data_class = (yaml.safe_load(preset.read_text()).get("data") or {}).get("class_path", "")
+    data = yaml.safe_load(preset.read_text()).get("data") or {}
+    data_class = data.get("class_path", "")
     experiment, args = CONFIGS / "quickstart.yaml", []
-    if "MNIST" in data_class:  # tiny files in the folder of the preset's dataset (MNIST/ or FashionMNIST/)
+    words = (data.get("init_args") or {}).get("words")
+    if words:  # a Speech Commands preset goes on a k-winners GSC experiment, with folders of its words
+        experiment = CONFIGS / "kwinners" / "gsc_sparse.yaml"
+        root = make_speech_commands(in_tmp / "speech", clips=3, words=(*words, "bed"))
+        args = ["--data.data_dir", str(root)]
+    elif "MNIST" in data_class:  # tiny files in the folder of the preset's dataset (MNIST/ or FashionMNIST/)
         root = make_mnist(in_tmp / "data", folder=data_class.rsplit(".", 1)[-1])
         args = ["--data.data_dir", str(root), "--data.download", "false", "--data.val_size", "16"]
     elif "CIFAR10" in data_class:  # a CIFAR-10 preset goes on a CIFAR-10 experiment
@@ -100,9 +111,21 @@ def test_every_preset_stacks_on_an_experiment(preset, in_tmp):
         "8",
         *QUIET,
     ).trainer
+    if words:
+        assert trainer.datamodule.classes == ("unknown", "silence", *words)
     if "CIFAR10" in data_class:
         assert trainer.datamodule.augment.crop_padding == 4 and trainer.datamodule.augment.cutout == 16
     assert trainer.state.finished
+
+
+@pytest.mark.parametrize("variant", sorted((CONFIGS / "kwinners" / "variants").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_kwinners_variant_stacks_on_the_papers_net(variant):
+    base = net_from_config(CONFIGS / "kwinners" / "gsc_sparse.yaml")
+    changes = yaml.safe_load(variant.read_text())["model"]["init_args"]["net"]["init_args"]
+    config = cli_config("--config", CONFIGS / "kwinners" / "gsc_sparse.yaml", "--config", variant)
+    net = config["model"]["init_args"]["net"]["init_args"]
+    assert all(net[k] == v for k, v in changes.items()) and net["channels"] == [64, 64]
+    assert isinstance(base, SparseCNN)
 
 
 def test_ddp_preset_parses():

@@ -1,7 +1,21 @@
-"""Plain building blocks (no Lightning import): layers whose size is learned, and cheap conv substitutes."""
+"""Plain building blocks (no Lightning import): layers whose size is learned, cheap conv substitutes,
+k-winners activations and fixed sparse weights."""
 
 from lightning_modules.layers.flexible import FlexibleLinear, soft_size, unit_scales
+from lightning_modules.layers.kwinners import KWinners, KWinners2d, KWinnersBase
+from lightning_modules.layers.sparse_weights import SparseWeights, rezero_weights
 from lightning_modules.layers.sparsifier import SparsifierLinear
 from lightning_modules.layers.substitutes import substitute_conv
 
-__all__ = ["FlexibleLinear", "SparsifierLinear", "soft_size", "substitute_conv", "unit_scales"]
+__all__ = [
+    "KWinners",
+    "KWinners2d",
+    "KWinnersBase",
+    "SparseWeights",
+    "rezero_weights",
+    "FlexibleLinear",
+    "SparsifierLinear",
+    "soft_size",
+    "substitute_conv",
+    "unit_scales",
+]

@@ -2,8 +2,9 @@
 
 from lightning_modules.nets.depth_cnn import DepthBlock, DepthCNN
 from lightning_modules.nets.mlp import MLP
+from lightning_modules.nets.sparse_cnn import SparseCNN
 from lightning_modules.nets.vgg import VGG
 from lightning_modules.nets.wide_resnet import WideBlock, WideResNet
 from lightning_modules.nets.wide_resnet_imagenet import WideResNetImageNet
 
-__all__ = ["MLP", "VGG", "DepthBlock", "DepthCNN", "WideBlock", "WideResNet", "WideResNetImageNet"]
+__all__ = ["MLP", "VGG", "SparseCNN", "DepthBlock", "DepthCNN", "WideBlock", "WideResNet", "WideResNetImageNet"]
