@@ -245,6 +245,16 @@ def test_checkpoints_load_with_weights_only_and_resume(in_tmp):
     assert resumed.current_epoch == 2 and resumed.global_step == 2 * first.global_step
 
 
+def test_last_ckpt_is_the_last_epoch_even_when_the_best_is_earlier(in_tmp):
+    # monitoring `epoch` in min mode makes epoch 0 the best for ever: Lightning's own save_last would then
+    # never rewrite last.ckpt after epoch 0
+    trainer = fit_quickstart("--trainer.max_epochs", "3", "--checkpoint.monitor", "epoch")
+    folder = Path(trainer.log_dir) / "checkpoints"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 2
+    (best,) = folder.glob("epoch*.ckpt")
+    assert torch.load(best, weights_only=True)["epoch"] == 0
+
+
 def epoch_metrics(trainer) -> list[dict]:
     rows = list(csv.DictReader(open(Path(trainer.log_dir) / "metrics.csv")))
     return [{k: v for k, v in row.items() if k.startswith(("train/", "val/"))} for row in rows]

@@ -17,8 +17,8 @@ from torch import nn
 
 def sparse_mask(out_units: int, fan_in: int, keep: int, generator: torch.Generator) -> torch.Tensor:
     """(out_units, fan_in) bool mask with exactly `keep` True per row, the positions drawn without replacement."""
-    order = torch.rand(out_units, fan_in, generator=generator).argsort(dim=1)
-    return torch.zeros(out_units, fan_in, dtype=torch.bool).scatter_(1, order[:, :keep], True)
+    order = torch.rand(out_units, fan_in, generator=generator, device="cpu").argsort(dim=1)
+    return torch.zeros(out_units, fan_in, dtype=torch.bool, device="cpu").scatter_(1, order[:, :keep], True)
 
 
 class SparseWeights(nn.Module):
@@ -42,7 +42,7 @@ class SparseWeights(nn.Module):
         self.module, self.sparsity, self.seed = module, sparsity, seed
         self.fan_in, self.keep = fan_in, keep
         if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
+            seed = int(torch.randint(0, 2**62, (), device="cpu").item())
         mask = sparse_mask(module.weight.shape[0], fan_in, keep, torch.Generator().manual_seed(seed))
         self.register_buffer("weight_mask", mask.view_as(module.weight).to(module.weight.device))
         with torch.no_grad():
