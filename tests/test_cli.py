@@ -245,6 +245,16 @@ def test_checkpoints_load_with_weights_only_and_resume(in_tmp):
     assert resumed.current_epoch == 2 and resumed.global_step == 2 * first.global_step
 
 
+def test_last_ckpt_is_the_last_epoch_even_when_the_best_is_earlier(in_tmp):
+    # monitoring `epoch` in min mode makes epoch 0 the best for ever: Lightning's own save_last would then
+    # never rewrite last.ckpt after epoch 0
+    trainer = fit_quickstart("--trainer.max_epochs", "3", "--checkpoint.monitor", "epoch")
+    folder = Path(trainer.log_dir) / "checkpoints"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 2
+    (best,) = folder.glob("epoch*.ckpt")
+    assert torch.load(best, weights_only=True)["epoch"] == 0
+
+
 def epoch_metrics(trainer) -> list[dict]:
     rows = list(csv.DictReader(open(Path(trainer.log_dir) / "metrics.csv")))
     return [{k: v for k, v in row.items() if k.startswith(("train/", "val/"))} for row in rows]
@@ -371,3 +381,13 @@ def test_budget_flag_picks_the_substitutes_hyperparameter(capsys):
     assert 0.98 * 7e5 <= params <= 7e5 and f"Params: {params:.5E}" in out
     with pytest.raises(SystemExit, match="--budget needs a net with a `budget` argument"):
         main(["count", "--config", str(CONFIGS / "quickstart.yaml"), "--budget", "7e5"])
+
+
+def test_original_steps_preset_trains_a_fixed_number_of_steps(in_tmp, capsys):
+    preset = ["--config", CONFIGS / "presets" / "original_steps.yaml"]
+    config = yaml.safe_load((CONFIGS / "presets" / "original_steps.yaml").read_text())
+    assert config["trainer"]["max_steps"] == 705  # 3 epochs of 60,000 images at batch 256: 3 x 235
+    trainer = fit_quickstart(*preset, "--trainer.max_steps", "30", "--trainer.limit_train_batches", "4")
+    assert trainer.global_step == 30 and trainer.current_epoch >= 7  # past the config's 1 epoch: steps decide
+    cli("search", "--config", CONFIGS / "quickstart.yaml", *preset, "--trainer.max_steps", "3", "--upper", "3", *QUIET)
+    assert "search quickstart: k in 3..3, 1 seed(s) per depth, 3 steps" in capsys.readouterr().out
