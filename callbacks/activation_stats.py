@@ -170,7 +170,11 @@ class ActivationStats(ActivationObserver):
 
             for logger in loggers:
                 logger.log_metrics(
-                    {f"act/{name}/var_hist": wandb.Histogram(var) for name, var in variances.items()},
+                    {  # log10 of the live units' variances: raw variances crowd the bulk into one bar
+                        f"act/{name}/log10_var_hist": wandb.Histogram(np.log10(var[var > self.zero_tol]))
+                        for name, var in variances.items()
+                        if (var > self.zero_tol).any()
+                    },
                     step=trainer.global_step,
                 )
                 if explained:

@@ -63,16 +63,37 @@ def dead_units_figure(rows: list[tuple[str, int, int]], title: str, path: Path) 
     return path
 
 
+def log_variance_density(
+    variances: np.ndarray, bins: int | np.ndarray = 30, zero_tol: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(density of log10(variance) per bin, bin edges in log10 units, zero-variance units left out).
+
+    A density over log10 units, not over variance units: a density over raw variances divides each
+    bar by its width in variance units, so a few near-dead units in the narrow bins near 1e-9 tower
+    over the bulk. Units at or below `zero_tol` have no logarithm; they are counted, not drawn.
+    """
+    variances = np.asarray(variances, dtype=np.float64)
+    live = variances[variances > zero_tol]
+    zero = len(variances) - len(live)
+    if len(live) == 0:
+        return np.zeros(0), np.zeros(1), zero
+    density, edges = np.histogram(np.log10(live), bins=bins, density=True)
+    return density, edges, zero
+
+
 def variance_histograms(variances: dict[str, np.ndarray], title: str, path: Path) -> Path:
-    """One histogram of per-unit activation variance per layer, in a grid."""
+    """One histogram of log10 per-unit activation variance per layer, in a grid; zero-variance units in the title."""
     columns = min(3, len(variances))
     rows = math.ceil(len(variances) / columns)
     figure = _figure(4 * columns, 2.6 * rows + 0.5)
     for i, (name, var) in enumerate(variances.items()):
         ax = figure.add_subplot(rows, columns, i + 1)
-        ax.hist(var, bins=min(40, max(5, len(var) // 3)), color="tab:blue")
-        ax.set_title(f"{name} ({len(var)} units)", fontsize=9)
-        ax.set_xlabel("activation variance", fontsize=8)
+        density, edges, zero = log_variance_density(var, bins=min(40, max(5, len(var) // 3)))
+        if len(density):
+            ax.stairs(density, edges, fill=True, color="tab:blue")
+        ax.set_title(f"{name} ({len(var)} units, {zero} zero-variance)", fontsize=9)
+        ax.set_xlabel("log10 activation variance", fontsize=8)
+        ax.set_ylabel("density", fontsize=8)
         ax.tick_params(labelsize=7)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()

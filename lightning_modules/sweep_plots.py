@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from callbacks.figures import log_variance_density
+
 
 def _pyplot():
     import matplotlib
@@ -50,21 +52,24 @@ def _mean_std(rows: list[dict], column: str) -> tuple[float, float]:
 
 
 def plot_variance_by_width(static: list[dict], variances: list[torch.Tensor], path: Path) -> None:
-    """Histogram (density over log variance) of the per-unit variances, pooled over seeds, per width."""
+    """Density of log10 per-unit variance, pooled over seeds, one curve per width; the zero-variance units
+    (no logarithm) are counted in the legend, not drawn at an arbitrary floor."""
     plt = _pyplot()
     pooled = defaultdict(list)
     for row, var in zip(static, variances, strict=True):
-        pooled[row["width"]].append(var[var > 0].double().numpy())
-    fig, ax = plt.subplots(figsize=(7, 4))
-    all_values = np.concatenate([np.concatenate(v) for v in pooled.values()])
-    if len(all_values) == 0:
-        plt.close(fig)
+        pooled[row["width"]].append(var.double().numpy())
+    pooled = {width: np.concatenate(values) for width, values in sorted(pooled.items())}
+    live = np.concatenate([v[v > 0] for v in pooled.values()])
+    if len(live) == 0:
         return
-    bins = np.logspace(np.log10(all_values.min()), np.log10(all_values.max()), 40)
+    edges = np.linspace(np.log10(live.min()), np.log10(live.max()) + 1e-9, 41)
+    fig, ax = plt.subplots(figsize=(7, 4))
     colours = plt.cm.viridis(np.linspace(0, 1, len(pooled)))
-    for colour, (width, values) in zip(colours, sorted(pooled.items()), strict=True):
-        ax.hist(np.concatenate(values), bins=bins, density=True, histtype="step", color=colour, label=f"N={width}")
-    ax.set(xscale="log", xlabel="per-unit activation variance (live units)", ylabel="density")
+    for colour, (width, values) in zip(colours, pooled.items(), strict=True):
+        density, _, zero = log_variance_density(values, edges)
+        if len(density):
+            ax.stairs(density, edges, color=colour, label=f"N={width} ({zero} zero-variance of {len(values)})")
+    ax.set(xlabel="log10 per-unit activation variance (live units)", ylabel="density (per log10 unit)")
     ax.set_title("Hidden-unit variance by width")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

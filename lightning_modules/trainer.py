@@ -113,7 +113,8 @@ class ResearchTrainer(pl.Trainer):
     ) -> list[SearchResult]:
         """Binary-search the deepest trainable depth k of the model's net, then confirm the boundary.
 
-        Each depth trains `epochs` epochs from scratch per seed; it is trainable when the mean validation
+        Each depth trains `epochs` epochs from scratch per seed (or the trainer's `max_steps` when it is
+        set, e.g. by configs/presets/original_steps.yaml); it is trainable when the mean validation
         error over its seeds is below `max_error`. Writes results.csv, results.md and error_vs_depth.png
         into the run folder and logs the table to W&B.
 
@@ -135,13 +136,15 @@ class ResearchTrainer(pl.Trainer):
             if not hasattr(net, "at_depth"):
                 raise TypeError(f"{type(net).__name__} has no at_depth(k): the search must rebuild it at other depths")
         first_seed = pl.seed_everything(verbose=False)  # the run's seed (seed_everything in the config)
+        steps = self.max_steps if self.max_steps and self.max_steps > 0 else None
+        length = f"{steps} steps" if steps else f"{epochs} epochs"
         results = []
         for name, net, bound in jobs:
             print(
-                f"search {name}: k in 3..{bound}, {seeds} seed(s) per depth, {epochs} epochs, trainable below {max_error:.0%}"
+                f"search {name}: k in 3..{bound}, {seeds} seed(s) per depth, {length}, trainable below {max_error:.0%}"
             )
             result = search_depth(
-                self._trial_fn(model, net, datamodule, epochs), bound, seeds, max_error, first_seed, name
+                self._trial_fn(model, net, datamodule, epochs, steps), bound, seeds, max_error, first_seed, name
             )
             print(
                 f"search {name}: deepest trainable k = {result.deepest} "
@@ -151,7 +154,14 @@ class ResearchTrainer(pl.Trainer):
         self._report(results, max_error)
         return results
 
-    def _trial_fn(self, template: pl.LightningModule, net: nn.Module, datamodule: pl.LightningDataModule, epochs: int):
+    def _trial_fn(
+        self,
+        template: pl.LightningModule,
+        net: nn.Module,
+        datamodule: pl.LightningDataModule,
+        epochs: int,
+        steps: int | None = None,
+    ):
         device = self.strategy.root_device
 
         def train(depth: int, seed: int) -> tuple[float, float]:
@@ -160,14 +170,18 @@ class ResearchTrainer(pl.Trainer):
             model.net = net.at_depth(depth)
             with quiet_lightning():
                 trainer = bare_trainer(
-                    epochs,
+                    -1 if steps else epochs,
+                    max_steps=steps or -1,
                     accelerator="gpu" if device.type == "cuda" else "cpu",
                     devices=[device.index or 0] if device.type == "cuda" else 1,
                     precision=self.precision,
                 )
                 try:
                     trainer.fit(model, datamodule=datamodule)
-                    errors = float(trainer.callback_metrics["train/err"]), float(trainer.callback_metrics["val/err"])
+                    train_err = float(trainer.callback_metrics["train/err"])
+                    if steps:  # a step budget can end inside an epoch, after its last validation
+                        trainer.validate(model, datamodule=datamodule, verbose=False)
+                    errors = train_err, float(trainer.callback_metrics["val/err"])
                 except NonFiniteLossError:
                     errors = math.nan, math.nan
             print(f"  k={depth:4d} seed={seed}: train err {errors[0]:.4f}, val err {errors[1]:.4f}", flush=True)

@@ -381,3 +381,13 @@ def test_budget_flag_picks_the_substitutes_hyperparameter(capsys):
     assert 0.98 * 7e5 <= params <= 7e5 and f"Params: {params:.5E}" in out
     with pytest.raises(SystemExit, match="--budget needs a net with a `budget` argument"):
         main(["count", "--config", str(CONFIGS / "quickstart.yaml"), "--budget", "7e5"])
+
+
+def test_original_steps_preset_trains_a_fixed_number_of_steps(in_tmp, capsys):
+    preset = ["--config", CONFIGS / "presets" / "original_steps.yaml"]
+    config = yaml.safe_load((CONFIGS / "presets" / "original_steps.yaml").read_text())
+    assert config["trainer"]["max_steps"] == 705  # 3 epochs of 60,000 images at batch 256: 3 x 235
+    trainer = fit_quickstart(*preset, "--trainer.max_steps", "30", "--trainer.limit_train_batches", "4")
+    assert trainer.global_step == 30 and trainer.current_epoch >= 7  # past the config's 1 epoch: steps decide
+    cli("search", "--config", CONFIGS / "quickstart.yaml", *preset, "--trainer.max_steps", "3", "--upper", "3", *QUIET)
+    assert "search quickstart: k in 3..3, 1 seed(s) per depth, 3 steps" in capsys.readouterr().out

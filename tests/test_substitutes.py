@@ -4,12 +4,14 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_modules.counting import count
 from lightning_modules.layers import substitute_conv
-from lightning_modules.layers.substitutes import parse_substitute
+from lightning_modules.layers.hashed import HashedPointwise
+from lightning_modules.layers.substitutes import Shuffle, parse_substitute
 from lightning_modules.nets import WideBlock, WideResNet
 from tests.conftest import ROOT
 
@@ -182,3 +184,58 @@ def test_the_readmes_substitute_table_is_what_count_gives():
             net = WideResNet(28, 10, conv=conv)
         result = count(net, (3, 32, 32))
         assert (f"{result.params:.5E}", f"{result.mult_adds:.5E}") == (params.strip(), mult_adds.strip()), conv
+
+
+ORIGINAL_WRN28_10 = {  # the spec's table: (params, mult-adds); None where this project does not reproduce it
+    "Conv": ("3.64792E+07", "5.24564E+09"),
+    "Shuffle_4": ("8.23674E+05", "1.17201E+08"),
+    "Shuffle_8": ("5.63594E+05", "7.69784E+07"),
+    "Shuffle_16": ("4.37354E+05", "6.07583E+07"),
+    "Shuffle_32": ("3.78314E+05", "5.12965E+07"),
+    "SepHashed_0.1": (None, "6.29697E+08"),  # the original hashed the depthwise part too: not offered
+    "ACDC_11": ("5.55498E+05", None),  # the original's ACDC mult-add convention is not recorded
+}
+
+
+@pytest.mark.parametrize("conv", ORIGINAL_WRN28_10)
+def test_wrn28_10_students_have_the_originals_counts(conv):
+    with torch.device("meta"):
+        net = WideResNet(28, 10, conv=conv)
+    result = count(net, (3, 32, 32))
+    params, mult_adds = ORIGINAL_WRN28_10[conv]
+    assert params is None or f"{result.params:.5E}" == params
+    assert mult_adds is None or f"{result.mult_adds:.5E}" == mult_adds
+
+
+def test_shortcuts_stay_full_convs_unless_asked():
+    plain, substituted = (
+        WideResNet(16, 2, conv="Shuffle_4"),
+        WideResNet(16, 2, conv="Shuffle_4", substitute_shortcuts=True),
+    )
+    shortcut = plain.group2[0].shortcut
+    assert isinstance(shortcut, nn.Conv2d) and shortcut.kernel_size == (1, 1) and shortcut.groups == 1
+    assert shortcut.stride == (2, 2) and shortcut.bias is None
+    assert not isinstance(substituted.group2[0].shortcut, nn.Conv2d)  # a grouped Shuffle pointwise map
+    assert isinstance(plain.group2[0].conv1, Shuffle)  # the 3x3 convs are substituted either way
+    assert "substitute_shortcuts=False" in repr(plain)
+
+
+def test_shuffle_uses_one_group_count_for_both_grouped_convs():
+    def groups(block: nn.Module) -> list[int]:
+        return [m.groups for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+
+    assert groups(substitute_conv("Shuffle_8", 320, 640)) == [8, 8]
+    assert groups(substitute_conv("Shuffle_16", 160, 160)) == [10, 10]  # mid = 40: 16 does not divide it
+    first = substitute_conv("Shuffle_16", 16, 160)  # WRN-28-10's first block; per conv it was 8 and 10
+    assert groups(first) == [8, 8] and first.groups == 8
+
+
+def test_the_hashed_pointwise_conv_has_an_output_bias():
+    hashed = HashedPointwise(8, 6, s=0.5)
+    assert hashed.bias.shape == (6,) and hashed.weight.numel() == 24
+    x = torch.randn(2, 8, 3, 3)
+    with torch.no_grad():
+        hashed.bias.fill_(1.5)
+    expected = F.conv2d(x, hashed.virtual_weight()) + 1.5
+    assert torch.allclose(hashed(x), expected)
+    assert HashedPointwise(8, 6, s=0.5, bias=False).bias is None

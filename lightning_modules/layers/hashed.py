@@ -24,9 +24,10 @@ def position_hash(index: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 class HashedPointwise(nn.Module):
-    """A 1x1 conv (in -> out, optional stride) whose in*out weights share `int(in*out*s)` hashed buckets."""
+    """A 1x1 conv (in -> out, optional stride) whose in*out weights share `int(in*out*s)` hashed buckets,
+    plus an output bias (the original's hashed conv has one: 8,960 parameters on WRN-28-10)."""
 
-    def __init__(self, in_ch: int, out_ch: int, s: float = 0.1, stride: int = 1):
+    def __init__(self, in_ch: int, out_ch: int, s: float = 0.1, stride: int = 1, bias: bool = True):
         super().__init__()
         if not 0 < s <= 1:
             raise ValueError(f"SepHashed keeps a fraction s in (0, 1] of the 1x1 weights, got {s}")
@@ -34,6 +35,7 @@ class HashedPointwise(nn.Module):
         buckets = max(1, int(in_ch * out_ch * s))
         self.weight = nn.Parameter(torch.empty(buckets))
         nn.init.normal_(self.weight, std=math.sqrt(2.0 / out_ch))  # the full conv's init (Kaiming, fan out)
+        self.bias = nn.Parameter(torch.zeros(out_ch)) if bias else None
         position = torch.arange(out_ch * in_ch).view(out_ch, in_ch)
         self.register_buffer("bucket", position_hash(position, seed=1) % buckets, persistent=False)
         self.register_buffer("sign", 1.0 - 2.0 * (position_hash(position, seed=2) & 1).float(), persistent=False)
@@ -43,11 +45,11 @@ class HashedPointwise(nn.Module):
         return (self.weight[self.bucket] * self.sign).view(self.out_ch, self.in_ch, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.virtual_weight(), stride=self.stride)
+        return F.conv2d(x, self.virtual_weight(), self.bias, stride=self.stride)
 
     def mult_adds(self, output: torch.Tensor) -> int:
-        """Per sample: the dense 1x1 conv's (sharing saves parameters, not compute)."""
+        """Per sample: the dense 1x1 conv's (sharing saves parameters, not compute; a conv's bias counts 0)."""
         return output[0].numel() * self.in_ch
 
     def extra_repr(self) -> str:
-        return f"{self.in_ch}, {self.out_ch}, buckets={self.weight.numel()}, stride={self.stride}"
+        return f"{self.in_ch}, {self.out_ch}, buckets={self.weight.numel()}, stride={self.stride}, bias={self.bias is not None}"

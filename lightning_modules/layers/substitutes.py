@@ -68,7 +68,9 @@ class ChannelShuffle(nn.Module):
 
 class Shuffle(nn.Sequential):
     """`Shuffle_g`: grouped 1x1 (in -> out/4, g groups) -> channel shuffle -> depthwise k x k (k > 1)
-    -> grouped 1x1 (-> out, g groups). Group counts fall back to the largest divisor of both sides."""
+    -> grouped 1x1 (-> out, g groups), one group count for both grouped convs as in the original. Where
+    g does not divide in, out/4 and out (WRN-28-10's 16-channel stem at g = 32), both use the largest
+    count below g that divides all three."""
 
     def __init__(
         self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, padding: int | None = None, g: int = 4
@@ -77,13 +79,17 @@ class Shuffle(nn.Sequential):
             raise ValueError(f"Shuffle needs g >= 1 groups, got {g}")
         padding = kernel_size // 2 if padding is None else padding
         mid = max(1, out_ch // 4)
-        g1, g2 = _common_groups(g, in_ch, mid), _common_groups(g, mid, out_ch)
+        groups = _common_groups(g, in_ch, mid, out_ch)
         spatial, stride = _spatial(mid, kernel_size, stride, padding)
-        super().__init__(_pointwise(in_ch, mid, g1, stride), ChannelShuffle(g1), *spatial, _pointwise(mid, out_ch, g2))
+        super().__init__(
+            _pointwise(in_ch, mid, groups, stride), ChannelShuffle(groups), *spatial, _pointwise(mid, out_ch, groups)
+        )
+        self.groups = groups
 
 
-def _common_groups(g: int, a: int, b: int) -> int:
-    while a % g or b % g:
+def _common_groups(g: int, *channels: int) -> int:
+    """The largest group count <= g that divides every one of `channels`."""
+    while any(c % g for c in channels):
         g -= 1
     return g
 

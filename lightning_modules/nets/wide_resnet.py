@@ -2,9 +2,9 @@
 
 A 3x3 stem conv to 16 channels; three groups of n = (d - 4) / 6 pre-activation basic blocks with
 widths 16k, 32k, 64k and strides 1, 2, 2; a 1x1 shortcut conv where the shape changes; a final
-BN-ReLU, global average pool and linear. Every conv inside the blocks (3x3 and 1x1 shortcut) is
-built by `layers.substitute_conv` from the `conv` string, so a student is the same net with
-`conv: Shuffle_4`. Counts: WRN-28-10 36,479,194 parameters, WRN-40-2 2,243,546, WRN-16-2 691,674.
+BN-ReLU, global average pool and linear. Every 3x3 conv inside the blocks is built by
+`layers.substitute_conv` from the `conv` string, so a student is the same net with `conv: Shuffle_4`;
+the 1x1 shortcuts stay full convs, as in the original (`substitute_shortcuts` replaces them too). Counts: WRN-28-10 36,479,194 parameters, WRN-40-2 2,243,546, WRN-16-2 691,674.
 With `checkpoint_blocks`, each block keeps only its input for the backward pass and recomputes
 the rest (activation checkpointing: less memory, about a fifth more time per step).
 """
@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from lightning_modules.layers.checkpointing import CheckpointableBlock
-from lightning_modules.layers.substitutes import fit_budget, parse_substitute, substitute_conv
+from lightning_modules.layers.substitutes import fit_budget, full_conv, parse_substitute, substitute_conv
+
+
+def full_conv_of(conv: str, in_ch: int, out_ch: int, kernel_size: int, stride: int, padding: int) -> nn.Conv2d:
+    """A plain conv whatever the substitute: the original's 1x1 shortcuts stay full convolutions."""
+    return full_conv(in_ch, out_ch, kernel_size, stride, padding)
 
 
 class WideBlock(CheckpointableBlock):
@@ -23,7 +28,14 @@ class WideBlock(CheckpointableBlock):
     of the activated input where the shape changes (as the original WRN code does)."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, stride: int, conv: str = "Conv", dropout: float = 0.0, checkpointed: bool = False
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        conv: str = "Conv",
+        dropout: float = 0.0,
+        checkpointed: bool = False,
+        substitute_shortcut: bool = False,
     ):
         super().__init__()
         self.checkpointed = checkpointed
@@ -32,7 +44,8 @@ class WideBlock(CheckpointableBlock):
         self.bn2, self.act2 = nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
         self.conv2 = substitute_conv(conv, out_ch, out_ch, 3, 1)
-        self.shortcut = substitute_conv(conv, in_ch, out_ch, 1, stride, 0) if in_ch != out_ch or stride != 1 else None
+        shortcut = substitute_conv if substitute_shortcut else full_conv_of
+        self.shortcut = shortcut(conv, in_ch, out_ch, 1, stride, 0) if in_ch != out_ch or stride != 1 else None
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         o = self.act1(self.bn1(x))
@@ -53,6 +66,7 @@ class WideResNet(nn.Module):
         dropout: float = 0.0,
         budget: float | None = None,
         checkpoint_blocks: bool = False,
+        substitute_shortcuts: bool = False,
     ):
         """
         Args:
@@ -67,6 +81,8 @@ class WideResNet(nn.Module):
                 so the net has the most parameters at or under it, and printed.
             checkpoint_blocks: recompute each block's activations in the backward pass instead of
                 keeping them (the same gradients, less memory, more time).
+            substitute_shortcuts: build the 1x1 shortcut convs from `conv` too; by default they stay full
+                convolutions, as in the original, which replaced every 3x3 conv only.
         """
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
@@ -75,10 +91,10 @@ class WideResNet(nn.Module):
             parse_substitute(conv)  # a bad name fails here, with the list of names
         else:
             shape = (depth, width, num_classes, in_channels)
-            conv, params = fit_budget(conv, lambda name: _params_on_meta(*shape, name), budget)
+            conv, params = fit_budget(conv, lambda name: _params_on_meta(*shape, name, substitute_shortcuts), budget)
             coarse = "" if params >= 0.98 * budget else "; the nearest at or under it that this substitute allows"
             print(f"budget {budget:,.0f} parameters: conv {conv} gives {params:,} ({params / budget - 1:+.2%}{coarse})")
-        self.depth, self.width, self.conv = depth, width, conv
+        self.depth, self.width, self.conv, self.substitute_shortcuts = depth, width, conv, substitute_shortcuts
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
         self.stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
@@ -92,6 +108,7 @@ class WideResNet(nn.Module):
                         conv,
                         dropout,
                         checkpoint_blocks,
+                        substitute_shortcuts,
                     )
                     for i in range(n)
                 )
@@ -110,11 +127,13 @@ class WideResNet(nn.Module):
         return self.fc(self.flatten(self.pool(self.act(self.bn(x)))))
 
     def extra_repr(self) -> str:
-        return f"WRN-{self.depth}-{self.width}, conv={self.conv}"
+        return f"WRN-{self.depth}-{self.width}, conv={self.conv}, substitute_shortcuts={self.substitute_shortcuts}"
 
 
-def _params_on_meta(depth: int, width: int, num_classes: int, in_channels: int, conv: str) -> int:
+def _params_on_meta(
+    depth: int, width: int, num_classes: int, in_channels: int, conv: str, substitute_shortcuts: bool
+) -> int:
     """The parameter count of a WRN built on the meta device: shapes only, no memory, no initialisation."""
     with torch.device("meta"):
-        net = WideResNet(depth, width, num_classes, in_channels, conv)
+        net = WideResNet(depth, width, num_classes, in_channels, conv, substitute_shortcuts=substitute_shortcuts)
     return sum(p.numel() for p in net.parameters())
