@@ -251,8 +251,8 @@ class SpeechCommands(TensorDataModule):
                 splits[split] = Split(waves, torch.tensor(labels, dtype=torch.long))
         return splits
 
-    def load_splits(self) -> dict[str, Split]:
-        """The decoded splits, from the cache when it matches the settings and the files."""
+    def make_splits(self) -> dict[str, Split]:
+        """The official splits, decoded, from the cache when it matches the settings and the files."""
         files = self.clip_files()
         path = self.data_dir / ".netlab-cache" / f"speech-{self.cache_key(files)}.pt"
         if self.cache and path.is_file():
@@ -270,9 +270,6 @@ class SpeechCommands(TensorDataModule):
         return splits
 
     # --- the datamodule -----------------------------------------------------------------------------
-
-    def make_splits(self) -> dict[str, Split]:
-        return self.load_splits()
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)

@@ -15,7 +15,7 @@ import yaml
 from datamodules import Digits
 from lightning_modules import Classifier, NonFiniteLossError
 from lightning_modules.cli import main
-from lightning_modules.nets import DepthCNN, SparseCNN, WideResNet
+from lightning_modules.nets import DepthCNN, WideResNet
 from lightning_modules.trainer import net_from_config
 from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_cifar10, make_image_folder, make_mnist, make_speech_commands
 
@@ -116,16 +116,6 @@ def test_every_preset_stacks_on_an_experiment(preset, in_tmp):
     if "CIFAR10" in data_class:
         assert trainer.datamodule.augment.crop_padding == 4 and trainer.datamodule.augment.cutout == 16
     assert trainer.state.finished
-
-
-@pytest.mark.parametrize("variant", sorted((CONFIGS / "kwinners" / "variants").glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_kwinners_variant_stacks_on_the_papers_net(variant):
-    base = net_from_config(CONFIGS / "kwinners" / "gsc_sparse.yaml")
-    changes = yaml.safe_load(variant.read_text())["model"]["init_args"]["net"]["init_args"]
-    config = cli_config("--config", CONFIGS / "kwinners" / "gsc_sparse.yaml", "--config", variant)
-    net = config["model"]["init_args"]["net"]["init_args"]
-    assert all(net[k] == v for k, v in changes.items()) and net["channels"] == [64, 64]
-    assert isinstance(base, SparseCNN)
 
 
 def test_ddp_preset_parses():
