@@ -3,6 +3,7 @@ line), and a `last.ckpt` that is the last epoch's."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -12,19 +13,51 @@ from torch import nn
 from lightning_modules.classifier import ConfigError
 
 
-def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The state dict in a checkpoint of this framework (or a plain saved state dict), loaded as weights only."""
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
+    """A checkpoint file loaded as weights only (tensors and plain values); every failure one ConfigError line,
+    in this project's words (torch's own message for a pickled file advises unpickling it: never repeated)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} not found")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt or truncated file, or one that would need unpickling arbitrary objects
-        raise ConfigError(f"{what} {path} cannot be read as weights: {str(e).splitlines()[0][:200]}") from e
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a class or function the file would construct
+            raise ConfigError(
+                f"{what} {path} holds Python objects besides tensors and plain values; this project loads weights only"
+            ) from e
+        raise ConfigError(f"{what} {path} is not a PyTorch checkpoint (or it is corrupt)") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ConfigError(f"{what} {path} is truncated, corrupt or not a PyTorch checkpoint") from e
+    if not isinstance(checkpoint, dict):
         raise ConfigError(f"{what} {path} holds no state dict")
+    return checkpoint
+
+
+def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint of this framework (or a plain saved state dict), loaded as weights only."""
+    checkpoint = read_checkpoint(path, what)
+    state = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{what} {Path(path)} holds no state dict")
     return state
+
+
+def check_fits(model: nn.Module, path: str | Path) -> None:
+    """Refuse, in one line naming a few keys, a checkpoint whose net weights (`net.*`) are not those of `model`'s
+    net (a checkpoint of another net). Shapes are not compared: a pruned net's checkpoint is smaller by design."""
+    state = {key for key in read_state_dict(path) if key.startswith("net.")}
+    expected = {key for key in model.state_dict() if key.startswith("net.")}  # a student's teacher is not saved
+    missing, unexpected = sorted(expected - state), sorted(state - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})"
+            )
+        raise ConfigError(f"checkpoint {Path(path)} is not of this config's model: weights {'; '.join(parts)}")
 
 
 def load_net(net: nn.Module, path: str | Path, what: str = "checkpoint") -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
 
 import yaml
@@ -12,10 +14,12 @@ from pytorch_lightning.loggers import WandbLogger
 from callbacks.activation_observer import NoLayersError
 from callbacks.complexity import Complexity
 from datamodules.tensor_data import DataError
-from lightning_modules.checkpoints import keep_last_epoch
+from lightning_modules.checkpoints import check_fits, keep_last_epoch, read_checkpoint
 from lightning_modules.classifier import ConfigError, NonFiniteLossError
 from lightning_modules.loggers import default_loggers
 from lightning_modules.trainer import ResearchTrainer, config_name
+
+SPECIAL_CHECKPOINTS = ("last", "best", "hpc", "registry")  # Lightning resolves these itself
 
 
 class RunConfig(SaveConfigCallback):
@@ -28,6 +32,32 @@ class RunConfig(SaveConfigCallback):
                 logger.log_hyperparams(config)
 
 
+def did_you_mean(message: str, keys: list[str]) -> str:
+    """`; did you mean --trainer.max_epochs?` for the first unknown key a parser error names (empty if none close)."""
+    names = re.findall(r"--([\w.]+)|(?:[Kk]ey|option) ['\"]([\w.]+)['\"]", message)
+    for name in (a or b for a, b in names):
+        close = difflib.get_close_matches(name, keys, n=2, cutoff=0.75)
+        if close and name not in keys:
+            return "; did you mean " + " or ".join(f"--{c}" for c in close) + "?"
+    return ""
+
+
+class ShortErrorParser(LightningArgumentParser):
+    """Parse errors as the error first and short, with the closest valid keys; the usage is left to --help."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        subparsers = getattr(getattr(parser, "_subcommands_action", None), "choices", None) or {}
+        keys = [a.dest for p in (parser, *subparsers.values()) for a in p._actions if a.dest not in (None, "help")]
+        lines = [line for line in message.strip().splitlines() if line.strip()]
+        short = " ".join(line.strip() for line in lines[:6]) + (" ..." if len(lines) > 6 else "")
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {short}{did_you_mean(message, keys)}\n({prog} --help lists every option)\n")
+        self.exit(2)
+
+
 class ResearchCLI(LightningCLI):
     """`python train.py fit|validate|test|count|search|sweep|noise --config C`."""
 
@@ -37,7 +67,26 @@ class ResearchCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)  # optimizers are the LightningModule's own arguments
         kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs"})
         kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})
+        kwargs.setdefault("parser_class", ShortErrorParser)
         super().__init__(**kwargs)
+
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        kwargs.setdefault("allow_abbrev", False)  # `--trainer.max_epoch` is a typo, not max_epochs
+        return super().init_parser(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads `--ckpt_path` here, before anything else: a missing or unreadable file is one line."""
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        path = config.get("ckpt_path") if config is not None else None
+        if path and path not in SPECIAL_CHECKPOINTS:
+            read_checkpoint(path)
+        super()._parse_ckpt_path()
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        path = self.config_init[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if path and path not in SPECIAL_CHECKPOINTS:
+            check_fits(self.model, path)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

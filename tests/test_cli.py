@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from functools import partial
@@ -381,3 +382,56 @@ def test_original_steps_preset_trains_a_fixed_number_of_steps(in_tmp, capsys):
     assert trainer.global_step == 30 and trainer.current_epoch >= 7  # past the config's 1 epoch: steps decide
     cli("search", "--config", CONFIGS / "quickstart.yaml", *preset, "--trainer.max_steps", "3", "--upper", "3", *QUIET)
     assert "search quickstart: k in 3..3, 1 seed(s) per depth, 3 steps" in capsys.readouterr().out
+
+
+def cli_error(*args: str, capsys) -> str:
+    """The error a user sees from `train.py ARGS` (run in-process): what stderr or the exit message says."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    code = exit_info.value.code
+    if isinstance(code, str):
+        return code
+    err = capsys.readouterr().err
+    return err[err.index("error:") :]  # after Lightning's warning that args= came from inside Python
+
+
+def test_an_abbreviated_or_misspelt_key_is_refused_in_one_short_line(tmp_path, capsys):
+    quick = CONFIGS / "quickstart.yaml"
+    error = cli_error("fit", "--config", quick, "--trainer.max_epoch", "1", "--wandb", "false", capsys=capsys)
+    assert error.startswith("error: unrecognized arguments: --trainer.max_epoch 1; did you mean --trainer.max_epochs")
+    assert len(error.strip().splitlines()) == 2 and "usage" not in error  # the usage is left to --help
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(quick.read_text().replace("max_epochs", "max_epoch"))
+    error = cli_error("fit", "--config", bad, "--wandb", "false", capsys=capsys)
+    assert "'trainer.max_epoch'" in error and "did you mean --trainer.max_epochs" in error
+    assert len(error.strip().splitlines()) == 2
+
+
+def write_bad_checkpoints(folder: Path) -> dict[str, Path]:
+    good = folder / "good.ckpt"
+    torch.save({"state_dict": {"net.x": torch.zeros(100)}, "epoch": 0}, good)
+    paths = {name: folder / f"{name}.ckpt" for name in ("garbage", "truncated", "pickled")}
+    paths["garbage"].write_text("not a checkpoint")
+    paths["truncated"].write_bytes(good.read_bytes()[:200])
+    torch.save({"state_dict": Path("x")}, paths["pickled"])
+    return {**paths, "other-net": good, "missing": folder / "missing.ckpt"}
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("missing", "not found"),
+        ("garbage", "is not a PyTorch checkpoint"),
+        ("truncated", "truncated, corrupt or not a PyTorch checkpoint"),
+        ("pickled", "holds Python objects besides tensors and plain values"),
+        ("other-net", r"is not of this config's model: weights 65 missing \(net.features.0.conv.bias, "),
+    ],
+)
+def test_a_bad_ckpt_path_is_one_line_naming_the_file(name, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_bad_checkpoints(tmp_path)[name]
+    error = cli_error(
+        "fit", "--config", CONFIGS / "quickstart.yaml", "--ckpt_path", path, "--wandb", "false", capsys=capsys
+    )
+    assert error.startswith(f"error: checkpoint {path} ") and re.search(message, error), error
+    assert "\n" not in error and "weights_only" not in error and "Traceback" not in error

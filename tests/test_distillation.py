@@ -130,9 +130,9 @@ def test_student_checkpoints_leave_the_teacher_out_and_resume(teacher_checkpoint
     "write, message",
     [
         (None, "not found: train the teacher first"),
-        (lambda p: p.write_bytes(b"not a checkpoint"), "cannot be read as weights"),
+        (lambda p: p.write_bytes(b"not a checkpoint"), "not a PyTorch checkpoint"),
         (lambda p: torch.save({"state_dict": {"net.stem.weight": torch.zeros(1)}}, p), "does not fit"),
-        (lambda p: torch.save({"state_dict": Path("x")}, p), "cannot be read as weights"),  # needs unpickling
+        (lambda p: torch.save({"state_dict": Path("x")}, p), "holds Python objects"),  # needs unpickling
     ],
     ids=["missing", "corrupt", "wrong-net", "pickled-object"],
 )
@@ -141,8 +141,9 @@ def test_bad_teacher_checkpoints_are_one_clear_error(write, message, tmp_path):
     if write is not None:
         write(path)
     student = Student(small_wrn("Sep"), small_wrn(), str(path))
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as error:
         student.setup("fit")
+    assert "weights_only" not in str(error.value)  # never advice to unpickle
     with pytest.raises(ConfigError, match="teacher_checkpoint"):
         Student(small_wrn("Sep"), small_wrn()).setup("fit")
     with pytest.raises(ConfigError, match="kd_alpha"):
