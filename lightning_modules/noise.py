@@ -9,6 +9,7 @@ The noise score is the number of correct answers summed over all levels, a = 0 i
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,13 +78,12 @@ def write_noise_results(results: list[NoiseResult], folder: Path) -> dict[str, P
     """noise.csv (a row per model and level), noise.md (accuracy per level and the noise score), noise.png."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"csv": folder / "noise.csv", "md": folder / "noise.md", "plot": folder / "noise.png"}
-    temporary = paths["csv"].with_name(f".noise.csv.tmp{os.getpid()}")
-    with open(temporary, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["model", "noise", "accuracy", "correct", "total"])
-        for r in results:
-            writer.writerows([r.model, level, r.accuracy(level), c, r.total] for level, c in r.correct.items())
-    os.replace(temporary, paths["csv"])
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["model", "noise", "accuracy", "correct", "total"])
+    for r in results:
+        writer.writerows([r.model, level, r.accuracy(level), c, r.total] for level, c in r.correct.items())
+    atomic_write(paths["csv"], table.getvalue())
     levels = list(results[0].correct)
     lines = [
         "| model | " + " | ".join(f"{level:g}" for level in levels) + " | noise score |",

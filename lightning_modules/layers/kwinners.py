@@ -200,14 +200,15 @@ class KWinners2d(KWinnersBase):
         n, c, h, w = x.shape
         k_train, k_eval = self.ks(c if self.local else c * h * w)
         k = k_train if self.training else k_eval
-        duty = self.duty_cycle.view(1, c, 1, 1)
         if self.local:  # channels last, so each position's C values are one row
-            out, mask = kwinners(x.movedim(1, -1), duty.view(c), k, self.boost_strength, self.break_ties)
+            rows, duty = x.movedim(1, -1), self.duty_cycle
+        else:  # one row of C*H*W per sample, each unit boosted by its channel's duty cycle
+            rows, duty = x.reshape(n, -1), self.duty_cycle.repeat_interleave(h * w)
+        out, mask = kwinners(rows, duty, k, self.boost_strength, self.break_ties)
+        if self.local:
             out, mask = out.movedim(-1, 1), mask.movedim(-1, 1)
         else:
-            boosted = (x.detach() * torch.exp(-self.boost_strength * duty)).reshape(n, -1)
-            mask = winners(boosted, k, self.break_ties).view_as(x)
-            out = x.masked_fill(~mask, 0.0)
+            out, mask = out.view_as(x), mask.view_as(x)
         if self.training:
             self.record(mask.sum(dim=(0, 2, 3)) / (h * w), n)
         return out
