@@ -43,20 +43,19 @@ def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
     return state
 
 
-def check_fits(model: nn.Module, path: str | Path) -> None:
-    """Refuse, in one line naming a few keys, a checkpoint whose net weights (`net.*`) are not those of `model`'s
-    net (a checkpoint of another net). Shapes are not compared: a pruned net's checkpoint is smaller by design."""
-    state = {key for key in read_state_dict(path) if key.startswith("net.")}
+def check_fits(model: nn.Module, saved_keys: set[str], path: str | Path) -> None:
+    """Refuse, in one line naming a few keys, a checkpoint (at `path`, holding `saved_keys`) whose net weights
+    (`net.*`) are not those of `model`'s net: a checkpoint of another net. Shapes are not compared: a pruned
+    net's checkpoint is smaller by design."""
+    state = {key for key in saved_keys if key.startswith("net.")}
     expected = {key for key in model.state_dict() if key.startswith("net.")}  # a student's teacher is not saved
+
+    def few(keys: list[str]) -> str:
+        return f"{len(keys)} {{}} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+
     missing, unexpected = sorted(expected - state), sorted(state - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-        if unexpected:
-            parts.append(
-                f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})"
-            )
+    parts = [few(keys).format(kind) for keys, kind in ((missing, "missing"), (unexpected, "unexpected")) if keys]
+    if parts:
         raise ConfigError(f"checkpoint {Path(path)} is not of this config's model: weights {'; '.join(parts)}")
 
 

@@ -14,7 +14,7 @@ from pytorch_lightning.loggers import WandbLogger
 from callbacks.activation_observer import NoLayersError
 from callbacks.complexity import Complexity
 from datamodules.tensor_data import DataError
-from lightning_modules.checkpoints import check_fits, keep_last_epoch, read_checkpoint
+from lightning_modules.checkpoints import check_fits, keep_last_epoch, read_state_dict
 from lightning_modules.classifier import ConfigError, NonFiniteLossError
 from lightning_modules.loggers import default_loggers
 from lightning_modules.trainer import ResearchTrainer, config_name
@@ -75,18 +75,19 @@ class ResearchCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning reads `--ckpt_path` here, before anything else: a missing or unreadable file is one line."""
+        """Lightning reads `--ckpt_path` here, before anything else: a missing or unreadable file is one line.
+        Its keys are kept, to check them against the model once it is built."""
         config = self.config.get(self.config.get("subcommand") or "", None)
         path = config.get("ckpt_path") if config is not None else None
+        self.checkpoint_keys = None
         if path and path not in SPECIAL_CHECKPOINTS:
-            read_checkpoint(path)
+            self.checkpoint_keys = set(read_state_dict(path))
         super()._parse_ckpt_path()
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
-        path = self.config_init[self.subcommand].get("ckpt_path") if self.subcommand else None
-        if path and path not in SPECIAL_CHECKPOINTS:
-            check_fits(self.model, path)
+        if self.checkpoint_keys is not None:
+            check_fits(self.model, self.checkpoint_keys, self.config_init[self.subcommand].ckpt_path)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
