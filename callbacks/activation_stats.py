@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
 
 from callbacks.activation_observer import (
     ActivationObserver,
@@ -24,6 +23,8 @@ from callbacks.activation_observer import (
     wandb_loggers,
 )
 from callbacks.figures import variance_histograms
+from lightning_modules.console import say
+from lightning_modules.files import atomic_save
 from lightning_modules.moments import MomentAccumulator, Moments
 from lightning_modules.unit_statistics import pca_summary, variance_summary
 
@@ -142,7 +143,7 @@ class ActivationStats(ActivationObserver):
     def report(self, trainer, folder: Path | None, moments: dict, variances: dict, explained: dict) -> None:
         title = f"activation statistics ({self.split}, epoch {trainer.current_epoch}, step {trainer.global_step})"
         if self.print_table:
-            rank_zero_info(self.table(title, variances))
+            say(self.table(title, variances))
         # straight to the loggers: a hundred keys through LightningModule.log cost 0.3 s an epoch
         scalars = {
             f"act/{name}/{key}": value for name, summary in self.summaries.items() for key, value in summary.items()
@@ -151,8 +152,7 @@ class ActivationStats(ActivationObserver):
             logger.log_metrics(scalars, step=trainer.global_step)
         if folder is None:
             return
-        (folder / "activation_stats").mkdir(parents=True, exist_ok=True)
-        torch.save(
+        atomic_save(
             {
                 name: {
                     "mean": torch.from_numpy(self.means[name]),  # already on the host from `finish`

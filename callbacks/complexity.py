@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_modules.console import say
 from lightning_modules.counting import count_model
 
 
@@ -25,7 +25,7 @@ class Complexity(pl.Callback):
         if not trainer.is_global_zero:  # the count is deterministic: one rank does it
             return
         result = count_model(pl_module, trainer.datamodule, self.input_shape)
-        rank_zero_info(result.summary() + ("\n" + result.table() if self.per_layer else ""))
+        say(result.summary() + ("\n" + result.table() if self.per_layer else ""))
         stats = {"complexity/params": result.params, "complexity/mult_adds": result.mult_adds}
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from callbacks.activation_observer import (
@@ -24,6 +23,8 @@ from callbacks.activation_observer import (
     wandb_loggers,
 )
 from callbacks.figures import BackgroundFigures, dead_units_figure
+from lightning_modules.console import say
+from lightning_modules.files import atomic_save
 
 
 def consumer_keyed(
@@ -106,7 +107,7 @@ class DeadUnits(ActivationObserver):
         total_dead, total = sum(dead), sum(sizes)
         scalars = {f"dead/{name}": float(d) for name, (d, _) in self.counts.items()}
         scalars.update({"dead/total": float(total_dead), "dead/fraction": total_dead / total})
-        pl_module.log_dict(scalars, sync_dist=False)  # already the same on every rank
+        pl_module.log_dict(scalars, sync_dist=True, reduce_fx="max")  # already the same on every rank
         folder = run_folder(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
             self.report(trainer, pl_module, folder, total_dead, total)
@@ -120,12 +121,11 @@ class DeadUnits(ActivationObserver):
             if self.consumer_keys:
                 keyed = consumer_keyed(network_of(pl_module), self.layers, self.counts)
                 lines.append("{" + ",\n ".join(f"{k!r}: ({d}, {t})" for k, (d, t) in keyed.items()) + "}")
-            rank_zero_info("\n".join(lines))
+            say("\n".join(lines))
         rows = [(name, d, t) for name, (d, t) in self.counts.items()]
         if folder is None:
             return
-        (folder / "dead_units").mkdir(parents=True, exist_ok=True)
-        torch.save(self.peaks, folder / "dead_units" / f"step{trainer.global_step:07d}.pt")
+        atomic_save(self.peaks, folder / "dead_units" / f"step{trainer.global_step:07d}.pt")
         loggers, step = wandb_loggers(trainer), trainer.global_step
         for logger in loggers:
             table = [[name, d, t, d / t] for name, d, t in rows]

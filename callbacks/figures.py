@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_modules.files import atomic_path
+
 
 class BackgroundFigures:
     """Runs drawing jobs in order on one background thread, so a per-epoch PNG (0.1-0.2 s of
@@ -59,7 +61,8 @@ def dead_units_figure(rows: list[tuple[str, int, int]], title: str, path: Path) 
     figure.subplots_adjust(
         left=min(0.5, 0.04 + 0.012 * longest), right=0.97, top=0.9, bottom=0.15
     )  # tight_layout costs 40%
-    figure.savefig(path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary)
     return path
 
 
@@ -97,5 +100,6 @@ def variance_histograms(variances: dict[str, np.ndarray], title: str, path: Path
         ax.tick_params(labelsize=7)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary)
     return path

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from datamodules.augment import BatchAugment
-from datamodules.tensor_data import CorruptDataError, DataNotFoundError, Split, TensorDataModule
+from datamodules.tensor_data import CorruptDataError, DataNotFoundError, Split, TensorDataModule, download_failure
 
 FOLDER = "cifar-10-batches-py"
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -130,7 +130,7 @@ class CIFAR10(TensorDataModule):
         try:
             torchvision.datasets.CIFAR10(str(self.data_dir), download=True)
         except Exception as e:  # torchvision raises RuntimeError/URLError/OSError depending on what failed
-            raise DataNotFoundError(f"{hint}; the download failed ({type(e).__name__}: {e}).") from e
+            raise DataNotFoundError(f"{hint}; {download_failure(e)}.") from e
 
     def load(self) -> tuple[Split, Split | None]:
         if self._missing():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.tensor_data import CorruptDataError, DataNotFoundError, Split, TensorDataModule
+from datamodules.tensor_data import CorruptDataError, DataNotFoundError, Split, TensorDataModule, download_failure
 
 IDX_DTYPES = {
     0x08: np.uint8,
@@ -111,7 +111,7 @@ class MNIST(TensorDataModule):
             getattr(torchvision.datasets, self.folder)(str(self.data_dir), train=not self.test_file_only, download=True)
             getattr(torchvision.datasets, self.folder)(str(self.data_dir), train=False, download=True)
         except Exception as e:  # torchvision raises RuntimeError/URLError/OSError depending on what failed
-            raise DataNotFoundError(f"{hint}; the download failed ({type(e).__name__}: {e}).") from e
+            raise DataNotFoundError(f"{hint}; {download_failure(e)}.") from e
 
     def _read(self, split: str) -> Split:
         images_name, labels_name = self.files[split]

@@ -23,6 +23,13 @@ class DataNotFoundError(DataError, FileNotFoundError):
     """A dataset's files are missing and could not be downloaded; the message says where to put them."""
 
 
+def download_failure(error: Exception) -> str:
+    """Why a download failed, in one short line (torchvision's message lists every mirror over several lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[-1].strip("<>()") if lines else type(error).__name__
+    return f"the download failed ({reason[:160]})"
+
+
 class CorruptDataError(DataError, ValueError):
     """A dataset file exists but does not hold what its format promises."""
 

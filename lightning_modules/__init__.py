@@ -1,9 +1,25 @@
 """LightningModules that train the plain nets of `nets/`, and the framework's CLI pieces."""
 
-from lightning_modules.classifier import Classifier, ConfigError, NonFiniteLossError
+from lightning_modules.classifier import (
+    Classifier,
+    ConfigError,
+    DivergenceError,
+    LossExplodedError,
+    NonFiniteLossError,
+)
 from lightning_modules.compressed import Compressed
 from lightning_modules.distillation import Student
 from lightning_modules.learned_size import LearnedSize
 from lightning_modules.schedules import PiecewiseLR
 
-__all__ = ["Classifier", "Compressed", "ConfigError", "LearnedSize", "NonFiniteLossError", "PiecewiseLR", "Student"]
+__all__ = [
+    "Classifier",
+    "Compressed",
+    "ConfigError",
+    "DivergenceError",
+    "LearnedSize",
+    "LossExplodedError",
+    "NonFiniteLossError",
+    "PiecewiseLR",
+    "Student",
+]

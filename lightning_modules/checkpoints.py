@@ -4,8 +4,10 @@ line), and a `last.ckpt` that is the last epoch's."""
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
@@ -34,9 +36,30 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
     return checkpoint
 
 
+def check_version(checkpoint: dict, path: str | Path, what: str = "checkpoint") -> None:
+    """Refuse a checkpoint written by a newer Lightning (major.minor) than this environment's: its format may
+    hold what this version cannot restore."""
+    written = str(checkpoint.get("pytorch-lightning_version", ""))
+    if not written:
+        return
+
+    def release(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+    if release(written) > release(pl.__version__):
+        raise ConfigError(
+            f"{what} {Path(path)} was written by PyTorch Lightning {written}, newer than this environment's "
+            f"{pl.__version__}: upgrade pytorch-lightning to resume it"
+        )
+
+
 def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The state dict in a checkpoint of this framework (or a plain saved state dict), loaded as weights only."""
-    checkpoint = read_checkpoint(path, what)
+    return state_dict_of(read_checkpoint(path, what), path, what)
+
+
+def state_dict_of(checkpoint: dict, path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint (or the checkpoint itself, when it is a plain state dict)."""
     state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{what} {Path(path)} holds no state dict")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -13,12 +15,21 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_modules.console import say
 from lightning_modules.layers.kwinners import KWinnersBase
 from lightning_modules.layers.sparse_weights import RezeroAfterStep
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; checkpoints written before it are kept."""
+class DivergenceError(RuntimeError):
+    """Training diverged and was stopped; checkpoints written before it are kept."""
+
+
+class NonFiniteLossError(DivergenceError):
+    """The training loss became NaN or infinite."""
+
+
+class LossExplodedError(DivergenceError):
+    """The training loss stayed finite but grew past the divergence guard's limit."""
 
 
 class ConfigError(ValueError):
@@ -37,6 +48,9 @@ class Classifier(pl.LightningModule):
         channels_last: bool = True,
         finite_check_every: int = 50,
         param_groups: dict[str, dict[str, float]] | None = None,
+        max_loss_ratio: float | None = 1000.0,
+        max_loss: float | None = None,
+        on_divergence: Literal["stop", "warn"] = "stop",
     ):
         """
         Args:
@@ -46,11 +60,16 @@ class Classifier(pl.LightningModule):
             num_classes: classes of the task, for the accuracy metrics.
             channels_last: keep 4-D weights and inputs in NHWC memory order, which oneDNN (CPU) and
                 cuDNN (GPU, tensor cores) run faster; results are the same up to float rounding.
-            finite_check_every: check every this many steps that the loss stayed finite, and stop with an
-                error if not (checking is one host sync, so not every step).
+            finite_check_every: check every this many steps (and at each epoch end) that the loss stayed
+                finite and below the divergence limits (checking is one host sync, so not every step).
             param_groups: optimizer options per parameter-name pattern (fnmatch), e.g.
                 `{"*.bias": {weight_decay: 0}, "net.out.*": {lr: 0.1}}`; the first matching pattern wins and
                 parameters no pattern matches keep the optimizer's own settings.
+            max_loss_ratio: the loss diverged when a step's loss exceeds this multiple of the first step's
+                (None: no ratio limit). A loss that explodes to 1e21 while staying finite is caught here.
+            max_loss: the loss diverged when a step's loss exceeds this bound (None: no bound).
+            on_divergence: `stop` the run with an error (the search counts the trial as diverged) or `warn`
+                once and train on. A NaN or infinite loss always stops.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["net", "teacher", "optimizer", "scheduler"])  # modules live in the state dict
@@ -60,6 +79,7 @@ class Classifier(pl.LightningModule):
         self.channels_last = channels_last
         self.finite_check_every = finite_check_every
         self.param_groups = {pattern: dict(options) for pattern, options in (param_groups or {}).items()}
+        self.max_loss_ratio, self.max_loss, self.on_divergence = max_loss_ratio, max_loss, on_divergence
         for split in ("train", "val", "test"):  # one set of metrics per split: train_metrics, val_metrics, ...
             setattr(
                 self,
@@ -67,6 +87,10 @@ class Classifier(pl.LightningModule):
                 nn.ModuleDict({"acc": MulticlassAccuracy(num_classes, average="micro"), "loss": MeanMetric()}),
             )
         self.register_buffer("loss_finite", torch.tensor(True), persistent=False)
+        # the divergence guard, all on the device: first loss, largest loss since the last check, whether it exploded
+        self.register_buffer("first_loss", torch.tensor(math.nan), persistent=False)
+        self.register_buffer("peak_loss", torch.tensor(-math.inf), persistent=False)
+        self.register_buffer("loss_exploded", torch.tensor(False), persistent=False)
 
     def setup(self, stage: str) -> None:
         if self.channels_last:
@@ -90,21 +114,61 @@ class Classifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.step(batch, "train")
-        self.loss_finite &= torch.isfinite(loss.detach())
+        self.watch_loss(loss)
         return loss
+
+    def watch_loss(self, loss: torch.Tensor) -> None:
+        """Record, without a host sync, whether this step's loss is non-finite or past the divergence limits."""
+        loss = loss.detach().float()
+        self.loss_finite &= torch.isfinite(loss)
+        if self.max_loss_ratio is None and self.max_loss is None:
+            return
+        self.first_loss.copy_(torch.where(torch.isnan(self.first_loss), loss, self.first_loss))
+        self.peak_loss.copy_(torch.maximum(self.peak_loss, loss))
+        if self.max_loss_ratio is not None:
+            self.loss_exploded |= loss > self.max_loss_ratio * self.first_loss.abs()
+        if self.max_loss is not None:
+            self.loss_exploded |= loss > self.max_loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % self.finite_check_every == 0:
             self.check_finite()
 
     def check_finite(self) -> None:
-        """Raise NonFiniteLossError if any rank saw a non-finite loss since the start of training."""
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(self.loss_finite), all=True)
-        if not finite:
+        """Raise NonFiniteLossError if any rank saw a non-finite loss since the start of training, and
+        LossExplodedError (or warn, per `on_divergence`) if one saw a loss past the divergence limits."""
+        strategy = self.trainer.strategy
+        where = f"epoch {self.current_epoch}, step {self.global_step}"
+        keep = "checkpoints saved before this are intact"
+        if not strategy.reduce_boolean_decision(bool(self.loss_finite), all=True):
             raise NonFiniteLossError(
-                f"the training loss became NaN or infinite (epoch {self.current_epoch}, step {self.global_step}); "
-                "stopped. Lower the learning rate or check the data; checkpoints saved before this are intact."
+                f"the training loss became NaN or infinite ({where}); stopped. Lower the learning rate or check "
+                f"the data; {keep}."
             )
+        if self.max_loss_ratio is None and self.max_loss is None:
+            return
+        if not strategy.reduce_boolean_decision(bool(self.loss_exploded), all=False):
+            return
+        limits = (
+            [f"{self.max_loss_ratio:g}x its first value {float(self.first_loss):.3g}"] if self.max_loss_ratio else []
+        )
+        limits += [f"the bound {self.max_loss:g}"] if self.max_loss is not None else []
+        message = (
+            f"the training loss exploded to {float(self.peak_loss):.3g} ({where}), past {' or '.join(limits)}"
+        )  # fmt: skip
+        if self.on_divergence == "stop":
+            raise LossExplodedError(
+                f"{message}; stopped. Lower the learning rate, or set model.init_args.max_loss_ratio / "
+                f"on_divergence: warn; {keep}."
+            )
+        say(f"warning: {message}; training on (on_divergence: warn), not said again.")
+        self.max_loss_ratio = self.max_loss = None  # warn once
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["first_loss"] = float(self.first_loss)  # the guard's reference survives a resume
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.first_loss.fill_(checkpoint.get("first_loss", math.nan))
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.step(batch, "val")
@@ -117,7 +181,8 @@ class Classifier(pl.LightningModule):
         metrics = getattr(self, f"{split}_metrics")
         values = {f"{split}/{name}": metric.compute() for name, metric in metrics.items()}
         values[f"{split}/err"] = 1 - values[f"{split}/acc"]
-        self.log_dict(values, prog_bar=split != "train", sync_dist=False)  # compute() already reduced over ranks
+        # compute() already reduced over ranks: every rank holds the same values, which max keeps exactly
+        self.log_dict(values, prog_bar=split != "train", sync_dist=True, reduce_fx="max")
         for metric in metrics.values():
             metric.reset()
 

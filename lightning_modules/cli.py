@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
+from pathlib import Path
 
+import pytorch_lightning as pl
 import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -14,22 +17,42 @@ from pytorch_lightning.loggers import WandbLogger
 from callbacks.activation_observer import NoLayersError
 from callbacks.complexity import Complexity
 from datamodules.tensor_data import DataError
-from lightning_modules.checkpoints import check_fits, keep_last_epoch, read_state_dict
-from lightning_modules.classifier import ConfigError, NonFiniteLossError
-from lightning_modules.loggers import default_loggers
+from lightning_modules.checkpoints import check_fits, check_version, keep_last_epoch, read_checkpoint, state_dict_of
+from lightning_modules.classifier import ConfigError, DivergenceError
+from lightning_modules.console import quiet_libraries, say
+from lightning_modules.loggers import RunWandbLogger, default_loggers
+from lightning_modules.run_folder import (
+    WANDB_ID,
+    discard,
+    last_checkpoint,
+    run_folder_of,
+    unfinished_study,
+    untrained,
+)
 from lightning_modules.trainer import ResearchTrainer, config_name
 
-SPECIAL_CHECKPOINTS = ("last", "best", "hpc", "registry")  # Lightning resolves these itself
+SPECIAL_CHECKPOINTS = ("best", "hpc", "registry")  # Lightning resolves these itself ("last" is resolved here)
+STUDIES = ("search", "sweep", "noise")  # subcommands that train or evaluate without Lightning's fit
+STUDY_FILES = {"search": ("results.csv", "results.md")}  # a study's (progress, final) files: resumable when killed
 
 
 class RunConfig(SaveConfigCallback):
-    """Saves the resolved config into the run folder (beside its checkpoints) and into W&B's run config."""
+    """Saves the resolved config into the run folder (beside its checkpoints) and into W&B's run config, and
+    records the folder's W&B run so that a resumed run continues it."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.overwrite = getattr(trainer, "resumes_folder", False)  # a run resumed in place rewrites its config
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams(config)
+                if trainer.log_dir:
+                    (Path(trainer.log_dir) / WANDB_ID).write_text(logger.experiment.id)
+                if isinstance(logger, RunWandbLogger):
+                    logger.announce()
 
 
 def did_you_mean(message: str, keys: list[str]) -> str:
@@ -74,14 +97,35 @@ class ResearchCLI(LightningCLI):
         kwargs.setdefault("allow_abbrev", False)  # `--trainer.max_epoch` is a typo, not max_epochs
         return super().init_parser(**kwargs)
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand not in ("validate", "test"):  # theirs is Lightning's: print the results table
+            parser.add_argument(
+                "--verbose", type=bool, default=False, help="Also show what only the libraries say (Lightning, W&B)."
+            )
+        return parser
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand or "", self.config)
+        loud = config.get("verbose") if subcommand not in ("validate", "test") else False
+        quiet_libraries(verbose=bool(loud) or os.environ.get("NETLAB_VERBOSE", "") not in ("", "0"))
+
     def _parse_ckpt_path(self) -> None:
         """Lightning reads `--ckpt_path` here, before anything else: a missing or unreadable file is one line.
-        Its keys are kept, to check them against the model once it is built."""
+        `last` is the newest last.ckpt of this run's name. The checkpoint's keys are kept, to check them
+        against the model once it is built, and its epoch and step, to continue its folder's metrics."""
         config = self.config.get(self.config.get("subcommand") or "", None)
         path = config.get("ckpt_path") if config is not None else None
-        self.checkpoint_keys = None
+        self.checkpoint_keys = self.checkpoint_position = None
+        if path == "last":
+            path = config.ckpt_path = str(last_checkpoint(Path(config.trainer.default_root_dir) / run_name(config)))
         if path and path not in SPECIAL_CHECKPOINTS:
-            self.checkpoint_keys = set(read_state_dict(path))
+            checkpoint = read_checkpoint(path)
+            check_version(checkpoint, path)
+            self.checkpoint_keys = set(state_dict_of(checkpoint, path))
+            self.checkpoint_position = int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0))
         super()._parse_ckpt_path()
 
     def after_instantiate_classes(self) -> None:
@@ -107,6 +151,7 @@ class ResearchCLI(LightningCLI):
             help="Run name: runs/<name>/version_N and the W&B run name (default: the config's path under configs/).",
         )
         parser.add_argument("--project", type=str, default="netlab", help="W&B project.")
+
         parser.add_argument(
             "--wandb", type=bool, default=True, help="Log to W&B (offline when there is no key or network)."
         )
@@ -140,22 +185,87 @@ class ResearchCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        configs = config.get("config") or []
-        # named for the first config (the experiment), not for a preset stacked after it
-        name = config.name or (config_name(str(configs[0])) if configs else "run")
+        name, root = run_name(config), Path(config.trainer.default_root_dir)
+        folder = self.resumed_folder(config, root / name)
+        self.new_folder = None
         if self.subcommand == "count":
             kwargs["logger"] = False
         elif config.trainer.get("logger") in (None, True):
-            kwargs["logger"] = default_loggers(name, config.trainer.default_root_dir, config.project, config.wandb)
+            position = self.checkpoint_position if self.subcommand == "fit" else None
+            kwargs["logger"] = default_loggers(name, str(root), config.project, config.wandb, folder, position)
+            if folder is None:  # this run's own new folder: removed again if the run fails before it trains
+                self.new_folder = Path(kwargs["logger"][0].log_dir), root
         trainer = super().instantiate_trainer(**kwargs)
         keep_last_epoch(trainer.callbacks)
         trainer.run_name = name
+        trainer.resumes_folder = folder is not None
         return trainer
+
+    def resumed_folder(self, config, root: Path) -> Path | None:
+        """The run folder this run continues: a fit's checkpoint's own, or a killed study's with the same config."""
+        if self.subcommand == "fit" and config.get("ckpt_path") and config.ckpt_path not in SPECIAL_CHECKPOINTS:
+            folder = run_folder_of(config.ckpt_path)
+            if folder is not None:
+                say(f"resuming {folder} from epoch {self.checkpoint_position[0] + 1} ({config.ckpt_path})")
+            return folder
+        if self.subcommand in STUDY_FILES:
+            dumped = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+            folder = unfinished_study(root, dumped, *STUDY_FILES[self.subcommand])
+            if folder is not None:
+                say(f"{self.subcommand}: continuing {folder}, which this command started and did not finish")
+            return folder
+        return None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            if subcommand in STUDIES:  # Lightning saves the config when it sets up a fit; a study saves its own
+                for callback in self.trainer.callbacks:
+                    if isinstance(callback, RunConfig):
+                        callback.setup(self.trainer, self.model, stage=subcommand)
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if self.new_folder is not None and self.trainer.global_step == 0 and untrained(self.new_folder[0]):
+                discard_wandb_runs(self.trainer)
+                discard(*self.new_folder)
+            raise
+
+
+def run_name(config) -> str:
+    """`--name`, else the first config's path under configs/ (the experiment, not a preset stacked after it)."""
+    configs = config.get("config") or []
+    return config.get("name") or (config_name(str(configs[0])) if configs else "run")
+
+
+def discard_wandb_runs(trainer: pl.Trainer) -> None:
+    """Finish and remove the W&B runs of a run that failed before it trained (offline runs' folders; an online
+    run is deleted on the server when it can be reached, else left marked as failed)."""
+    import shutil
+
+    for logger in trainer.loggers:
+        run = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
+        if run is None:
+            continue
+        folder = Path(run.dir).parent
+        run.finish(exit_code=1)
+        if run.settings._offline:
+            shutil.rmtree(folder, ignore_errors=True)
+            for link in folder.parent.iterdir():  # latest-run, debug.log, ...: W&B's links into the removed run
+                if link.is_symlink() and not link.exists():
+                    link.unlink()
+            if not any(folder.parent.iterdir()):
+                folder.parent.rmdir()
+            continue
+        try:
+            import wandb
+
+            wandb.Api().run(f"{run.entity}/{run.project}/{run.id}").delete()
+        except Exception:  # noqa: BLE001 (best effort: the run stays, marked failed)
+            pass
 
 
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; data, divergence and layer-selection problems end in one clear line, not a traceback."""
     try:
         ResearchCLI(args=args)
-    except (DataError, NonFiniteLossError, NoLayersError, ConfigError) as e:
+    except (DataError, DivergenceError, NoLayersError, ConfigError) as e:
         sys.exit(f"error: {e}")

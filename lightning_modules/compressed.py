@@ -12,10 +12,10 @@ from collections.abc import Iterable
 
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from lightning_modules.classifier import Classifier
+from lightning_modules.console import say
 from lightning_modules.layers.substitutes import compression_ratios
 
 
@@ -70,7 +70,7 @@ class Compressed(Classifier):
         if not self.decay_by_module:
             return
         distinct = sorted({round(wd, 12) for wd in self.decay_by_module.values()})
-        rank_zero_info(
+        say(
             f"compression-scaled weight decay: {len(self.decay_by_module)} substitute convs, "
             f"wd from {distinct[0]:.3g} to {distinct[-1]:.3g}"
         )

@@ -147,9 +147,11 @@ class Student(Compressed):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Leave the frozen teacher out: it is reloaded from `teacher_checkpoint`."""
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

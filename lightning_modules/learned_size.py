@@ -93,17 +93,19 @@ class LearnedSize(Classifier):
         self.train_metrics["loss"].update(task.detach(), weight=len(y))
         self.train_metrics["penalty"].update(penalty.detach(), weight=len(y))
         loss = task + penalty
-        self.loss_finite &= torch.isfinite(loss.detach())
+        self.watch_loss(loss)
         return loss
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
         if self.prunes and (self.current_epoch + 1) % self.prune_every_n_epochs == 0:
             self.net.prune(self.trainer.optimizers[0])
-        self.log_dict({f"size/{name}": size.float() for name, size in self.net.sizes().items()})
+        sizes = {f"size/{name}": size.float() for name, size in self.net.sizes().items()}
+        self.log_dict(sizes, sync_dist=True, reduce_fx="max")  # the same on every rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Shrink a freshly built sparsifier to a pruned checkpoint's width before its weights are loaded."""
+        super().on_load_checkpoint(checkpoint)
         liveness = checkpoint["state_dict"].get("net.hidden.liveness")
         if liveness is not None and getattr(self.net, "layer", None) == "sparsifier" and len(liveness) < self.net.width:
             self.net.prune(keep=torch.arange(len(liveness)))

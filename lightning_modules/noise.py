@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from lightning_modules.files import atomic_path, atomic_write
 
 NOISE_LEVELS = tuple(round(0.05 * i, 2) for i in range(11))
 
@@ -67,13 +68,6 @@ def checkpoint_label(path: Path) -> str:
     return path.stem
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename, so a kill never leaves half of it."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def write_noise_results(results: list[NoiseResult], folder: Path) -> dict[str, Path]:
     """noise.csv (a row per model and level), noise.md (accuracy per level and the noise score), noise.png."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -114,7 +108,6 @@ def plot_noise(results: list[NoiseResult], path: Path) -> None:
     ax.set(xlabel="noise level a", ylabel="test accuracy", ylim=(0, 1.02), title="Accuracy under input noise")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(temporary, dpi=120)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=120)
     plt.close(fig)
-    os.replace(temporary, path)

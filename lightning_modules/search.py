@@ -1,16 +1,20 @@
 """The depth search of research line 1: the deepest trainable k = 3m, by binary search over m.
 
 Pure logic, with training injected as `train(depth, seed) -> (train_err, val_err)`, so the search
-is testable with a stub and reusable with any net that can be rebuilt at another depth.
+is testable with a stub and reusable with any net that can be rebuilt at another depth. Trials are
+recorded one by one in results.csv (atomically), and a restarted search reuses those already there.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from lightning_modules.files import atomic_path, atomic_write
 
 TrainFn = Callable[[int, int], tuple[float, float]]
 
@@ -24,7 +28,7 @@ class Trial:
     seed: int
     train_err: float
     val_err: float
-    trainable: bool
+    trainable: bool | None  # None until every seed of its depth has trained
     phase: str  # "search" or "confirm"
 
 
@@ -52,21 +56,32 @@ def search_depth(
     first_seed: int = 0,
     variant: str = "net",
     step: int = 3,
+    log: TrialLog | None = None,
 ) -> SearchResult:
     """Binary search over m in [1, upper // step] for the largest trainable k = step * m, then confirm.
 
     Confirmation trains the two consecutive depths around the boundary (k and k + step) again with
-    fresh seeds: the boundary is confirmed when k still trains and k + step still does not.
+    fresh seeds: the boundary is confirmed when k still trains and k + step still does not. Each trial
+    goes into `log` as soon as it is trained; a trial already in it is not trained again.
     """
     if upper < step:
         raise ValueError(f"upper must be at least {step}, got {upper}")
     trials: list[Trial] = []
+    log = log if log is not None else TrialLog()
 
     def run(m: int, phase: str, seed0: int) -> bool:
         depth = step * m
-        errors = [train(depth, seed0 + s) for s in range(seeds)]
-        ok = is_trainable([v for _, v in errors], max_error)
-        trials.extend(Trial(variant, depth, seed0 + s, t, v, ok, phase) for s, (t, v) in enumerate(errors))
+        done = []
+        for seed in range(seed0, seed0 + seeds):
+            trial = log.get(variant, depth, seed)
+            if trial is None:
+                trial = log.add(Trial(variant, depth, seed, *train(depth, seed), None, phase))
+            done.append(trial)
+        ok = is_trainable([t.val_err for t in done], max_error)
+        for trial in done:
+            trial.trainable = ok
+        log.save()
+        trials.extend(done)
         return ok
 
     lo, hi = 0, upper // step + 1  # invariant: lo trainable (0 by convention), hi not (upper+1 by convention)
@@ -85,22 +100,71 @@ def search_depth(
     return SearchResult(variant, upper, step * lo, confirmed, trials)
 
 
+class TrialLog:
+    """The trials of a search so far, by (variant, depth, seed), saved to a CSV file after each one."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.trials: dict[tuple[str, int, int], Trial] = {}
+        if path is not None and path.is_file():
+            for row in csv.DictReader(path.open(newline="")):
+                trainable = {"True": True, "False": False}.get(row["trainable"])
+                trial = Trial(
+                    row["variant"], int(row["depth"]), int(row["seed"]), float(row["train_err"]),
+                    float(row["val_err"]), trainable, row["phase"],
+                )  # fmt: skip
+                self.trials[(trial.variant, trial.depth, trial.seed)] = trial
+
+    def get(self, variant: str, depth: int, seed: int) -> Trial | None:
+        return self.trials.get((variant, depth, seed))
+
+    def add(self, trial: Trial) -> Trial:
+        self.trials[(trial.variant, trial.depth, trial.seed)] = trial
+        self.save()
+        return trial
+
+    def save(self) -> None:
+        if self.path is not None and self.trials:
+            write_trials(list(self.trials.values()), self.path)
+
+
+def write_trials(trials: list[Trial], path: Path) -> None:
+    """One CSV row per trial (NaN errors: diverged), written atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(asdict(trials[0])), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(asdict(t) for t in trials)
+    atomic_write(path, text.getvalue())
+
+
+def describe(result: SearchResult, max_error: float) -> str:
+    """The search's outcome in a line: the deepest trainable depth and whether it was confirmed, or that none trained."""
+    if result.deepest == 0:
+        first = sorted(
+            (t for t in result.trials if t.depth == min(t.depth for t in result.trials)), key=lambda t: t.seed
+        )
+        errs = [t.val_err for t in first]
+        how = "diverged" if any(math.isnan(e) for e in errs) else f"has val err {sum(errs) / len(errs):.2f}"
+        return f"no depth trainable: k = {first[0].depth} {how} (trainable: below {max_error:.2f})"
+    verdict = "confirmed" if result.confirmed else "NOT confirmed: the boundary is noisy, try more --seeds"
+    return f"deepest trainable k = {result.deepest} ({verdict})"
+
+
 def write_results(results: list[SearchResult], max_error: float, folder: Path) -> dict[str, Path]:
     """Write results.csv, results.md (per-trial table and per-variant summary) and error_vs_depth.png."""
     folder.mkdir(parents=True, exist_ok=True)
     trials = [t for r in results for t in r.trials]
     paths = {"csv": folder / "results.csv", "md": folder / "results.md", "plot": folder / "error_vs_depth.png"}
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(trials[0])))
-        writer.writeheader()
-        writer.writerows(asdict(t) for t in trials)
+    write_trials(trials, paths["csv"])
     lines = [
         f"Trainable: mean validation error over seeds below {max_error:.0%}.",
         "",
         "| variant | search upper bound | max trainable k | confirmed |",
         "| --- | ---: | ---: | --- |",
     ]
-    lines += [f"| {r.variant} | {r.upper} | {r.deepest} | {'yes' if r.confirmed else 'no'} |" for r in results]
+    lines += [
+        f"| {r.variant} | {r.upper} | {r.deepest or 'none'} | {'yes' if r.confirmed else 'no'} |" for r in results
+    ]
     lines += [
         "",
         "| variant | k | seed | train err | val err | trainable | phase |",
@@ -110,7 +174,7 @@ def write_results(results: list[SearchResult], max_error: float, folder: Path) -
         f"| {t.variant} | {t.depth} | {t.seed} | {t.train_err:.4f} | {t.val_err:.4f} | {'yes' if t.trainable else 'no'} | {t.phase} |"
         for t in sorted(trials, key=lambda t: (t.variant, t.depth, t.phase, t.seed))
     ]
-    paths["md"].write_text("\n".join(lines) + "\n")
+    atomic_write(paths["md"], "\n".join(lines) + "\n")
     plot_errors(results, max_error, paths["plot"])
     return paths
 
@@ -135,5 +199,6 @@ def plot_errors(results: list[SearchResult], max_error: float, path: Path) -> No
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=120)
     plt.close(fig)

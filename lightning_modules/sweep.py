@@ -10,6 +10,7 @@ one row per (point, seed) in runs.csv/.md, and one row per epoch in history.csv.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import math
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from datamodules.tensor_data import TensorDataModule
+from lightning_modules.files import atomic_write
 from lightning_modules.seed_stack import EpochRecord, SeedStack
 from lightning_modules.unit_statistics import pca_summary, variance_summary
 
@@ -132,11 +134,12 @@ def write_tables(rows: list[dict], history: list[dict], folder: Path) -> dict[st
     paths = {"csv": folder / "runs.csv", "md": folder / "runs.md", "history": folder / "history.csv"}
     for path, table in ((paths["csv"], rows), (paths["history"], history)):
         columns = list(dict.fromkeys(k for row in table for k in row))
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(table)
-    paths["md"].write_text(markdown_summary(rows))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(table)
+        atomic_write(path, text.getvalue())
+    atomic_write(paths["md"], markdown_summary(rows))
     return paths
 
 

@@ -16,10 +16,10 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
 from lightning_modules.checkpoints import load_net
-from lightning_modules.classifier import ConfigError, NonFiniteLossError
+from lightning_modules.classifier import ConfigError, DivergenceError
 from lightning_modules.counting import Complexity, count_model
 from lightning_modules.noise import NOISE_LEVELS, NoiseResult, checkpoint_label, evaluate_noise, write_noise_results
-from lightning_modules.search import SearchResult, search_depth, write_results
+from lightning_modules.search import SearchResult, TrialLog, describe, search_depth, write_results
 from lightning_modules.sweep import TRAINING_KEYS, expand_grids, point_label, run_group, stack_groups, write_tables
 from lightning_modules.sweep_plots import write_plots
 
@@ -87,6 +87,18 @@ def quiet_lightning():
 class ResearchTrainer(pl.Trainer):
     """Lightning's Trainer with the framework's subcommands `count`, `search`, `sweep` and `noise`."""
 
+    @property
+    def log_every_n_steps(self) -> int:
+        """The configured logging interval, shortened to the epoch when an epoch has fewer batches."""
+        batches = getattr(getattr(self, "fit_loop", None), "max_batches", math.inf)
+        if isinstance(batches, int) and 0 < batches < self._log_every_n_steps:
+            return batches
+        return self._log_every_n_steps
+
+    @log_every_n_steps.setter
+    def log_every_n_steps(self, value: int) -> None:
+        self._log_every_n_steps = value
+
     def count(
         self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None, per_layer: bool = False
     ) -> Complexity:
@@ -139,17 +151,16 @@ class ResearchTrainer(pl.Trainer):
         steps = self.max_steps if self.max_steps and self.max_steps > 0 else None
         length = f"{steps} steps" if steps else f"{epochs} epochs"
         results = []
+        log = TrialLog(Path(self.log_dir or self.default_root_dir) / "results.csv")  # a killed search's trials
+        if log.trials:
+            print(f"search: {len(log.trials)} trial(s) already in {log.path}, not trained again")
         for name, net, bound in jobs:
             print(
                 f"search {name}: k in 3..{bound}, {seeds} seed(s) per depth, {length}, trainable below {max_error:.0%}"
             )
-            result = search_depth(
-                self._trial_fn(model, net, datamodule, epochs, steps), bound, seeds, max_error, first_seed, name
-            )
-            print(
-                f"search {name}: deepest trainable k = {result.deepest} "
-                f"({'confirmed' if result.confirmed else 'NOT confirmed: the boundary is noisy, try more --seeds'})"
-            )
+            trial = self._trial_fn(model, net, datamodule, epochs, steps)
+            result = search_depth(trial, bound, seeds, max_error, first_seed, name, log=log)
+            print(f"search {name}: {describe(result, max_error)}")
             results.append(result)
         self._report(results, max_error)
         return results
@@ -182,9 +193,10 @@ class ResearchTrainer(pl.Trainer):
                     if steps:  # a step budget can end inside an epoch, after its last validation
                         trainer.validate(model, datamodule=datamodule, verbose=False)
                     errors = train_err, float(trainer.callback_metrics["val/err"])
-                except NonFiniteLossError:
+                except DivergenceError:  # NaN, infinite or exploded loss: counted as diverged
                     errors = math.nan, math.nan
-            print(f"  k={depth:4d} seed={seed}: train err {errors[0]:.4f}, val err {errors[1]:.4f}", flush=True)
+            outcome = "diverged" if math.isnan(errors[1]) else f"train err {errors[0]:.4f}, val err {errors[1]:.4f}"
+            print(f"  k={depth:4d} seed={seed}: {outcome}", flush=True)
             return errors
 
         return train

@@ -1,0 +1,35 @@
+"""The console of a run: the project's own lines and the progress bar. What only a library says (Lightning's
+banners and tips, W&B's status lines, known deprecation warnings) is filtered unless `--verbose true`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from pytorch_lightning.utilities import rank_zero_only
+
+LIBRARY_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric")
+LIBRARY_WARNINGS = (  # said by a library about itself, with nothing for the user to do
+    r".*isinstance\(treespec, LeafSpec\)",
+    r".*does not have many workers",
+    r".*Experiment logs directory .* exists and is not empty",
+    r".*Checkpoint directory .* exists and is not empty",  # a run resumed in place
+)
+
+
+@rank_zero_only
+def say(text: str) -> None:
+    """A line of this project's own, printed once (by rank 0) whatever the verbosity."""
+    print(text, flush=True)
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Keep the libraries' own info lines and known warnings off the console (all of it stays with --verbose)."""
+    if verbose:
+        return
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    os.environ.setdefault("WANDB_SILENT", "true")  # inherited by DDP worker processes

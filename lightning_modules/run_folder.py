@@ -1,0 +1,98 @@
+"""A run's folder, `runs/<name>/version_N`: found again to resume in place (its checkpoints, metrics.csv and
+W&B run continue), and removed again when the run failed before it trained."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from lightning_modules.classifier import ConfigError
+from lightning_modules.files import atomic_write
+
+VERSION = re.compile(r"version_(\d+)")
+WANDB_ID = "wandb_run_id"  # the W&B run of this folder, continued on resume
+BOOKKEEPING = {"config.yaml", "hparams.yaml", "metrics.csv", WANDB_ID}  # what a run writes before it trains
+
+
+def run_folder_of(checkpoint: str | Path) -> Path | None:
+    """The run folder a checkpoint was saved into (`<folder>/checkpoints/X.ckpt`), or None for a file elsewhere."""
+    path = Path(checkpoint)
+    folder = path.parent.parent
+    return folder if path.parent.name == "checkpoints" and VERSION.fullmatch(folder.name) else None
+
+
+def versions(root: Path) -> list[Path]:
+    """The `version_N` folders under `root`, oldest first."""
+    found = [p for p in root.glob("version_*") if p.is_dir() and VERSION.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("version_")))
+
+
+def last_checkpoint(root: Path) -> Path:
+    """`last.ckpt` of the newest run under `root` (runs/<name>) that has one: what `--ckpt_path last` resumes."""
+    for folder in reversed(versions(root)):
+        if (folder / "checkpoints" / "last.ckpt").is_file():
+            return folder / "checkpoints" / "last.ckpt"
+    raise ConfigError(f"--ckpt_path last: no {root}/version_*/checkpoints/last.ckpt to resume")
+
+
+def unfinished_study(root: Path, config: str, started: str, finished: str) -> Path | None:
+    """The newest run folder under `root` of a study with this resolved `config` (YAML) that wrote `started`
+    but not yet `finished`: a search or sweep killed halfway, continued by the same command."""
+    wanted = yaml.safe_load(config)
+    for folder in reversed(versions(root)):
+        saved = folder / "config.yaml"
+        if (folder / started).is_file() and not (folder / finished).exists() and saved.is_file():
+            if yaml.safe_load(saved.read_text()) == wanted:
+                return folder
+    return None
+
+
+def trim_metrics(path: Path, epoch: int, step: int) -> None:
+    """Keep the rows of metrics.csv a checkpoint at (`epoch`, global `step`) had seen, so the resumed run appends
+    after them with no epoch twice: rows of later epochs (a killed epoch's) go."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames or [], list(reader)
+
+    def seen(row: dict) -> bool:
+        if row.get("epoch"):
+            return int(float(row["epoch"])) <= epoch and int(row["step"]) <= step
+        return int(row["step"]) <= step
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(row for row in rows if seen(row))
+    atomic_write(path, text.getvalue())
+
+
+def wandb_run_id(folder: Path | None) -> str | None:
+    """The id of the W&B run a run folder logged to, if it recorded one."""
+    path = folder / WANDB_ID if folder is not None else None
+    return path.read_text().strip() or None if path is not None and path.is_file() else None
+
+
+def untrained(folder: Path) -> bool:
+    """Whether a run folder holds nothing but what a run writes before it trains (no checkpoint, no metrics rows)."""
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    metrics = folder / "metrics.csv"
+    rows = len(metrics.read_text().splitlines()) - 1 if metrics.is_file() else 0
+    return names <= BOOKKEEPING and rows <= 0
+
+
+def discard(folder: Path, root: Path) -> None:
+    """Remove a run folder, and its parents up to `root` (runs/) while they are empty."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if not parent.is_dir() or any(parent.iterdir()):
+            break
+        parent.rmdir()
+        if parent == root:
+            break

@@ -1,0 +1,155 @@
+"""Resuming in place: a killed run continues its own folder, metrics.csv and W&B run, and a killed search
+continues from its results file; result files are written atomically."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_modules.files import atomic_path, atomic_write
+from lightning_modules.run_folder import last_checkpoint, trim_metrics
+from tests.conftest import CONFIGS, ROOT
+from tests.test_cli import cli_error
+
+QUICK = ["fit", "--config", CONFIGS / "quickstart.yaml", "--trainer.max_epochs", "4"]
+QUIET_BAR = ["--trainer.enable_progress_bar", "false"]
+
+
+def start_train(*args, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    command = [sys.executable, str(ROOT / "train.py"), *map(str, args)]
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    out, _ = process.communicate(timeout=300)
+    return process.returncode, out
+
+
+def metric_rows(folder: Path) -> list[dict]:
+    return list(csv.DictReader((folder / "metrics.csv").open()))
+
+
+def files_of(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_in_its_own_folder_as_if_never_killed(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    runs = [
+        start_train(*QUICK, *QUIET_BAR, cwd=whole),
+        start_train(*QUICK, *QUIET_BAR, "--trainer.callbacks+=tests.killer.KillAt", cwd=killed),
+    ]
+    (code, out), (killed_code, killed_out) = finish(runs[0]), finish(runs[1])
+    assert code == 0, out[-3000:]
+    assert killed_code == -signal.SIGKILL, killed_out[-3000:]  # killed in epoch 2, after last.ckpt of epoch 1
+    folder = killed / "runs" / "quickstart" / "version_0"
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    run_id = (folder / "wandb_run_id").read_text()
+
+    code, out = finish(start_train(*QUICK, *QUIET_BAR, "--ckpt_path", "last", cwd=killed))
+    assert code == 0, out[-3000:]
+    assert "resuming runs/quickstart/version_0 from epoch 2" in out
+    assert [p.name for p in (killed / "runs" / "quickstart").iterdir()] == ["version_0"]  # no version_1
+    reference = whole / "runs" / "quickstart" / "version_0"
+    assert files_of(folder) == files_of(reference)  # the same checkpoints, dead-unit files, config, metrics
+    resumed, uninterrupted = metric_rows(folder), metric_rows(reference)
+    assert [(r["epoch"], r["step"]) for r in resumed] == [(r["epoch"], r["step"]) for r in uninterrupted]
+    assert len(resumed) == 8  # two rows (val, train) for each of 4 epochs: none twice, none missing
+    for got, want in zip(resumed, uninterrupted, strict=True):
+        for key, value in want.items():
+            assert (float(got[key]) if got[key] else None) == pytest.approx(float(value) if value else None), key
+    assert (folder / "wandb_run_id").read_text() == run_id  # the same W&B run, continued
+    assert len(list((killed / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    assert f"W&B: resumed run {run_id}" in out
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["ckpt_path"].endswith("version_0/checkpoints/last.ckpt")  # the resumed run's own config
+
+
+def test_ckpt_path_last_without_a_run_to_resume_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    error = cli_error(*QUICK, "--ckpt_path", "last", "--wandb", "false", capsys=capsys)
+    assert error == "error: --ckpt_path last: no runs/quickstart/version_*/checkpoints/last.ckpt to resume"
+
+
+def test_last_checkpoint_is_the_newest_run_that_has_one(tmp_path):
+    for version in (0, 2, 10):
+        (tmp_path / f"version_{version}" / "checkpoints").mkdir(parents=True)
+    for version in (2, 0):
+        (tmp_path / f"version_{version}" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert last_checkpoint(tmp_path) == tmp_path / "version_2" / "checkpoints" / "last.ckpt"  # 10 has none
+
+
+def test_trim_metrics_keeps_what_the_checkpoint_saw(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,val/acc,act/x\n0,18,0.5,\n0,18,,\n,19,,1.0\n1,37,0.7,\n,38,,2.0\n2,40,,\n")
+    trim_metrics(path, epoch=0, step=19)  # the checkpoint at the end of epoch 0 (global step 19)
+    assert path.read_text() == "epoch,step,val/acc,act/x\n0,18,0.5,\n0,18,,\n,19,,1.0\n"
+
+
+def test_atomic_files_keep_the_old_version_when_writing_fails(tmp_path):
+    path = tmp_path / "results.csv"
+    atomic_write(path, "old\n")
+    with pytest.raises(RuntimeError), atomic_path(path) as temporary:
+        temporary.write_text("half of the ne")
+        raise RuntimeError("killed")
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
+SEARCH = [
+    "search",
+    "--config",
+    CONFIGS / "quickstart.yaml",
+    "--upper",
+    "6",
+    "--seeds",
+    "2",
+    "--trainer.max_steps",
+    "30",
+    "--wandb",
+    "false",
+]
+
+
+def trials_of(folder: Path) -> list[dict]:
+    return list(csv.DictReader((folder / "results.csv").open()))
+
+
+@pytest.mark.slow
+def test_a_killed_search_restarted_with_the_same_command_continues_from_its_results(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    uninterrupted = start_train(*SEARCH, cwd=whole)
+    search = start_train(*SEARCH, cwd=killed)
+    results = killed / "runs" / "quickstart" / "version_0" / "results.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and search.poll() is None:
+        if results.is_file() and len(results.read_text().splitlines()) >= 3:  # header and two trials
+            search.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    code, _ = finish(search)
+    assert code == -signal.SIGKILL
+    done = trials_of(results.parent)
+    assert 2 <= len(done) < 8 and not (results.parent / "results.md").exists()
+
+    code, out = finish(start_train(*SEARCH, cwd=killed))
+    assert code == 0, out[-3000:]
+    assert f"search: {len(done)} trial(s) already in runs/quickstart/version_0/results.csv" in out
+    trained = [line for line in out.splitlines() if line.startswith("  k=")]
+    whole_code, whole_out = finish(uninterrupted)
+    assert whole_code == 0, whole_out[-3000:]
+    reference = trials_of(whole / "runs" / "quickstart" / "version_0")
+    assert len(trained) == len(reference) - len(done)  # only the trials it did not have were trained
+    assert [p.name for p in (killed / "runs" / "quickstart").iterdir()] == ["version_0"]
+    assert sorted(trials_of(results.parent), key=str) == sorted(reference, key=str)  # the same study
+    assert (results.parent / "results.md").read_text() == (whole / "runs/quickstart/version_0/results.md").read_text()
