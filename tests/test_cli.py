@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from datamodules import Digits
-from lightning_modules import Classifier, NonFiniteLossError
+from lightning_modules import Classifier, LossExplodedError, NonFiniteLossError
 from lightning_modules.cli import main
 from lightning_modules.nets import DepthCNN, WideResNet
 from lightning_modules.trainer import net_from_config
@@ -119,29 +119,29 @@ def test_every_preset_stacks_on_an_experiment(preset, in_tmp):
     assert trainer.state.finished
 
 
-def test_ddp_preset_parses():
-    config = cli_config("--config", CONFIGS / "quickstart.yaml", "--config", CONFIGS / "presets" / "ddp.yaml")
+def test_ddp_preset_parses(capsys):
+    config = cli_config(
+        "--config", CONFIGS / "quickstart.yaml", "--config", CONFIGS / "presets" / "ddp.yaml", capsys=capsys
+    )
     assert config["trainer"]["strategy"] == "ddp" and config["trainer"]["devices"] == -1
 
 
-def cli_config(*args) -> dict:
-    out = subprocess.run(
-        [sys.executable, "train.py", "fit", *map(str, args), "--print_config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return yaml.safe_load(out)
+def cli_config(*args, capsys) -> dict:
+    """The resolved config `train.py fit ARGS --print_config` prints (in-process)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *map(str, args), "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    return yaml.safe_load(capsys.readouterr().out)
 
 
-def test_print_config_shows_the_resolved_config():
-    config = cli_config("--config", CONFIGS / "depth" / "resnet.yaml")
+def test_print_config_shows_the_resolved_config(capsys):
+    config = cli_config("--config", CONFIGS / "depth" / "resnet.yaml", capsys=capsys)
     net = config["model"]["init_args"]["net"]["init_args"]
     assert net["depth"] == 447 and net["residual"] is True and config["checkpoint"]["monitor"] == "val/err"
 
 
 def run_train(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` as its own process: for what only a process shows (exit codes, DDP, kills)."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *map(str, args)],
@@ -156,8 +156,8 @@ def run_train(*args, cwd: Path, env: dict | None = None) -> subprocess.Completed
 def test_wrong_config_key_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((CONFIGS / "quickstart.yaml").read_text().replace("max_epochs", "max_epoch"))
-    result = run_train("fit", "--config", bad, cwd=tmp_path)
-    assert result.returncode != 0 and "max_epoch" in result.stderr and "Traceback" not in result.stderr
+    result = run_train("fit", "--config", bad, cwd=tmp_path)  # the exit code and stderr of a real process
+    assert result.returncode == 2 and "max_epoch" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -167,36 +167,28 @@ def test_wrong_config_key_is_a_clear_error(tmp_path):
         ("dead_units/model4.yaml", Path("data") / "cifar-10-batches-py"),
     ],
 )
-def test_missing_data_is_one_clear_line(config, folder, tmp_path):
-    result = run_train(
-        "fit", "--config", CONFIGS / config, "--data.download", "false", "--wandb", "false", cwd=tmp_path
+def test_missing_data_is_one_clear_line(config, folder, in_tmp, capsys):
+    error = cli_error(
+        "fit", "--config", CONFIGS / config, "--data.download", "false", "--wandb", "false", capsys=capsys
     )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and str(folder) in error[0]
+    assert error.startswith("error:") and "\n" not in error and str(folder) in error
 
 
-def test_corrupt_data_is_one_clear_line(tiny_mnist, tmp_path):
+def test_corrupt_data_is_one_clear_line(tiny_mnist, in_tmp, capsys):
     (tiny_mnist / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz").write_bytes(b"garbage")
-    result = run_train(
-        "fit",
-        "--config",
-        CONFIGS / "depth" / "tanh.yaml",
-        "--data.data_dir",
-        tiny_mnist,
-        "--wandb",
-        "false",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr and "error:" in result.stderr
+    error = cli_error(
+        "fit", "--config", CONFIGS / "depth" / "tanh.yaml", "--data.data_dir", tiny_mnist, "--wandb", "false",
+        capsys=capsys,
+    )  # fmt: skip
+    assert error.startswith("error:") and "train-labels-idx1-ubyte.gz" in error and "\n" not in error
+    assert not (in_tmp / "runs").exists()  # the run failed before training: no empty run folder left
 
 
-def test_val_size_too_large_is_one_clear_line(tmp_path):
-    result = run_train(
-        "fit", "--config", CONFIGS / "quickstart.yaml", "--data.val_size", "5000", "--wandb", "false", cwd=tmp_path
+def test_val_size_too_large_is_one_clear_line(in_tmp, capsys):
+    error = cli_error(
+        "fit", "--config", CONFIGS / "quickstart.yaml", "--data.val_size", "5000", "--wandb", "false", capsys=capsys
     )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "error: val_size=5000 must be between 1 and 1499" in result.stderr
+    assert error.startswith("error: val_size=5000 must be between 1 and 1499")
 
 
 def fit_quickstart(*extra: str):
@@ -258,25 +250,62 @@ def test_same_seed_same_metrics(in_tmp):
     assert epoch_metrics(c) != epoch_metrics(a)
 
 
-def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(in_tmp):
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(in_tmp, capsys):
     model = Classifier(DepthCNN(depth=3), optimizer=partial(torch.optim.SGD, lr=1e38), finite_check_every=2)
     trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, default_root_dir=in_tmp)
     with pytest.raises(NonFiniteLossError, match="NaN or infinite"):
         trainer.fit(model, datamodule=Digits(batch_size=64))
+    error = cli_error(
+        "fit", "--config", CONFIGS / "quickstart.yaml", "--model.init_args.optimizer.init_args.lr", "1e38", *QUIET,
+        capsys=capsys,
+    )  # fmt: skip
+    assert error.startswith("error: the training loss became NaN or infinite") and "\n" not in error
+
+
+def exploding(on_divergence: str = "stop", **guard) -> Classifier:
+    """The quickstart's batch-norm ResNet at lr 1e6: the loss grows to 1e21-1e31 and stays finite."""
+    net = DepthCNN(depth=9, activation="elu", batch_norm=True, residual=True)
+    optimizer = partial(torch.optim.SGD, lr=1e6, momentum=0.9)
+    return Classifier(net, optimizer=optimizer, on_divergence=on_divergence, **guard)
+
+
+def test_an_exploding_loss_stops_with_a_clear_error_or_warns_once(in_tmp, capsys):
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(LossExplodedError, match=r"the training loss exploded to .* past 1000x its first value"):
+        trainer.fit(exploding(), datamodule=Digits(batch_size=64))
+    assert trainer.current_epoch == 0  # stopped in the first epoch, not after the whole run
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer.fit(exploding("warn"), datamodule=Digits(batch_size=64))
+    assert trainer.current_epoch == 2 and capsys.readouterr().out.count("warning: the training loss exploded") == 1
+    calm = Classifier(DepthCNN(depth=3), max_loss_ratio=None, max_loss=0.5)  # a bound: even a normal loss is past it
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(LossExplodedError, match="past the bound 0.5"):
+        trainer.fit(calm, datamodule=Digits(batch_size=64))
+    error = cli_error(
+        "fit", "--config", CONFIGS / "quickstart.yaml", "--model.init_args.optimizer.init_args.lr", "1e6", *QUIET,
+        capsys=capsys,
+    )  # fmt: skip
+    assert error.startswith("error: the training loss exploded to") and "\n" not in error
+
+
+def test_search_counts_an_exploded_trial_as_diverged_and_says_when_no_depth_trains(in_tmp, capsys):
+    lr = ["--model.init_args.optimizer.init_args.lr", "1e6"]
+    cli("search", "--config", CONFIGS / "quickstart.yaml", *lr, "--upper", "3", "--trainer.max_steps", "25", *QUIET)
+    out = capsys.readouterr().out
+    assert "  k=   3 seed=0: diverged" in out
+    assert "search quickstart: no depth trainable: k = 3 diverged" in out and "deepest trainable" not in out
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_before_training_leaves_no_folder_and_no_wandb_run(tiny_mnist, tmp_path):
+    (tiny_mnist / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz").write_bytes(b"garbage")
     result = run_train(
-        "fit",
-        "--config",
-        CONFIGS / "quickstart.yaml",
-        "--model.init_args.optimizer.init_args.lr",
-        "1e38",
-        "--wandb",
-        "false",
-        "--trainer.enable_progress_bar",
-        "false",
-        cwd=in_tmp,
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "error: the training loss became NaN or infinite" in result.stderr
+        "fit", "--config", CONFIGS / "depth" / "tanh.yaml", "--data.data_dir", tiny_mnist, cwd=tmp_path,
+        env={"WANDB_MODE": "offline"},
+    )  # fmt: skip
+    assert result.returncode == 1 and "error:" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no runs/, no wandb/
 
 
 @pytest.mark.slow
@@ -305,7 +334,7 @@ def test_wandb_without_key_or_network_logs_offline(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "W&B: logging offline (no W&B API key)" in result.stdout + result.stderr
+    assert re.search(r"W&B: run \w+ offline \(no W&B API key\) in wandb/offline-run-", result.stdout)
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     media = {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "wandb").glob("offline-run-*/files/media/**/*")}
     for key in (
@@ -337,7 +366,9 @@ def test_search_subcommand_writes_its_table(in_tmp, capsys):
     assert {int(r["depth"]) for r in rows} <= {3, 6} and len(rows) >= 4
     assert all(0 <= float(r["val_err"]) <= 1 for r in rows)
     assert (folder / "results.md").is_file() and (folder / "error_vs_depth.png").is_file()
-    assert "deepest trainable k =" in capsys.readouterr().out
+    assert re.search(
+        r"search quickstart: (deepest trainable k = \d+|no depth trainable: k = 3)", capsys.readouterr().out
+    )
 
 
 def test_search_all_names_every_variant_with_its_bound():
@@ -414,6 +445,8 @@ def write_bad_checkpoints(folder: Path) -> dict[str, Path]:
     paths["garbage"].write_text("not a checkpoint")
     paths["truncated"].write_bytes(good.read_bytes()[:200])
     torch.save({"state_dict": Path("x")}, paths["pickled"])
+    paths["newer"] = folder / "newer.ckpt"
+    torch.save({"state_dict": {"net.x": torch.zeros(1)}, "pytorch-lightning_version": "99.1.0"}, paths["newer"])
     return {**paths, "other-net": good, "missing": folder / "missing.ckpt"}
 
 
@@ -425,6 +458,7 @@ def write_bad_checkpoints(folder: Path) -> dict[str, Path]:
         ("truncated", "truncated, corrupt or not a PyTorch checkpoint"),
         ("pickled", "holds Python objects besides tensors and plain values"),
         ("other-net", r"is not of this config's model: weights 65 missing \(net.features.0.conv.bias, "),
+        ("newer", r"was written by PyTorch Lightning 99.1.0, newer than this environment's 2\.\d+"),
     ],
 )
 def test_a_bad_ckpt_path_is_one_line_naming_the_file(name, message, tmp_path, capsys, monkeypatch):

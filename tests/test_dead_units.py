@@ -128,13 +128,14 @@ def test_consumer_keyed_format_of_the_original():
     }
 
 
-def test_quickstart_prints_and_saves_the_per_layer_table(in_tmp, caplog):
+def test_quickstart_prints_and_saves_the_per_layer_table(in_tmp, capsys):
     trainer = fit_quickstart()
     assert "dead/total" in trainer.callback_metrics and "dead/features.0" in trainer.callback_metrics
     folder = in_tmp / "runs" / "quickstart" / "version_0"
     assert (folder / "dead_units.png").stat().st_size > 1000
     assert "dead/total" in (folder / "metrics.csv").read_text().splitlines()[0]
-    assert "dead units (val, epoch 0" in caplog.text and "total" in caplog.text
+    out = capsys.readouterr().out
+    assert "dead units (val, epoch 0" in out and "total" in out
 
 
 def test_a_layer_pattern_that_matches_nothing_is_one_clear_line(in_tmp):

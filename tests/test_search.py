@@ -66,3 +66,34 @@ def test_reports_have_every_trial(tmp_path):
     text = paths["md"].read_text()
     assert "| a | 24 | 9 | yes |" in text and "| b | 12 | 3 | yes |" in text
     assert paths["plot"].stat().st_size > 1000
+
+
+def test_a_restarted_search_trains_only_the_trials_its_log_lacks(tmp_path):
+    from lightning_modules.search import TrialLog
+
+    path = tmp_path / "results.csv"
+    first_calls, whole = [], search_depth(stub(84), upper=120, seeds=2)
+    log = TrialLog(path)
+    search_depth(stub(84, first_calls), upper=120, seeds=2, log=log)
+    trials = list(csv.DictReader(path.open()))
+    assert len(trials) == len(first_calls) == len(whole.trials)  # each trial recorded as it was trained
+    kept = trials[:5]  # as if killed after five trials
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(kept[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    calls = []
+    resumed = search_depth(stub(84, calls), upper=120, seeds=2, log=TrialLog(path))
+    assert len(calls) == len(whole.trials) - 5 and not {(int(t["depth"]), int(t["seed"])) for t in kept} & set(calls)
+    assert [(t.depth, t.seed, t.trainable, t.phase) for t in resumed.trials] == [
+        (t.depth, t.seed, t.trainable, t.phase) for t in whole.trials
+    ]
+    assert resumed.deepest == whole.deepest == 84
+
+
+def test_describe_says_when_no_depth_trains():
+    from lightning_modules.search import describe
+
+    none = search_depth(stub(0), upper=24, seeds=2)
+    assert describe(none, 0.2) == "no depth trainable: k = 3 has val err 0.90 (trainable: below 0.20)"
+    assert describe(search_depth(stub(12), upper=24), 0.2) == "deepest trainable k = 12 (confirmed)"
