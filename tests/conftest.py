@@ -19,6 +19,14 @@ SHARED_MNIST = ROOT.parent / "shared" / "datasets" / "mnist-10k"
 
 os.environ.setdefault("WANDB_MODE", "offline")  # no test may reach a network
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker: 2 workers x 2 threads thrash a 2-core machine
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the train.py processes a test starts
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, so that in parallel runs the short ones fill in around them at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 class KillAt(pl.Callback):
     """SIGKILL before training batch `batch` of epoch `epoch` (no handler runs, nothing is flushed)."""
 
-    def __init__(self, epoch: int = 2, batch: int = 7):
+    def __init__(self, epoch: int = 1, batch: int = 7):
         self.epoch, self.batch = epoch, batch
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:

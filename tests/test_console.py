@@ -4,6 +4,7 @@ and commands that run nothing (help, print_config, count, config errors) start n
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ from tests.conftest import CONFIGS, ROOT
 LIBRARY_LINES = ("GPU available", "TPU available", "Tip:", "LeafSpec", "log_every_n_steps", "Seed set", "wandb:")
 
 
-def run(*args: str, cwd, code: str | None = None) -> str:
+def run(*args: str, cwd: Path, code: str | None = None) -> str:
     """`train.py ARGS` as a user runs it (W&B offline, its own verbosity), stdout and stderr together."""
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
     env.update(PYTHONPATH=str(ROOT), WANDB_MODE="offline")
@@ -39,42 +40,47 @@ def test_a_fit_prints_the_projects_lines_and_one_wandb_line(tmp_path):
 
 @pytest.mark.slow
 def test_verbose_shows_what_the_libraries_say(tmp_path):
-    out = run(*FIT, *SHORT, "--trainer.enable_progress_bar", "false", "--verbose", "true", cwd=tmp_path)
-    assert "GPU available" in out and "wandb:" in out
+    out = run(
+        *FIT, *SHORT, "--trainer.enable_progress_bar", "false", "--wandb", "false", "--verbose", "true", cwd=tmp_path
+    )
+    assert "GPU available" in out and "Seed set to 0" in out
 
 
-def test_count_prints_its_three_lines_and_nothing_else(tmp_path):
-    out = run("count", "--config", str(CONFIGS / "depth" / "tanh.yaml"), "--data.data_dir", "nowhere", cwd=tmp_path)
-    assert out.splitlines() == [
-        "Mult-Adds: 1.48058E+05",
-        "Params: 2.95400E+03",
-        "Sanity check, parameters: 2.95400E+03",
-    ]
-
-
+TANH = ["--config", str(CONFIGS / "depth" / "tanh.yaml")]
+NOTHING_TO_TRAIN = {  # commands that train nothing, each with what the user must see
+    "help": (["fit", "--help"], "--trainer.max_epochs"),
+    "print_config": (["fit", *TANH, "--print_config"], "seed_everything: 0"),
+    "count": (["count", *TANH], "Mult-Adds: 1.48058E+05\nParams: 2.95400E+03\nSanity check, parameters: 2.95400E+03"),
+    "wrong-key": (["fit", *TANH, "--trainer.max_epoch", "1"], "did you mean --trainer.max_epochs"),
+    "config-error": (["fit", *TANH, "--budget", "1000"], "error: --budget needs a net with a `budget` argument"),
+}
 STARTS_NOTHING = """
-import sys
+import contextlib, io, sys
 from lightning_modules.cli import main
-try:
-    main(sys.argv[1:])
-except SystemExit:
-    pass
+commands, sys.argv[1:] = eval(sys.argv[1]), []
+for args in commands:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            main(args)
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                print(e.code)
+    print("=== " + out.getvalue().strip().replace(chr(10), chr(10) + "    "))
 print("wandb imported:", "wandb" in sys.modules)
 """
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["fit", "--help"],
-        ["fit", "--config", str(CONFIGS / "depth" / "tanh.yaml"), "--print_config"],
-        ["count", "--config", str(CONFIGS / "depth" / "tanh.yaml")],
-        ["fit", "--config", str(CONFIGS / "depth" / "tanh.yaml"), "--trainer.max_epoch", "1"],
-        ["fit", "--config", str(CONFIGS / "depth" / "tanh.yaml"), "--budget", "1000"],
-    ],
-    ids=["help", "print_config", "count", "wrong-key", "config-error"],
-)
-def test_commands_that_train_nothing_start_neither_wandb_nor_data(args, tmp_path):
-    out = run(*args, "--data.data_dir", str(tmp_path / "no-data"), cwd=tmp_path, code=STARTS_NOTHING)
-    assert "wandb imported: False" in out, out[-2000:]
+@pytest.mark.slow
+def test_commands_that_train_nothing_start_neither_wandb_nor_data(tmp_path):
+    """--help, --print_config, count and config errors, in one process: none imports W&B or touches the data."""
+    commands = [[*args, "--data.data_dir", str(tmp_path / "no-data")] for args, _ in NOTHING_TO_TRAIN.values()]
+    out = run(repr(commands), cwd=tmp_path, code=STARTS_NOTHING)
+    outputs = [block.replace("\n    ", "\n") for block in out.split("=== ")[1:]]
+    assert len(outputs) == len(commands), out[-3000:]
+    for (name, (_, expected)), output in zip(NOTHING_TO_TRAIN.items(), outputs, strict=True):
+        assert expected in output, (name, output[-2000:])
+    count = outputs[list(NOTHING_TO_TRAIN).index("count")].strip()
+    assert count == NOTHING_TO_TRAIN["count"][1]  # count prints its three lines and nothing else
+    assert "wandb imported: False" in outputs[-1]
     assert not any(tmp_path.iterdir())  # no data folder, no runs/, no wandb/
