@@ -26,10 +26,10 @@ def say(text: str) -> None:
 
 def quiet_libraries(verbose: bool = False) -> None:
     """Keep the libraries' own info lines and known warnings off the console (all of it stays with --verbose)."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     if verbose:
         return
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("WANDB_SILENT", "true")  # inherited by DDP worker processes

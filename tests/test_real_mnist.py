@@ -54,6 +54,7 @@ def dead_after(optimiser: str, epochs: int) -> tuple[float, float]:
         epochs,
         "--model.init_args.net.init_args.init",
         "fan_in",  # He init: SGD learns within 3 epochs, so both nets reach the same accuracy
+        "--trainer.callbacks=[{class_path: callbacks.DeadUnits}]",  # the dead units only, not every statistic
         *QUIET,
     ).trainer.callback_metrics
     return metrics["dead/total"].item(), metrics["val/acc"].item()
