@@ -50,9 +50,10 @@ class RunConfig(SaveConfigCallback):
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams(config)
                 if trainer.log_dir:
-                    (Path(trainer.log_dir) / WANDB_ID).write_text(logger.experiment.id)
-                if isinstance(logger, RunWandbLogger):
+                    (Path(trainer.log_dir) / WANDB_ID).write_text(str(logger.version))
+                if isinstance(logger, RunWandbLogger):  # the data is set up: the run can train, W&B starts
                     logger.announce()
+                    logger.start()
 
 
 def did_you_mean(message: str, keys: list[str]) -> str:
@@ -242,6 +243,8 @@ def discard_wandb_runs(trainer: pl.Trainer) -> None:
     import shutil
 
     for logger in trainer.loggers:
+        if isinstance(logger, RunWandbLogger) and logger.started:
+            logger.wait()
         run = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
         if run is None:
             continue

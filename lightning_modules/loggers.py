@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import netrc
 import os
+import secrets
 import socket
-import threading
+import string
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -78,14 +80,6 @@ def wandb_offline_reason(timeout: float = 2.0) -> str | None:
     return None
 
 
-def _start_wandb() -> None:
-    """Import W&B and start its service process; `wandb.init` later finds both ready."""
-    import wandb
-    import wandb.sdk.launch.inputs.internal  # noqa: F401  (imported by wandb.init; slow)
-
-    wandb.setup()
-
-
 def default_loggers(
     name: str,
     save_dir: str,
@@ -106,31 +100,88 @@ def default_loggers(
         reason = wandb_offline_reason()
         if reason:
             os.environ["WANDB_MODE"] = "offline"  # inherited by DDP worker processes
-        # W&B's import and service start take seconds: overlap them with parsing and data loading
-        threading.Thread(target=_start_wandb, name="wandb-start", daemon=True).start()
         run_id = wandb_run_id(folder)
-        resumed = {"id": run_id, "resume": "allow"} if run_id else {}
         loggers.append(
-            RunWandbLogger(reason, project=project, name=name, save_dir=".", offline=bool(reason), **resumed)
+            RunWandbLogger(
+                reason, resumes=run_id is not None, id=run_id or new_run_id(), project=project, name=name, save_dir="."
+            )
         )
     return loggers
 
 
-class RunWandbLogger(WandbLogger):
-    """Lightning's W&B logger, knowing why it logs offline (None: online) and saying where in one line."""
+def new_run_id() -> str:
+    """A W&B run id (8 characters of [a-z0-9], as W&B makes them), known before W&B starts."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
-    def __init__(self, offline_reason: str | None, **kwargs):
-        super().__init__(**kwargs)
+
+class PendingRun:
+    """The W&B run while it starts on a background thread: any use of it waits until it has started."""
+
+    def __init__(self, logger: RunWandbLogger):
+        self._logger = logger
+
+    def __getattr__(self, name: str):
+        return getattr(self._logger.wait(), name)
+
+
+class RunWandbLogger(WandbLogger):
+    """Lightning's W&B logger, started only once the run can train (`start`, by the run's RunConfig after the
+    data is set up), on a background thread that overlaps W&B's seconds of start-up with the run's first
+    steps; its run id is known from the start, and it says where it logs in one line."""
+
+    def __init__(self, offline_reason: str | None, resumes: bool = False, **kwargs):
+        super().__init__(offline=bool(offline_reason), **kwargs)
         self._wandb_init.pop("anonymous", None)  # W&B warns about the setting whatever its value
-        self.offline_reason = offline_reason
-        self.resumes = "id" in kwargs
+        self.offline_reason, self.resumes = offline_reason, resumes
+        self._starting: Future | None = None
+        self._pending_params: list = []
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        """The W&B run; until it has started, a stand-in that waits for it when it is used."""
+        return self._experiment if self._experiment is not None else PendingRun(self)
+
+    def start(self) -> None:
+        """Start the W&B run on a background thread (once)."""
+        if self._starting is None and self._experiment is None:
+            self._starting = ThreadPoolExecutor(1, thread_name_prefix="wandb-start").submit(self._start)
+
+    def _start(self):
+        run = WandbLogger.experiment.fget(self)  # Lightning's wandb.init
+        if not self.offline_reason:
+            say(f"W&B: {'resumed run' if self.resumes else 'run'} {run.id} at {run.url}")
+        return run
+
+    def wait(self):
+        """The started W&B run (starting it now if nothing did), with the hyperparameters logged meanwhile."""
+        self.start()
+        run = self._starting.result() if self._starting is not None else self._experiment
+        params, self._pending_params = self._pending_params, []
+        for p in params:
+            super().log_hyperparams(p)
+        return run
+
+    @property
+    def started(self) -> bool:
+        return self._starting is not None or self._experiment is not None
+
+    def log_hyperparams(self, params) -> None:
+        if self._experiment is None:  # not started yet: sent once it has
+            self._pending_params.append(params)
+        else:
+            super().log_hyperparams(params)
+
+    def finalize(self, status: str) -> None:
+        if self.started:
+            self.wait()
+        super().finalize(status)
 
     def announce(self) -> None:
-        """One line: the run (resumed or new), where it logs, and for an offline run how to upload it."""
-        run = self.experiment
-        state = "resumed run" if self.resumes else "run"
+        """One line: the run (resumed or new) and where it logs; an online run's link follows once it has started."""
         if self.offline_reason:
-            folder = Path(run.dir).parent
-            say(f"W&B: {state} {run.id} offline ({self.offline_reason}) in {folder}; upload with `wandb sync {folder}`")
-        else:
-            say(f"W&B: {state} {run.id} at {run.url}")
+            folder = f"wandb/offline-run-*-{self.version}"
+            state = "resumed run" if self.resumes else "run"
+            say(
+                f"W&B: {state} {self.version} offline ({self.offline_reason}) in {folder}; upload with `wandb sync {folder}`"
+            )

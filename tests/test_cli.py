@@ -23,7 +23,7 @@ from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_cifar10, make_image_f
 EXPERIMENTS = sorted(
     p
     for p in CONFIGS.rglob("*.yaml")
-    if not {"presets", "nets", "variants"} & set(p.parts)
+    if not {"presets", "nets", "variants", "sweeps"} & set(p.parts)
     and p.name != "search_all.yaml"
     and not p.name.startswith("sweep_")
 )
@@ -81,7 +81,7 @@ def test_every_experiment_config_runs_fast_dev_run(config, in_tmp):
     assert trainer.state.finished and trainer.global_step == 1
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p.stem != "ddp"], ids=lambda p: p.stem)
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.stem not in ("ddp", "multinode")], ids=lambda p: p.stem)
 def test_every_preset_stacks_on_an_experiment(preset, in_tmp):
     data = yaml.safe_load(preset.read_text()).get("data") or {}
     data_class = data.get("class_path", "")
@@ -124,6 +124,13 @@ def test_ddp_preset_parses(capsys):
         "--config", CONFIGS / "quickstart.yaml", "--config", CONFIGS / "presets" / "ddp.yaml", capsys=capsys
     )
     assert config["trainer"]["strategy"] == "ddp" and config["trainer"]["devices"] == -1
+
+
+def test_multinode_preset_parses(capsys):
+    preset = CONFIGS / "presets" / "multinode.yaml"
+    config = cli_config("--config", CONFIGS / "quickstart.yaml", "--config", preset, capsys=capsys)
+    assert config["trainer"]["strategy"] == "ddp" and config["trainer"]["num_nodes"] == 2
+    assert config["trainer"]["devices"] == 4
 
 
 def cli_config(*args, capsys) -> dict:
