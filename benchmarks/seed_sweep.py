@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from datamodules import MNIST  # noqa: E402
 from lightning_modules import LearnedSize  # noqa: E402
 from lightning_modules.nets import MLP  # noqa: E402
-from lightning_modules.seed_stack import SeedStack  # noqa: E402
+from lightning_modules.studies.seed_stack import SeedStack  # noqa: E402
 from lightning_modules.trainer import quiet_lightning  # noqa: E402
 
 EPOCHS, WIDTH = 3, 256

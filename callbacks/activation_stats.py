@@ -25,8 +25,8 @@ from callbacks.activation_observer import (
 from callbacks.figures import variance_histograms
 from lightning_modules.console import say
 from lightning_modules.files import atomic_save
-from lightning_modules.moments import MomentAccumulator, Moments
-from lightning_modules.unit_statistics import pca_summary, variance_summary
+from lightning_modules.statistics.moments import MomentAccumulator, Moments
+from lightning_modules.statistics.unit_statistics import pca_summary, variance_summary
 
 
 class ActivationStats(ActivationObserver):

@@ -18,10 +18,23 @@ from torch import nn
 from lightning_modules.checkpoints import load_net
 from lightning_modules.classifier import ConfigError, DivergenceError
 from lightning_modules.counting import Complexity, count_model
-from lightning_modules.noise import NOISE_LEVELS, NoiseResult, checkpoint_label, evaluate_noise, write_noise_results
-from lightning_modules.search import SearchResult, TrialLog, describe, search_depth, write_results
-from lightning_modules.sweep import TRAINING_KEYS, expand_grids, point_label, run_group, stack_groups, write_tables
-from lightning_modules.sweep_plots import write_plots
+from lightning_modules.studies.noise import (
+    NOISE_LEVELS,
+    NoiseResult,
+    checkpoint_label,
+    evaluate_noise,
+    write_noise_results,
+)
+from lightning_modules.studies.search import SearchResult, TrialLog, describe, search_depth, write_results
+from lightning_modules.studies.sweep import (
+    TRAINING_KEYS,
+    expand_grids,
+    point_label,
+    run_group,
+    stack_groups,
+    write_tables,
+)
+from lightning_modules.studies.sweep_plots import write_plots
 
 
 def net_from_config(path: str | Path) -> nn.Module:

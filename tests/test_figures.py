@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from callbacks.figures import log_variance_density, variance_histograms
-from lightning_modules.sweep_plots import plot_variance_by_width
+from lightning_modules.studies.sweep_plots import plot_variance_by_width
 
 
 def lognormal_with_a_near_dead_unit() -> np.ndarray:

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from lightning_modules.search import is_trainable, search_depth, write_results
+from lightning_modules.studies.search import is_trainable, search_depth, write_results
 
 
 def stub(boundary: int, calls: list | None = None):
@@ -69,7 +69,7 @@ def test_reports_have_every_trial(tmp_path):
 
 
 def test_a_restarted_search_trains_only_the_trials_its_log_lacks(tmp_path):
-    from lightning_modules.search import TrialLog
+    from lightning_modules.studies.search import TrialLog
 
     path = tmp_path / "results.csv"
     first_calls, whole = [], search_depth(stub(84), upper=120, seeds=2)
@@ -92,7 +92,7 @@ def test_a_restarted_search_trains_only_the_trials_its_log_lacks(tmp_path):
 
 
 def test_describe_says_when_no_depth_trains():
-    from lightning_modules.search import describe
+    from lightning_modules.studies.search import describe
 
     none = search_depth(stub(0), upper=24, seeds=2)
     assert describe(none, 0.2) == "no depth trainable: k = 3 has val err 0.90 (trainable: below 0.20)"

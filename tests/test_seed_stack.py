@@ -7,7 +7,7 @@ import torch
 from datamodules import MNIST
 from lightning_modules import LearnedSize
 from lightning_modules.nets import MLP
-from lightning_modules.seed_stack import SeedStack
+from lightning_modules.studies.seed_stack import SeedStack
 from lightning_modules.trainer import bare_trainer
 from tests.conftest import make_mnist
 

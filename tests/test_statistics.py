@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.mixtures import fit_exp_normal, fit_two_gammas
-from lightning_modules.moments import MomentAccumulator, Moments
-from lightning_modules.unit_statistics import pca_summary, variance_summary
+from lightning_modules.statistics.mixtures import fit_exp_normal, fit_two_gammas
+from lightning_modules.statistics.moments import MomentAccumulator, Moments
+from lightning_modules.statistics.unit_statistics import pca_summary, variance_summary
 
 
 def moments_of(*batches: torch.Tensor) -> Moments:

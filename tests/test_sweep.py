@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_modules.sweep import expand_grids, stack_groups
+from lightning_modules.studies.sweep import expand_grids, stack_groups
 from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_mnist
 
 

@@ -21,8 +21,8 @@ from torch import nn
 
 from datamodules.tensor_data import TensorDataModule
 from lightning_modules.files import atomic_write
-from lightning_modules.seed_stack import EpochRecord, SeedStack
-from lightning_modules.unit_statistics import pca_summary, variance_summary
+from lightning_modules.statistics.unit_statistics import pca_summary, variance_summary
+from lightning_modules.studies.seed_stack import EpochRecord, SeedStack
 
 # grid keys that are not net arguments
 TRAINING_KEYS = ("penalty",)

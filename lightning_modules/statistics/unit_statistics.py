@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from lightning_modules.mixtures import ExpNormalFit, GammaMixtureFit, fit_exp_normal, fit_two_gammas
+from lightning_modules.statistics.mixtures import ExpNormalFit, GammaMixtureFit, fit_exp_normal, fit_two_gammas
 
 
 def variance_summary(var: np.ndarray, zero_tol: float = 0.0, min_fit_units: int = 32) -> dict[str, float]:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from datamodules.tensor_data import ShardedOrder, TensorDataModule, TensorLoader
-from lightning_modules.moments import MomentAccumulator, Moments
+from lightning_modules.statistics.moments import MomentAccumulator, Moments
 
 OptimizerFactory = Callable[[Iterable[tuple[str, torch.Tensor]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]

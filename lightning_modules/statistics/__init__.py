@@ -1,0 +1,1 @@
+"""Statistics of unit activations: streamed moments, mixture fits, per-layer summaries."""
