@@ -1,12 +1,15 @@
 """DDP on CPU: 2 processes (gloo) through `train.py`; metrics, dead units and variances equal one process's."""
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, QUIET, cli
+from tests.conftest import CONFIGS, QUIET, ROOT, cli
 from tests.test_cli import data_args, run_train, teacher_args
 
 # 301 validation samples: ranks hold 151 and 150, so nothing may be counted twice or dropped
@@ -20,26 +23,40 @@ def saved(folder: Path, kind: str) -> dict:
     return torch.load(path, weights_only=True)
 
 
+def metric_rows(folder: Path) -> list[dict]:
+    return list(csv.DictReader((folder / "metrics.csv").open()))
+
+
 @pytest.mark.slow
 def test_ddp_fit_logs_the_same_validation_metrics_as_one_process(in_tmp):
-    result = run_train(
-        "fit",
-        "--config",
-        CONFIGS / "quickstart.yaml",
-        *EXTRA,
-        *TWO_CPU_RANKS,
-        *NO_BAR,
-        "--trainer.max_epochs",
-        "1",
-        "--wandb",
-        "false",
-        cwd=in_tmp,
+    fit = ["fit", "--config", CONFIGS / "quickstart.yaml", *EXTRA, *TWO_CPU_RANKS, *NO_BAR]
+    fit += ["--trainer.max_epochs", "1", "--wandb", "false"]
+    (in_tmp / "torchrun").mkdir()
+    torchrun = subprocess.Popen(  # the same run launched by torchrun (Lightning then launches nothing itself)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + [str(ROOT / "train.py"), *map(str, fit)],
+        cwd=in_tmp / "torchrun",
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
+    result = run_train(*fit, cwd=in_tmp)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "sync_dist" not in result.stderr  # metrics already reduced over ranks are logged without warnings
     folder = in_tmp / "runs" / "quickstart" / "version_0"
-    rows = [r for r in csv.DictReader((folder / "metrics.csv").open()) if r.get("val/acc")]
+    rows = [r for r in metric_rows(folder) if r.get("val/acc")]
     ddp_acc, ddp_loss = float(rows[-1]["val/acc"]), float(rows[-1]["val/loss"])
     assert (folder / "config.yaml").is_file() and not (in_tmp / "runs" / "quickstart" / "version_1").exists()
+
+    out, _ = torchrun.communicate(timeout=300)
+    assert torchrun.returncode == 0, out[-3000:]
+    launched = metric_rows(in_tmp / "torchrun" / "runs" / "quickstart" / "version_0")
+    assert len(launched) == len(metric_rows(folder)) > 0
+    for got, want in zip(launched, metric_rows(folder), strict=True):  # torchrun = Lightning's own DDP launcher
+        assert {k: float(v) for k, v in got.items() if v} == pytest.approx(
+            {k: float(v) for k, v in want.items() if v}, nan_ok=True
+        )
 
     # the same weights validated by one process over the whole validation split
     single = cli(
