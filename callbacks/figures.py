@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_modules.files import atomic_path
+from lightning_modules.files import atomic_savefig
 
 
 class BackgroundFigures:
@@ -61,8 +61,7 @@ def dead_units_figure(rows: list[tuple[str, int, int]], title: str, path: Path) 
     figure.subplots_adjust(
         left=min(0.5, 0.04 + 0.012 * longest), right=0.97, top=0.9, bottom=0.15
     )  # tight_layout costs 40%
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary)
+    atomic_savefig(figure, path)
     return path
 
 
@@ -100,6 +99,5 @@ def variance_histograms(variances: dict[str, np.ndarray], title: str, path: Path
         ax.tick_params(labelsize=7)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary)
+    atomic_savefig(figure, path)
     return path

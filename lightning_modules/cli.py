@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -240,8 +241,6 @@ def run_name(config) -> str:
 def discard_wandb_runs(trainer: pl.Trainer) -> None:
     """Finish and remove the W&B runs of a run that failed before it trained (offline runs' folders; an online
     run is deleted on the server when it can be reached, else left marked as failed)."""
-    import shutil
-
     for logger in trainer.loggers:
         if isinstance(logger, RunWandbLogger) and logger.started:
             logger.wait()

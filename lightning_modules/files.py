@@ -34,3 +34,9 @@ def atomic_save(obj: object, path: str | Path) -> None:
     """`torch.save` atomically."""
     with atomic_path(path) as temporary:
         torch.save(obj, temporary)
+
+
+def atomic_savefig(figure, path: str | Path, **kwargs) -> None:
+    """A matplotlib figure's `savefig`, atomically (the temporary file keeps the suffix: the path's format)."""
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, **kwargs)

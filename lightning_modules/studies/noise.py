@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.files import atomic_path, atomic_write
+from lightning_modules.files import atomic_savefig, atomic_write
 
 NOISE_LEVELS = tuple(round(0.05 * i, 2) for i in range(11))
 
@@ -108,6 +108,5 @@ def plot_noise(results: list[NoiseResult], path: Path) -> None:
     ax.set(xlabel="noise level a", ylabel="test accuracy", ylim=(0, 1.02), title="Accuracy under input noise")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lightning_modules.files import atomic_path, atomic_write
+from lightning_modules.files import atomic_savefig, atomic_write
 
 TrainFn = Callable[[int, int], tuple[float, float]]
 
@@ -199,6 +199,5 @@ def plot_errors(results: list[SearchResult], max_error: float, path: Path) -> No
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)

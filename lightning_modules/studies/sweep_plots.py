@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from callbacks.figures import log_variance_density
-from lightning_modules.files import atomic_path
+from lightning_modules.files import atomic_savefig
 
 
 def _pyplot():
@@ -74,8 +74,7 @@ def plot_variance_by_width(static: list[dict], variances: list[torch.Tensor], pa
     ax.set_title("Hidden-unit variance by width")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -102,8 +101,7 @@ def plot_width_metrics(static: list[dict], path: Path) -> None:
         ax.set(xlabel="width N", title=title)
     fig.suptitle("Static 784-N-10 nets: hidden-layer metrics against width")
     fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -129,8 +127,7 @@ def plot_size_vs_epoch(history: list[dict], path: Path) -> None:
     ax.set(xlabel="epoch", ylabel="effective size (x0 or live units)", title="Learned size during training")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -158,8 +155,7 @@ def plot_frontier(static: list[dict], sized: list[dict], path: Path) -> None:
     ax.set(xlabel="final size (units)", ylabel="validation accuracy", title="Accuracy against size")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
