@@ -136,8 +136,19 @@ class TensorLoader:
 
     def __iter__(self):
         order = self.sampler.indices().to(self.split.images.device)
-        for b in range(len(self)):
+        start, self._resume_at = getattr(self, "_resume_at", 0), 0
+        for b in range(start, len(self)):
+            self._yielded = b + 1
             yield self.batch(order[b * self.batch_size : (b + 1) * self.batch_size])
+        self._yielded = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the current pass is (batches handed out), so that a mid-epoch checkpoint resumes exactly
+        there: Lightning saves it with the checkpoint and restores it before the resumed epoch."""
+        return {"batches": getattr(self, "_yielded", 0)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = int(state.get("batches", 0))
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The samples at `index`, normalised (and augmented, if the loader augments)."""

@@ -166,9 +166,33 @@ class Classifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["first_loss"] = float(self.first_loss)  # the guard's reference survives a resume
+        loop = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        if self.trainer.training and 0 < loop.completed < self.trainer.num_training_batches:  # mid-epoch
+            checkpoint["train_metric_states"] = self.metric_states("train")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.first_loss.fill_(checkpoint.get("first_loss", math.nan))
+        self.saved_train_states = checkpoint.get("train_metric_states")
+
+    def metric_states(self, split: str) -> dict[str, dict[str, torch.Tensor]]:
+        """The epoch-so-far sums of a split's metrics, summed over ranks: a mid-epoch checkpoint's share of the
+        epoch's train metrics, so that a run resumed there logs the same epoch metrics as an uninterrupted one."""
+        states = {}
+        for name, metric in getattr(self, f"{split}_metrics").items():
+            states[name] = {}
+            for state, reduce in metric._reductions.items():
+                value = getattr(metric, state)
+                if isinstance(value, torch.Tensor) and getattr(reduce, "__name__", "") == "dim_zero_sum":
+                    states[name][state] = self.trainer.strategy.reduce(value.clone(), reduce_op="sum").cpu()
+        return states
+
+    def on_train_start(self) -> None:
+        saved, self.saved_train_states = getattr(self, "saved_train_states", None), None
+        if saved and self.trainer.is_global_zero:  # the whole sum on one rank: the epoch's reduction adds the rest
+            for name, metric in self.train_metrics.items():
+                for state, value in saved.get(name, {}).items():
+                    setattr(metric, state, value.to(self.device))
+                metric._update_count = max(metric._update_count, 1)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.step(batch, "val")

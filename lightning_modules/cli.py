@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import yaml
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
@@ -22,6 +23,7 @@ from lightning_modules.checkpoints import check_fits, check_version, keep_last_e
 from lightning_modules.classifier import ConfigError, DivergenceError
 from lightning_modules.console import quiet_libraries, say
 from lightning_modules.loggers import RunWandbLogger, default_loggers
+from lightning_modules.requeue import Requeue, Requeued, requeued_checkpoint, slurm_job_id
 from lightning_modules.run_folder import (
     WANDB_ID,
     discard,
@@ -121,8 +123,13 @@ class ResearchCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "", None)
         path = config.get("ckpt_path") if config is not None else None
         self.checkpoint_keys = self.checkpoint_position = None
+        root = Path(config.trainer.default_root_dir) / run_name(config) if config is not None else None
         if path == "last":
-            path = config.ckpt_path = str(last_checkpoint(Path(config.trainer.default_root_dir) / run_name(config)))
+            path = config.ckpt_path = str(last_checkpoint(root))
+        job = slurm_job_id() if self.config.get("subcommand") == "fit" and not path else None
+        if job and (requeued := requeued_checkpoint(root, job)) is not None:  # a requeued SLURM job: carry on
+            path = config.ckpt_path = str(requeued)
+            say(f"SLURM: job {job} was requeued; resuming from {requeued}")
         if path and path not in SPECIAL_CHECKPOINTS:
             checkpoint = read_checkpoint(path)
             check_version(checkpoint, path)
@@ -197,8 +204,13 @@ class ResearchCLI(LightningCLI):
             kwargs["logger"] = default_loggers(name, str(root), config.project, config.wandb, folder, position)
             if folder is None:  # this run's own new folder: removed again if the run fails before it trains
                 self.new_folder = Path(kwargs["logger"][0].log_dir), root
+        job = slurm_job_id() if self.subcommand == "fit" else None
+        if job and config.trainer.get("plugins") is None:  # requeue into the run's folder, not Lightning's way
+            kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
         trainer = super().instantiate_trainer(**kwargs)
         keep_last_epoch(trainer.callbacks)
+        if job and config.trainer.get("plugins") is None:
+            trainer.callbacks.append(Requeue(job))
         trainer.run_name = name
         trainer.resumes_folder = folder is not None
         return trainer
@@ -208,7 +220,7 @@ class ResearchCLI(LightningCLI):
         if self.subcommand == "fit" and config.get("ckpt_path") and config.ckpt_path not in SPECIAL_CHECKPOINTS:
             folder = run_folder_of(config.ckpt_path)
             if folder is not None:
-                say(f"resuming {folder} from epoch {self.checkpoint_position[0] + 1} ({config.ckpt_path})")
+                say(f"resuming {folder} at step {self.checkpoint_position[1]} ({config.ckpt_path})")
             return folder
         if self.subcommand in STUDY_FILES:
             dumped = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
@@ -271,3 +283,5 @@ def main(args: list[str] | None = None) -> None:
         ResearchCLI(args=args)
     except (DataError, DivergenceError, NoLayersError, ConfigError) as e:
         sys.exit(f"error: {e}")
+    except Requeued:
+        sys.exit(0)  # SLURM runs the job again, which resumes from the requeue checkpoint

@@ -1,4 +1,5 @@
-"""A callback that kills its own process with SIGKILL mid-epoch, as a crash or an OOM killer would."""
+"""Callbacks that signal their own process mid-epoch: SIGKILL as a crash or an OOM killer would, SIGUSR1 as
+SLURM does before a time limit."""
 
 import os
 import signal
@@ -15,3 +16,14 @@ class KillAt(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAt(pl.Callback):
+    """Send this process SLURM's time-limit signal (SIGUSR1) before training batch `batch` of epoch `epoch`."""
+
+    def __init__(self, epoch: int = 1, batch: int = 5):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGUSR1)

@@ -137,3 +137,24 @@ def test_loader_batches_are_index_slices_normalised():
     batches = list(loader)
     assert len(loader) == 2 and [len(y) for _, y in batches] == [4, 2]
     torch.testing.assert_close(batches[1][0], (images[4:].float() / 255 - 0.5) / 0.25)
+
+
+def test_a_loader_restored_mid_pass_hands_out_exactly_the_rest_of_that_pass():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    split = Split(images, torch.arange(10))
+
+    def loader() -> TensorLoader:
+        order = ShardedOrder(10, shuffle=True, seed=3)
+        order.set_epoch(2)
+        return TensorLoader(split, 3, mean=(0.0,), std=(1 / 255,), sampler=order)
+
+    whole = [labels.tolist() for _, labels in loader()]
+    first = loader()
+    batches = iter(first)
+    seen = [next(batches)[1].tolist() for _ in range(2)]
+    state = first.state_dict()
+    assert state == {"batches": 2}
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert seen + [labels.tolist() for _, labels in resumed] == whole  # the rest, then a whole pass again
+    assert [labels.tolist() for _, labels in resumed] == whole and resumed.state_dict() == {"batches": 0}

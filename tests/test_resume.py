@@ -1,5 +1,5 @@
-"""Resuming in place: a killed run continues its own folder, metrics.csv and W&B run, and a killed search
-continues from its results file; result files are written atomically."""
+"""Resuming in place: a killed run continues its own folder, metrics.csv and W&B run, a requeued SLURM job
+resumes by itself, and a killed search continues from its results file; result files are written atomically."""
 
 import csv
 import os
@@ -22,8 +22,8 @@ QUICK = ["fit", "--config", CONFIGS / "quickstart.yaml", "--trainer.max_epochs",
 QUIET_BAR = ["--trainer.enable_progress_bar", "false"]
 
 
-def start_train(*args, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+def start_train(*args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", **(env or {})}
     command = [sys.executable, str(ROOT / "train.py"), *map(str, args)]
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -58,7 +58,7 @@ def test_a_run_killed_mid_epoch_resumes_in_its_own_folder_as_if_never_killed(tmp
 
     code, out = finish(start_train(*QUICK, *QUIET_BAR, "--ckpt_path", "last", cwd=killed))
     assert code == 0, out[-3000:]
-    assert "resuming runs/quickstart/version_0 from epoch 1" in out
+    assert "resuming runs/quickstart/version_0 at step 19" in out
     assert [p.name for p in (killed / "runs" / "quickstart").iterdir()] == ["version_0"]  # no version_1
     reference = whole / "runs" / "quickstart" / "version_0"
     assert files_of(folder) == files_of(reference)  # the same checkpoints, dead-unit files, config, metrics
@@ -153,3 +153,51 @@ def test_a_killed_search_restarted_with_the_same_command_continues_from_its_resu
     assert [p.name for p in (killed / "runs" / "quickstart").iterdir()] == ["version_0"]
     assert sorted(trials_of(results.parent), key=str) == sorted(reference, key=str)  # the same study
     assert (results.parent / "results.md").read_text() == (whole / "runs/quickstart/version_0/results.md").read_text()
+
+
+SLURM_JOB = {  # what SLURM sets for a one-task batch job
+    "SLURM_JOB_ID": "4242",
+    "SLURM_NTASKS": "1",
+    "SLURM_JOB_NAME": "netlab",
+    "SLURM_NODELIST": "localhost",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+}
+
+
+@pytest.mark.slow
+def test_a_slurm_job_requeued_on_its_signal_resumes_by_itself_as_if_never_stopped(tmp_path):
+    """SLURM's time-limit signal mid-epoch: the run saves requeue.ckpt in its folder, calls `scontrol requeue`
+    (a stand-in that records it) and ends; the same command in the requeued job (same job id, no --ckpt_path)
+    resumes there. Not tested: a real SLURM cluster, srun, several nodes."""
+    whole, job = tmp_path / "whole", tmp_path / "job"
+    whole.mkdir(), job.mkdir()
+    (tmp_path / "bin").mkdir()
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    slurm = {**SLURM_JOB, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    reference = start_train(*QUICK, *QUIET_BAR, "--wandb", "false", cwd=whole)
+    signalled = start_train(
+        *QUICK, *QUIET_BAR, "--wandb", "false", "--trainer.callbacks+=tests.killer.SignalAt", cwd=job, env=slurm
+    )
+    code, out = finish(signalled)
+    assert code == 0, out[-3000:]
+    folder = job / "runs" / "quickstart" / "version_0"
+    assert "SLURM: saved runs/quickstart/version_0/checkpoints/requeue.ckpt and requeued job 4242" in out
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    # signalled before batch 5 of epoch 1, saved at the end of that batch: 19 + 6 steps
+    assert torch.load(folder / "checkpoints" / "requeue.ckpt", weights_only=True)["global_step"] == 19 + 6
+
+    code, out = finish(start_train(*QUICK, *QUIET_BAR, "--wandb", "false", cwd=job, env=slurm))  # the requeued job
+    assert code == 0, out[-3000:]
+    assert "SLURM: job 4242 was requeued; resuming from runs/quickstart/version_0/checkpoints/requeue.ckpt" in out
+    assert [p.name for p in (job / "runs" / "quickstart").iterdir()] == ["version_0"]
+    code, reference_out = finish(reference)
+    assert code == 0, reference_out[-3000:]
+    resumed, uninterrupted = metric_rows(folder), metric_rows(whole / "runs" / "quickstart" / "version_0")
+    assert [(r["epoch"], r["step"]) for r in resumed] == [(r["epoch"], r["step"]) for r in uninterrupted]
+    for got, want in zip(resumed, uninterrupted, strict=True):  # the train metrics of the split epoch too
+        for key, value in want.items():
+            assert (float(got[key]) if got[key] else None) == pytest.approx(float(value) if value else None), key
