@@ -7,6 +7,7 @@ continues its folder's metrics.csv and its W&B run.
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import secrets
@@ -37,8 +38,8 @@ class ContinuedWriter(ExperimentWriter):
         if self.resume is None or not path.is_file():
             return super()._check_log_dir_exists()
         trim_metrics(path, *self.resume)
-        with path.open() as f:
-            self.metrics_keys = sorted(f.readline().strip().split(","))
+        with path.open(newline="") as f:
+            self.metrics_keys = sorted(next(csv.reader(f), []))
 
 
 class RunCSVLogger(CSVLogger):
@@ -46,7 +47,7 @@ class RunCSVLogger(CSVLogger):
     run (`resume` = the checkpoint's epoch and global step) continues its folder's metrics.csv."""
 
     def __init__(self, *args, resume: tuple[int, int] | None = None, **kwargs):
-        kwargs.setdefault("flush_logs_every_n_steps", 1)  # rows are per epoch: writing each costs nothing
+        kwargs.setdefault("flush_logs_every_n_steps", 1)  # appends only the new rows: a few per epoch here
         super().__init__(*args, **kwargs)
         self.resume = resume
 
