@@ -61,7 +61,7 @@ class Classifier(pl.LightningModule):
             channels_last: keep 4-D weights and inputs in NHWC memory order, which oneDNN (CPU) and
                 cuDNN (GPU, tensor cores) run faster; results are the same up to float rounding.
             finite_check_every: check every this many steps (and at each epoch end) that the loss stayed
-                finite and below the divergence limits (checking is one host sync, so not every step).
+                finite and below the divergence limits (a check is a host sync, so it is not made every step).
             param_groups: optimizer options per parameter-name pattern (fnmatch), e.g.
                 `{"*.bias": {weight_decay: 0}, "net.out.*": {lr: 0.1}}`; the first matching pattern wins and
                 parameters no pattern matches keep the optimizer's own settings.
@@ -87,7 +87,7 @@ class Classifier(pl.LightningModule):
                 nn.ModuleDict({"acc": MulticlassAccuracy(num_classes, average="micro"), "loss": MeanMetric()}),
             )
         self.register_buffer("loss_finite", torch.tensor(True), persistent=False)
-        # the divergence guard, all on the device: first loss, largest loss since the last check, whether it exploded
+        # the divergence guard, all on the device: the first loss, the largest so far, whether one exploded
         self.register_buffer("first_loss", torch.tensor(math.nan), persistent=False)
         self.register_buffer("peak_loss", torch.tensor(-math.inf), persistent=False)
         self.register_buffer("loss_exploded", torch.tensor(False), persistent=False)

@@ -75,8 +75,9 @@ def trim_metrics(path: Path, epoch: int, step: int) -> None:
 
 def wandb_run_id(folder: Path | None) -> str | None:
     """The id of the W&B run a run folder logged to, if it recorded one."""
-    path = folder / WANDB_ID if folder is not None else None
-    return path.read_text().strip() or None if path is not None and path.is_file() else None
+    if folder is None or not (folder / WANDB_ID).is_file():
+        return None
+    return (folder / WANDB_ID).read_text().strip() or None
 
 
 def untrained(folder: Path) -> bool:
