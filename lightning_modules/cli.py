@@ -32,11 +32,14 @@ from lightning_modules.run_folder import (
     unfinished_study,
     untrained,
 )
-from lightning_modules.trainer import ResearchTrainer, config_name
+from lightning_modules.trainer import SWEEP_PROGRESS, ResearchTrainer, config_name
 
 SPECIAL_CHECKPOINTS = ("best", "hpc", "registry")  # Lightning resolves these itself ("last" is resolved here)
 STUDIES = ("search", "sweep", "noise")  # subcommands that train or evaluate without Lightning's fit
-STUDY_FILES = {"search": ("results.csv", "results.md")}  # a study's (progress, final) files: resumable when killed
+STUDY_FILES = {  # a study's (progress, final) files: a killed study is continued by the same command
+    "search": ("results.csv", "results.md"),
+    "sweep": (SWEEP_PROGRESS, "runs.md"),
+}
 
 
 class RunConfig(SaveConfigCallback):

@@ -18,6 +18,7 @@ from torch import nn
 from lightning_modules.checkpoints import load_net
 from lightning_modules.classifier import ConfigError, DivergenceError
 from lightning_modules.counting import Complexity, count_model
+from lightning_modules.files import atomic_save
 from lightning_modules.studies.noise import (
     NOISE_LEVELS,
     NoiseResult,
@@ -35,6 +36,8 @@ from lightning_modules.studies.sweep import (
     write_tables,
 )
 from lightning_modules.studies.sweep_plots import write_plots
+
+SWEEP_PROGRESS = "sweep_progress.pt"  # the stacks a sweep has trained, for a restart of the same command
 
 
 def net_from_config(path: str | Path) -> nn.Module:
@@ -279,7 +282,14 @@ class ResearchTrainer(pl.Trainer):
         device = self.strategy.root_device
         rows, history, variances = [], [], []
         groups = stack_groups(points)
+        progress_path = Path(self.log_dir or self.default_root_dir) / SWEEP_PROGRESS
+        done = torch.load(progress_path, weights_only=True) if progress_path.is_file() else {}  # a killed sweep's
         for n, group in enumerate(groups, 1):
+            if n in done:
+                print(f"sweep [{n}/{len(groups)}] already in {progress_path}, not trained again", flush=True)
+                group_rows, group_history, group_variances = done[n]
+                rows, history, variances = rows + group_rows, history + group_history, variances + group_variances
+                continue
             print(
                 f"sweep [{n}/{len(groups)}] {len(group)} point(s) x {seeds} seed(s) as one stack, {epochs} epochs:",
                 flush=True,
@@ -306,6 +316,8 @@ class ResearchTrainer(pl.Trainer):
             rows += group_rows
             history += group_history
             variances += group_variances
+            done[n] = group_rows, group_history, group_variances
+            atomic_save(done, progress_path)  # each stack as it finishes: a restarted sweep skips it
         self._report_sweep(rows, history, variances)
         return rows
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_modules.studies.sweep import expand_grids, stack_groups
@@ -110,3 +111,22 @@ def test_sweep_errors_are_one_line(in_tmp):
         "error: sweep grid point layer=static depth=3: MLP has no argument(s) ['depth']" in result.stderr
         and "Traceback" not in result.stderr
     )
+
+
+def test_a_killed_sweep_restarted_with_the_same_command_trains_only_the_stacks_it_lacks(in_tmp, capsys):
+    root = make_mnist(in_tmp / "data", n_train=120)
+    args = ["--config", CONFIGS / "network_size" / "sweep_widths.yaml", "--seeds", "2", "--epochs", "1"]
+    folder = Path(sweep(root, *args).log_dir)
+    whole = (folder / "runs.csv").read_text()
+    progress = torch.load(folder / "sweep_progress.pt", weights_only=True)
+    assert len(progress) >= 2, "needs a sweep of two stacks or more"
+    # as if killed while training the last stack: its results and the final tables are not there yet
+    torch.save({n: done for n, done in progress.items() if n < len(progress)}, folder / "sweep_progress.pt")
+    for name in ("runs.csv", "runs.md", "history.csv"):
+        (folder / name).unlink()
+    capsys.readouterr()
+    again = sweep(root, *args)
+    out = capsys.readouterr().out
+    assert Path(again.log_dir) == folder and "sweep: continuing" in out  # the same folder, continued
+    assert out.count("already in") == len(progress) - 1 and f"sweep [{len(progress)}/{len(progress)}] 1" in out
+    assert (folder / "runs.csv").read_text() == whole  # the same table as the uninterrupted sweep
