@@ -4,8 +4,10 @@ never leaves half a file (the old one stays whole until the new one is complete)
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +30,15 @@ def atomic_write(path: str | Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as temporary:
         temporary.write_text(text)
+
+
+def atomic_write_csv(path: str | Path, fieldnames: list[str], rows: Iterable[dict], lineterminator: str = "\n") -> None:
+    """A CSV file with a header and one row per dict, written atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fieldnames, lineterminator=lineterminator)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 def atomic_save(obj: object, path: str | Path) -> None:

@@ -7,7 +7,6 @@ continues its folder's metrics.csv and its W&B run.
 
 from __future__ import annotations
 
-import csv
 import netrc
 import os
 import secrets
@@ -37,9 +36,7 @@ class ContinuedWriter(ExperimentWriter):
         path = Path(self.metrics_file_path)
         if self.resume is None or not path.is_file():
             return super()._check_log_dir_exists()
-        trim_metrics(path, *self.resume)
-        with path.open(newline="") as f:
-            self.metrics_keys = sorted(next(csv.reader(f), []))
+        self.metrics_keys = sorted(trim_metrics(path, *self.resume))
 
 
 class RunCSVLogger(CSVLogger):

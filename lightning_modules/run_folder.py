@@ -4,7 +4,6 @@ W&B run continue), and removed again when the run failed before it trained."""
 from __future__ import annotations
 
 import csv
-import io
 import re
 import shutil
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from lightning_modules.classifier import ConfigError
-from lightning_modules.files import atomic_write
+from lightning_modules.files import atomic_write_csv
 
 VERSION = re.compile(r"version_(\d+)")
 WANDB_ID = "wandb_run_id"  # the W&B run of this folder, continued on resume
@@ -52,11 +51,11 @@ def unfinished_study(root: Path, config: str, started: str, finished: str) -> Pa
     return None
 
 
-def trim_metrics(path: Path, epoch: int, step: int) -> None:
+def trim_metrics(path: Path, epoch: int, step: int) -> list[str]:
     """Keep the rows of metrics.csv a checkpoint at (`epoch`, global `step`) had seen, so the resumed run appends
-    after them with no epoch twice: rows of later epochs (a killed epoch's) go."""
+    after them with no epoch twice: rows of later epochs (a killed epoch's) go. Returns the file's columns."""
     if not path.is_file():
-        return
+        return []
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         header, rows = reader.fieldnames or [], list(reader)
@@ -66,11 +65,8 @@ def trim_metrics(path: Path, epoch: int, step: int) -> None:
             return int(float(row["epoch"])) <= epoch and int(row["step"]) <= step
         return int(row["step"]) <= step
 
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=header, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(row for row in rows if seen(row))
-    atomic_write(path, text.getvalue())
+    atomic_write_csv(path, header, (row for row in rows if seen(row)), lineterminator="\n")
+    return header
 
 
 def wandb_run_id(folder: Path | None) -> str | None:

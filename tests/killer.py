@@ -7,23 +7,20 @@ import signal
 import pytorch_lightning as pl
 
 
-class KillAt(pl.Callback):
+class SignalAt(pl.Callback):
+    """Send this process `signum` before training batch `batch` of epoch `epoch`; by default SIGUSR1, SLURM's
+    time-limit signal."""
+
+    def __init__(self, epoch: int = 1, batch: int = 5, signum: int = int(signal.SIGUSR1)):
+        self.epoch, self.batch, self.signum = epoch, batch, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
+class KillAt(SignalAt):
     """SIGKILL before training batch `batch` of epoch `epoch` (no handler runs, nothing is flushed)."""
 
     def __init__(self, epoch: int = 1, batch: int = 7):
-        self.epoch, self.batch = epoch, batch
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class SignalAt(pl.Callback):
-    """Send this process SLURM's time-limit signal (SIGUSR1) before training batch `batch` of epoch `epoch`."""
-
-    def __init__(self, epoch: int = 1, batch: int = 5):
-        self.epoch, self.batch = epoch, batch
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            os.kill(os.getpid(), signal.SIGUSR1)
+        super().__init__(epoch, batch, int(signal.SIGKILL))

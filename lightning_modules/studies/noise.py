@@ -8,15 +8,13 @@ The noise score is the number of correct answers summed over all levels, a = 0 i
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lightning_modules.files import atomic_savefig, atomic_write
+from lightning_modules.files import atomic_savefig, atomic_write, atomic_write_csv
 
 NOISE_LEVELS = tuple(round(0.05 * i, 2) for i in range(11))
 
@@ -72,12 +70,12 @@ def write_noise_results(results: list[NoiseResult], folder: Path) -> dict[str, P
     """noise.csv (a row per model and level), noise.md (accuracy per level and the noise score), noise.png."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"csv": folder / "noise.csv", "md": folder / "noise.md", "plot": folder / "noise.png"}
-    table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["model", "noise", "accuracy", "correct", "total"])
-    for r in results:
-        writer.writerows([r.model, level, r.accuracy(level), c, r.total] for level, c in r.correct.items())
-    atomic_write(paths["csv"], table.getvalue())
+    rows = (
+        {"model": r.model, "noise": level, "accuracy": r.accuracy(level), "correct": c, "total": r.total}
+        for r in results
+        for level, c in r.correct.items()
+    )
+    atomic_write_csv(paths["csv"], ["model", "noise", "accuracy", "correct", "total"], rows)
     levels = list(results[0].correct)
     lines = [
         "| model | " + " | ".join(f"{level:g}" for level in levels) + " | noise score |",

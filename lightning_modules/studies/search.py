@@ -8,13 +8,12 @@ recorded one by one in results.csv (atomically), and a restarted search reuses t
 from __future__ import annotations
 
 import csv
-import io
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lightning_modules.files import atomic_savefig, atomic_write
+from lightning_modules.files import atomic_savefig, atomic_write, atomic_write_csv
 
 TrainFn = Callable[[int, int], tuple[float, float]]
 
@@ -130,11 +129,7 @@ class TrialLog:
 
 def write_trials(trials: list[Trial], path: Path) -> None:
     """One CSV row per trial (NaN errors: diverged), written atomically."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(asdict(trials[0])), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(asdict(t) for t in trials)
-    atomic_write(path, text.getvalue())
+    atomic_write_csv(path, list(asdict(trials[0])), (asdict(t) for t in trials))
 
 
 def describe(result: SearchResult, max_error: float) -> str:

@@ -9,8 +9,6 @@ one row per (point, seed) in runs.csv/.md, and one row per epoch in history.csv.
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import math
 from collections.abc import Callable
@@ -20,7 +18,7 @@ import torch
 from torch import nn
 
 from datamodules.tensor_data import TensorDataModule
-from lightning_modules.files import atomic_write
+from lightning_modules.files import atomic_write, atomic_write_csv
 from lightning_modules.statistics.unit_statistics import pca_summary, variance_summary
 from lightning_modules.studies.seed_stack import EpochRecord, SeedStack
 
@@ -133,12 +131,7 @@ def write_tables(rows: list[dict], history: list[dict], folder: Path) -> dict[st
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"csv": folder / "runs.csv", "md": folder / "runs.md", "history": folder / "history.csv"}
     for path, table in ((paths["csv"], rows), (paths["history"], history)):
-        columns = list(dict.fromkeys(k for row in table for k in row))
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(table)
-        atomic_write(path, text.getvalue())
+        atomic_write_csv(path, list(dict.fromkeys(k for row in table for k in row)), table)
     atomic_write(paths["md"], markdown_summary(rows))
     return paths
 
