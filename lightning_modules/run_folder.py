@@ -57,15 +57,18 @@ def trim_metrics(path: Path, epoch: int, step: int) -> list[str]:
     if not path.is_file():
         return []
     with path.open(newline="") as f:
+        first = f.readline()
+        f.seek(0)
         reader = csv.DictReader(f)
         header, rows = reader.fieldnames or [], list(reader)
+    ending = "\r\n" if first.endswith("\r\n") else "\n"  # Lightning's writer appends with csv's \r\n: keep it
 
     def seen(row: dict) -> bool:
         if row.get("epoch"):
             return int(float(row["epoch"])) <= epoch and int(row["step"]) <= step
         return int(row["step"]) <= step
 
-    atomic_write_csv(path, header, (row for row in rows if seen(row)), lineterminator="\n")
+    atomic_write_csv(path, header, (row for row in rows if seen(row)), lineterminator=ending)
     return header
 
 

@@ -65,6 +65,8 @@ def test_a_run_killed_mid_epoch_resumes_in_its_own_folder_as_if_never_killed(tmp
     resumed, uninterrupted = metric_rows(folder), metric_rows(reference)
     assert [(r["epoch"], r["step"]) for r in resumed] == [(r["epoch"], r["step"]) for r in uninterrupted]
     assert len(resumed) == 6  # two rows (val, train) for each of 3 epochs: none twice, none missing
+    raw = (folder / "metrics.csv").read_bytes()
+    assert raw.count(b"\n") == raw.count(b"\r\n") == 7  # one line ending throughout, as Lightning writes it
     for got, want in zip(resumed, uninterrupted, strict=True):
         for key, value in want.items():
             assert (float(got[key]) if got[key] else None) == pytest.approx(float(value) if value else None), key
