@@ -204,7 +204,8 @@ class ResearchCLI(LightningCLI):
             kwargs["logger"] = False
         elif config.trainer.get("logger") in (None, True):
             position = self.checkpoint_position if self.subcommand == "fit" else None
-            kwargs["logger"] = default_loggers(name, str(root), config.project, config.wandb, folder, position)
+            study = self.subcommand in STUDY_FILES  # its trials log W&B runs of their own, in the study's group
+            kwargs["logger"] = default_loggers(name, str(root), config.project, config.wandb, folder, position, study)
             if folder is None:  # this run's own new folder: removed again if the run fails before it trains
                 self.new_folder = Path(kwargs["logger"][0].log_dir), root
         job = slurm_job_id() if self.subcommand == "fit" else None

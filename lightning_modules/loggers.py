@@ -85,10 +85,11 @@ def default_loggers(
     wandb: bool = True,
     folder: Path | None = None,
     resume: tuple[int, int] | None = None,
+    study: bool = False,
 ) -> list[Logger]:
     """CSV logger into `save_dir/name/version_N` (or into `folder`, an existing run's), then W&B (offline when
     it has to be; the folder's own W&B run when it recorded one). `resume`: the epoch and global step of
-    the checkpoint that `folder`'s run resumes from."""
+    the checkpoint that `folder`'s run resumes from. A `study`'s run opens a W&B group for its trials' runs."""
     if folder is not None:  # name "" puts the version folder directly under save_dir
         csv_logger = RunCSVLogger(save_dir=str(folder.parent), name="", version=folder.name, resume=resume)
     else:
@@ -99,10 +100,10 @@ def default_loggers(
         if reason:
             os.environ["WANDB_MODE"] = "offline"  # inherited by DDP worker processes
         run_id = wandb_run_id(folder)
+        resumes, run_id = run_id is not None, run_id or new_run_id()
+        grouped = {"group": f"{name}-{run_id}", "job_type": "study"} if study else {}
         loggers.append(
-            RunWandbLogger(
-                reason, resumes=run_id is not None, id=run_id or new_run_id(), project=project, name=name, save_dir="."
-            )
+            RunWandbLogger(reason, resumes=resumes, id=run_id, project=project, name=name, save_dir=".", **grouped)
         )
     return loggers
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import math
 from pathlib import Path
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -16,9 +15,10 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
 from lightning_modules.checkpoints import load_net
-from lightning_modules.classifier import ConfigError, DivergenceError
+from lightning_modules.classifier import ConfigError
 from lightning_modules.counting import Complexity, count_model
 from lightning_modules.files import atomic_save
+from lightning_modules.studies.launchers import Failed, make_launcher
 from lightning_modules.studies.noise import (
     NOISE_LEVELS,
     NoiseResult,
@@ -26,16 +26,19 @@ from lightning_modules.studies.noise import (
     evaluate_noise,
     write_noise_results,
 )
-from lightning_modules.studies.search import SearchResult, TrialLog, describe, search_depth, write_results
+from lightning_modules.studies.search import SearchResult, TrialLog, describe, run_searches, search_plan, write_results
 from lightning_modules.studies.sweep import (
     TRAINING_KEYS,
     expand_grids,
+    failed_rows,
     point_label,
-    run_group,
     stack_groups,
     write_tables,
 )
 from lightning_modules.studies.sweep_plots import write_plots
+from lightning_modules.studies.trials import DepthTrial, StackTrial, TrialRuns, bare_trainer, portable, quiet_lightning
+
+__all__ = ["ResearchTrainer", "bare_trainer", "config_name", "net_from_config", "quiet_lightning"]
 
 SWEEP_PROGRESS = "sweep_progress.pt"  # the stacks a sweep has trained, for a restart of the same command
 
@@ -69,35 +72,6 @@ def config_name(path: str | Path) -> str:
         return parts[-1]
     last = len(parts) - 1 - parts[::-1].index("configs")
     return "/".join(parts[last + 1 :])
-
-
-def bare_trainer(max_epochs: int, **kwargs) -> pl.Trainer:
-    """A Trainer for a short fit inside another job (a search trial, a reference run): no logger,
-    checkpoints, progress bar, model summary or sanity check."""
-    defaults = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    return pl.Trainer(max_epochs=max_epochs, **{**defaults, **kwargs})
-
-
-@contextlib.contextmanager
-def quiet_lightning():
-    """Silence Lightning's per-Trainer info lines (GPU available, ...) for the many short fits of a search."""
-    loggers = [
-        logging.getLogger(n) for n in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
-    ]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 class ResearchTrainer(pl.Trainer):
@@ -138,13 +112,17 @@ class ResearchTrainer(pl.Trainer):
         epochs: int = 3,
         max_error: float = 0.2,
         variants: dict[str, int] | None = None,
+        launcher: Literal["local", "ray"] = "local",
+        ray_address: str | None = None,
+        cpus_per_trial: float = 1,
+        trials_per_gpu: int = 1,
     ) -> list[SearchResult]:
         """Binary-search the deepest trainable depth k of the model's net, then confirm the boundary.
 
         Each depth trains `epochs` epochs from scratch per seed (or the trainer's `max_steps` when it is
         set, e.g. by configs/presets/original_steps.yaml); it is trainable when the mean validation
         error over its seeds is below `max_error`. Writes results.csv, results.md and error_vs_depth.png
-        into the run folder and logs the table to W&B.
+        into the run folder and logs the table to W&B, where each trial is also a run of its own.
 
         Args:
             upper: the largest depth to try (the search runs over k = 3, 6, ..., upper).
@@ -153,6 +131,11 @@ class ResearchTrainer(pl.Trainer):
             max_error: trainability threshold on the validation error (the spec: 0.2).
             variants: instead of the model's own net, search each of these configs' `model.net`,
                 mapped to its own upper bound; data, optimizer and trainer settings stay this run's.
+            launcher: where trials train: `local` (here, one after another) or `ray` (in parallel, as Ray
+                tasks: a probe's seeds, the two confirmation depths and the variants' searches).
+            ray_address: the Ray cluster to run on (`ray` launcher; default: a Ray instance started here).
+            cpus_per_trial: CPUs each Ray trial asks for (and its torch threads).
+            trials_per_gpu: Ray trials sharing one GPU when the cluster has GPUs; 0 trains on CPUs only.
         """
         if variants:
             jobs = [(config_name(path), net_from_config(path), bound) for path, bound in variants.items()]
@@ -166,56 +149,32 @@ class ResearchTrainer(pl.Trainer):
         first_seed = pl.seed_everything(verbose=False)  # the run's seed (seed_everything in the config)
         steps = self.max_steps if self.max_steps and self.max_steps > 0 else None
         length = f"{steps} steps" if steps else f"{epochs} epochs"
-        results = []
         log = TrialLog(Path(self.log_dir or self.default_root_dir) / "results.csv")  # a killed search's trials
         if log.trials:
             print(f"search: {len(log.trials)} trial(s) already in {log.path}, not trained again")
-        for name, net, bound in jobs:
-            print(
-                f"search {name}: k in 3..{bound}, {seeds} seed(s) per depth, {length}, trainable below {max_error:.0%}"
+        plans, trials = {}, {}
+        runner = make_launcher(launcher, ray_address, cpus_per_trial, trials_per_gpu)
+        try:
+            device = self.strategy.root_device
+            if launcher == "local":  # this process's device and data, as they are
+                where = dict(datamodule=datamodule, device=str(device))
+            else:  # the worker's device; the data travels once, on the CPU
+                where = dict(datamodule=portable(datamodule), device=None if runner.gpu else "cpu")
+            runs = TrialRuns.of(self)
+            for name, net, bound in jobs:
+                print(f"search {name}: k in 3..{bound}, {seeds} seed(s) per depth, {length}, "
+                      f"trainable below {max_error:.0%}")  # fmt: skip
+                plans[name] = search_plan(bound, seeds, max_error, first_seed, name)
+                trials[name] = DepthTrial(
+                    name, portable(model), net, epochs=epochs, steps=steps, precision=self.precision, runs=runs, **where
+                )
+            results = run_searches(
+                plans, trials, runner, log, lambda r: print(f"search {r.variant}: {describe(r, max_error)}", flush=True)
             )
-            trial = self._trial_fn(model, net, datamodule, epochs, steps)
-            result = search_depth(trial, bound, seeds, max_error, first_seed, name, log=log)
-            print(f"search {name}: {describe(result, max_error)}")
-            results.append(result)
+        finally:
+            runner.close()
         self._report(results, max_error)
         return results
-
-    def _trial_fn(
-        self,
-        template: pl.LightningModule,
-        net: nn.Module,
-        datamodule: pl.LightningDataModule,
-        epochs: int,
-        steps: int | None = None,
-    ):
-        device = self.strategy.root_device
-
-        def train(depth: int, seed: int) -> tuple[float, float]:
-            pl.seed_everything(seed, verbose=False)
-            model = copy.deepcopy(template)
-            model.net = net.at_depth(depth)
-            with quiet_lightning():
-                trainer = bare_trainer(
-                    -1 if steps else epochs,
-                    max_steps=steps or -1,
-                    accelerator="gpu" if device.type == "cuda" else "cpu",
-                    devices=[device.index or 0] if device.type == "cuda" else 1,
-                    precision=self.precision,
-                )
-                try:
-                    trainer.fit(model, datamodule=datamodule)
-                    train_err = float(trainer.callback_metrics["train/err"])
-                    if steps:  # a step budget can end inside an epoch, after its last validation
-                        trainer.validate(model, datamodule=datamodule, verbose=False)
-                    errors = train_err, float(trainer.callback_metrics["val/err"])
-                except DivergenceError:  # NaN, infinite or exploded loss: counted as diverged
-                    errors = math.nan, math.nan
-            outcome = "diverged" if math.isnan(errors[1]) else f"train err {errors[0]:.4f}, val err {errors[1]:.4f}"
-            print(f"  k={depth:4d} seed={seed}: {outcome}", flush=True)
-            return errors
-
-        return train
 
     def _report(self, results: list[SearchResult], max_error: float) -> None:
         folder = Path(self.log_dir or self.default_root_dir)
@@ -244,12 +203,17 @@ class ResearchTrainer(pl.Trainer):
         pca_samples: int = 2048,
         pca_k: list[int] | None = None,
         zero_tol: float = 0.0,
+        launcher: Literal["local", "ray"] = "local",
+        ray_address: str | None = None,
+        cpus_per_trial: float = 1,
+        trials_per_gpu: int = 1,
     ) -> list[dict]:
         """Train every point of the grids for `seeds` seeds, all seeds of a point at once (vmapped), and
         measure accuracy, size, dead units and the activation statistics of the hidden layer.
 
         Writes runs.csv, runs.md, history.csv and the study's plots into the run folder and logs them to
-        W&B. Seeds start at the run's `seed_everything`; seed s trains as `fit --seed_everything s` would.
+        W&B, where each (point, seed) is also a run of its own. Seeds start at the run's
+        `seed_everything`; seed s trains as `fit --seed_everything s` would.
 
         Args:
             grids: a list of grids, each mapping MLP arguments (width, layer, start_size, ...) or `penalty`
@@ -260,6 +224,11 @@ class ResearchTrainer(pl.Trainer):
             pca_samples: validation samples whose pre-activations enter the PCA.
             pca_k: top-k components whose reconstruction distance is reported (default 1, 10, 50).
             zero_tol: a unit with activation variance at or below this counts as zero-variance.
+            launcher: where the stacks train: `local` (here, one after another) or `ray` (in parallel, one
+                Ray task per stack).
+            ray_address: the Ray cluster to run on (`ray` launcher; default: a Ray instance started here).
+            cpus_per_trial: CPUs each Ray stack asks for (and its torch threads).
+            trials_per_gpu: Ray stacks sharing one GPU when the cluster has GPUs; 0 trains on CPUs only.
         """
         if self.world_size > 1:
             raise ConfigError("sweep runs in one process: it stacks seeds, not ranks (use --trainer.devices 1)")
@@ -279,47 +248,64 @@ class ResearchTrainer(pl.Trainer):
         seed_list = list(range(first_seed, first_seed + seeds))
         datamodule.trainer = self
         datamodule.setup("fit")
-        device = self.strategy.root_device
-        rows, history, variances = [], [], []
         groups = stack_groups(points)
         progress_path = Path(self.log_dir or self.default_root_dir) / SWEEP_PROGRESS
         done = torch.load(progress_path, weights_only=True) if progress_path.is_file() else {}  # a killed sweep's
-        for n, group in enumerate(groups, 1):
-            if n in done:
-                print(f"sweep [{n}/{len(groups)}] already in {progress_path}, not trained again", flush=True)
-                group_rows, group_history, group_variances = done[n]
-                rows, history, variances = rows + group_rows, history + group_history, variances + group_variances
-                continue
-            print(
-                f"sweep [{n}/{len(groups)}] {len(group)} point(s) x {seeds} seed(s) as one stack, {epochs} epochs:",
-                flush=True,
-            )
-            group_rows, group_history, group_variances = run_group(
-                model.net,
-                group,
-                seed_list,
-                datamodule,
-                epochs,
-                model.build_optimizer,
-                model.scheduler_factory,
-                getattr(model, "penalty", 0.0),
-                device,
-                pca_samples,
-                tuple(pca_k or (1, 10, 50)),
-                zero_tol,
-            )
-            for i, point in enumerate(group):
-                runs = group_rows[i * seeds : (i + 1) * seeds]
-                accs = ", ".join(f"{r['val_acc']:.4f}" for r in runs)
-                sizes = ", ".join(f"{r['size']:g}" for r in runs)
-                print(f"  {point_label(point) or 'the config net'}: val acc {accs}; size {sizes}", flush=True)
-            rows += group_rows
-            history += group_history
-            variances += group_variances
-            done[n] = group_rows, group_history, group_variances
-            atomic_save(done, progress_path)  # each stack as it finishes: a restarted sweep skips it
+        for n in sorted(n for n in done if n <= len(groups)):
+            print(f"sweep [{n}/{len(groups)}] already in {progress_path}, not trained again", flush=True)
+        results = {n: done[n] for n in done if n <= len(groups)}
+        runner = make_launcher(launcher, ray_address, cpus_per_trial, trials_per_gpu)
+        try:
+            if launcher == "local":
+                where = dict(datamodule=datamodule, device=str(self.strategy.root_device))
+            else:
+                where = dict(datamodule=portable(datamodule), device=None if runner.gpu else "cpu")
+            stack = StackTrial(portable(model), epochs=epochs, pca_samples=pca_samples,
+                               pca_k=tuple(pca_k or (1, 10, 50)), zero_tol=zero_tol, **where)  # fmt: skip
+            handles = {}
+            for n, group in enumerate(groups, 1):
+                if n not in results:
+                    label = f"sweep [{n}/{len(groups)}] {len(group)} point(s) x {seeds} seed(s) as one stack"
+                    print(f"{label}, {epochs} epochs", flush=True)
+                    handles[runner.submit(label, stack, group, seed_list)] = n
+            runs = TrialRuns.of(self)
+            while handles:
+                handle, outcome = runner.wait()
+                n = handles.pop(handle)
+                group = groups[n - 1]
+                if isinstance(outcome, Failed):  # reported in the tables, trained again by a restart
+                    penalty = getattr(model, "penalty", 0.0)
+                    failed = failed_rows(model.net, group, seed_list, epochs, penalty, outcome.error)
+                    results[n] = failed, [], [torch.empty(0)] * len(failed)
+                    continue
+                results[n] = outcome
+                self._say_stack(n, len(groups), group, outcome, seeds, epochs, runs)
+                done[n] = outcome
+                atomic_save(done, progress_path)  # each stack as it finishes: a restarted sweep skips it
+        finally:
+            runner.close()
+        rows, history, variances = [], [], []
+        for n in sorted(results):
+            rows, history, variances = rows + results[n][0], history + results[n][1], variances + results[n][2]
         self._report_sweep(rows, history, variances)
         return rows
+
+    @staticmethod
+    def _say_stack(n: int, total: int, group: list[dict], outcome, seeds: int, epochs: int, runs) -> None:
+        """Print a finished stack's accuracies and sizes; log each of its runs to W&B as a run of its own."""
+        rows, history, _ = outcome
+        for i, point in enumerate(group):
+            members = rows[i * seeds : (i + 1) * seeds]
+            accs = ", ".join(f"{r['val_acc']:.4f}" for r in members)
+            sizes = ", ".join(f"{r['size']:g}" for r in members)
+            print(f"  [{n}/{total}] {point_label(point) or 'the config net'}: val acc {accs}; size {sizes}", flush=True)
+        if runs is None:
+            return
+        for i, row in enumerate(rows):
+            point = group[i // seeds]
+            config = {**point, "seed": row["seed"], "epochs": epochs}
+            name = f"{point_label(point) or 'the config net'} seed={row['seed']}"
+            runs.log_finished(name, config, history[i * epochs : (i + 1) * epochs], row)
 
     def _report_sweep(self, rows: list[dict], history: list[dict], variances: list) -> None:
         folder = Path(self.log_dir or self.default_root_dir)

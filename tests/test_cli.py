@@ -293,7 +293,7 @@ def test_search_counts_an_exploded_trial_as_diverged_and_says_when_no_depth_trai
     lr = ["--model.init_args.optimizer.init_args.lr", "1e6"]
     cli("search", "--config", CONFIGS / "quickstart.yaml", *lr, "--upper", "3", "--trainer.max_steps", "25", *QUIET)
     out = capsys.readouterr().out
-    assert "  k=   3 seed=0: diverged" in out
+    assert "  quickstart k=   3 seed=0: diverged" in out
     assert "search quickstart: no depth trainable: k = 3 diverged" in out and "deepest trainable" not in out
 
 

@@ -147,7 +147,7 @@ def test_a_killed_search_restarted_with_the_same_command_continues_from_its_resu
     code, out = finish(start_train(*SEARCH, cwd=killed))
     assert code == 0, out[-3000:]
     assert f"search: {len(done)} trial(s) already in runs/quickstart/version_0/results.csv" in out
-    trained = [line for line in out.splitlines() if line.startswith("  k=")]
+    trained = [line for line in out.splitlines() if line.startswith("  quickstart k=")]
     whole_code, whole_out = finish(uninterrupted)
     assert whole_code == 0, whole_out[-3000:]
     reference = trials_of(whole / "runs" / "quickstart" / "version_0")

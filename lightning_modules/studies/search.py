@@ -1,26 +1,30 @@
 """The depth search of research line 1: the deepest trainable k = 3m, by binary search over m.
 
 Pure logic, with training injected as `train(depth, seed) -> (train_err, val_err)`, so the search
-is testable with a stub and reusable with any net that can be rebuilt at another depth. Trials are
-recorded one by one in results.csv (atomically), and a restarted search reuses those already there.
+is testable with a stub and reusable with any net that can be rebuilt at another depth. What is
+independent (the seeds of a probed depth, the two confirmation depths, the variants) runs on a
+launcher, in parallel where it is Ray's. Trials are recorded one by one in results.csv (atomically),
+and a restarted search reuses those already there.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lightning_modules.files import atomic_savefig, atomic_write, atomic_write_csv
+from lightning_modules.studies.launchers import Failed, LocalLauncher, RayLauncher
 
-TrainFn = Callable[[int, int], tuple[float, float]]
+TrainFn = Callable[[int, int], tuple[float, float]]  # (depth, seed) -> (train error, validation error)
+Request = tuple[int, int, str]  # a trial a probe needs: (depth, seed, phase)
 
 
 @dataclass
 class Trial:
-    """One trained depth and seed. Errors are NaN when the loss diverged."""
+    """One trained depth and seed. Errors are NaN when the loss diverged or the trial failed."""
 
     variant: str
     depth: int
@@ -29,6 +33,7 @@ class Trial:
     val_err: float
     trainable: bool | None  # None until every seed of its depth has trained
     phase: str  # "search" or "confirm"
+    error: str = ""  # why the trial failed (it crashed twice): not trainable, and trained again by a restart
 
 
 @dataclass
@@ -47,6 +52,102 @@ def is_trainable(val_errs: list[float], max_error: float) -> bool:
     return all(not math.isnan(e) for e in val_errs) and sum(val_errs) / len(val_errs) < max_error
 
 
+def search_plan(
+    upper: int, seeds: int = 1, max_error: float = 0.2, first_seed: int = 0, variant: str = "net", step: int = 3
+) -> Generator[list[Request], list[Trial], SearchResult]:
+    """One variant's search as a sequence of probes: yields the (depth, seed, phase) trials a probe needs,
+    which can train in parallel, and is sent them back trained, in that order; returns the result.
+
+    Binary search over m in [1, upper // step] for the largest trainable k = step * m. Confirmation then
+    trains the two consecutive depths around the boundary (k and k + step) again, in one probe, with
+    fresh seeds: the boundary is confirmed when k still trains and k + step still does not.
+    """
+    if upper < step:
+        raise ValueError(f"upper must be at least {step}, got {upper}")
+    trials: list[Trial] = []
+
+    def judged(done: list[Trial], depth: int) -> bool:
+        at = [t for t in done if t.depth == depth]
+        ok = is_trainable([t.val_err for t in at], max_error)
+        for trial in at:
+            trial.trainable = ok
+        return ok
+
+    lo, hi = 0, upper // step + 1  # invariant: lo trainable (0 by convention), hi not (upper+1 by convention)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        done = yield [(step * mid, seed, "search") for seed in range(first_seed, first_seed + seeds)]
+        trials += done
+        lo, hi = (mid, hi) if judged(done, step * mid) else (lo, mid)
+    confirm_seed = first_seed + seeds  # seeds the search did not use
+    around = [m for m in (lo, lo + 1) if 1 <= m <= upper // step]
+    done = yield [(step * m, seed, "confirm") for m in around for seed in range(confirm_seed, confirm_seed + seeds)]
+    trials += done
+    confirmed = all(judged(done, step * m) == (m == lo) for m in around)
+    return SearchResult(variant, upper, step * lo, confirmed, trials)
+
+
+def run_searches(
+    plans: dict[str, Generator[list[Request], list[Trial], SearchResult]],
+    train: dict[str, TrainFn],
+    launcher: LocalLauncher | RayLauncher | None = None,
+    log: TrialLog | None = None,
+    on_done: Callable[[SearchResult], None] | None = None,
+) -> list[SearchResult]:
+    """Run the variants' searches side by side: every trial a probe needs goes to the launcher as soon as
+    the probe is known, and a variant moves on as soon as its own probe has trained. Each trial goes into
+    `log` as it finishes; one already there (not failed) is not trained again. With one slot (the local
+    launcher) the variants run one after another, in order, as a plain loop would run them."""
+    launcher = launcher if launcher is not None else LocalLauncher()
+    log = log if log is not None else TrialLog()
+    order = {variant: i for i, variant in enumerate(plans)}
+    results: dict[str, SearchResult] = {}
+    probes: dict[str, tuple[list[Request], list[Trial | None]]] = {}
+    queue: list[tuple[str, int]] = []  # (variant, index in its probe) of the trials not yet submitted
+    running: dict[int, tuple[str, int]] = {}
+
+    def advance(variant: str, done: list[Trial] | None) -> None:
+        while True:  # a probe whose trials are all in the log is answered at once
+            try:
+                requests = plans[variant].send(done)
+            except StopIteration as stop:
+                results[variant] = stop.value
+                log.save()  # the trials' trainable verdicts
+                if on_done is not None:
+                    on_done(stop.value)
+                return
+            log.save()
+            found = [log.get(variant, depth, seed) for depth, seed, _ in requests]
+            if any(t is None for t in found):
+                probes[variant] = requests, found
+                queue.extend((variant, i) for i, t in enumerate(found) if t is None)
+                return
+            done = found
+
+    for variant in plans:
+        advance(variant, None)
+    while queue or running:
+        while queue and len(running) < launcher.slots:
+            variant, i = min(queue, key=lambda item: order[item[0]])  # the first variant's trials first
+            queue.remove((variant, i))
+            depth, seed, _ = probes[variant][0][i]
+            running[launcher.submit(f"{variant} k={depth} seed={seed}", train[variant], depth, seed)] = variant, i
+        handle, outcome = launcher.wait()
+        variant, i = running.pop(handle)
+        requests, found = probes[variant]
+        depth, seed, phase = requests[i]
+        if isinstance(outcome, Failed):
+            trial = Trial(variant, depth, seed, math.nan, math.nan, None, phase, outcome.error)
+        else:
+            trial = Trial(variant, depth, seed, *outcome, None, phase)
+        print(f"  {variant} k={depth:4d} seed={seed}: {trial_outcome(trial)}", flush=True)
+        found[i] = log.add(trial)
+        if all(t is not None for t in found):
+            del probes[variant]
+            advance(variant, found)
+    return [results[variant] for variant in plans]
+
+
 def search_depth(
     train: TrainFn,
     upper: int,
@@ -57,46 +158,18 @@ def search_depth(
     step: int = 3,
     log: TrialLog | None = None,
 ) -> SearchResult:
-    """Binary search over m in [1, upper // step] for the largest trainable k = step * m, then confirm.
+    """One variant's search (`search_plan`), its trials trained here one after another by `train`."""
+    plan = search_plan(upper, seeds, max_error, first_seed, variant, step)
+    return run_searches({variant: plan}, {variant: train}, log=log)[0]
 
-    Confirmation trains the two consecutive depths around the boundary (k and k + step) again with
-    fresh seeds: the boundary is confirmed when k still trains and k + step still does not. Each trial
-    goes into `log` as soon as it is trained; a trial already in it is not trained again.
-    """
-    if upper < step:
-        raise ValueError(f"upper must be at least {step}, got {upper}")
-    trials: list[Trial] = []
-    log = log if log is not None else TrialLog()
 
-    def run(m: int, phase: str, seed0: int) -> bool:
-        depth = step * m
-        done = []
-        for seed in range(seed0, seed0 + seeds):
-            trial = log.get(variant, depth, seed)
-            if trial is None:
-                trial = log.add(Trial(variant, depth, seed, *train(depth, seed), None, phase))
-            done.append(trial)
-        ok = is_trainable([t.val_err for t in done], max_error)
-        for trial in done:
-            trial.trainable = ok
-        log.save()
-        trials.extend(done)
-        return ok
-
-    lo, hi = 0, upper // step + 1  # invariant: lo trainable (0 by convention), hi not (upper+1 by convention)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if run(mid, "search", first_seed):
-            lo = mid
-        else:
-            hi = mid
-    confirm_seed = first_seed + seeds  # seeds the search did not use
-    confirmed = True
-    if lo >= 1:
-        confirmed &= run(lo, "confirm", confirm_seed)
-    if lo + 1 <= upper // step:
-        confirmed &= not run(lo + 1, "confirm", confirm_seed)
-    return SearchResult(variant, upper, step * lo, confirmed, trials)
+def trial_outcome(trial: Trial) -> str:
+    """`train err 0.0312, val err 0.0288`, `diverged` or `failed: <error>`."""
+    if trial.error:
+        return f"failed: {trial.error}"
+    if math.isnan(trial.val_err):
+        return "diverged"
+    return f"train err {trial.train_err:.4f}, val err {trial.val_err:.4f}"
 
 
 class TrialLog:
@@ -110,12 +183,14 @@ class TrialLog:
                 trainable = {"True": True, "False": False}.get(row["trainable"])
                 trial = Trial(
                     row["variant"], int(row["depth"]), int(row["seed"]), float(row["train_err"]),
-                    float(row["val_err"]), trainable, row["phase"],
+                    float(row["val_err"]), trainable, row["phase"], row.get("error") or "",
                 )  # fmt: skip
                 self.trials[(trial.variant, trial.depth, trial.seed)] = trial
 
     def get(self, variant: str, depth: int, seed: int) -> Trial | None:
-        return self.trials.get((variant, depth, seed))
+        """The trial already trained at (variant, depth, seed); None when it is not, or when it failed."""
+        trial = self.trials.get((variant, depth, seed))
+        return None if trial is None or trial.error else trial
 
     def add(self, trial: Trial) -> Trial:
         self.trials[(trial.variant, trial.depth, trial.seed)] = trial
@@ -135,14 +210,25 @@ def write_trials(trials: list[Trial], path: Path) -> None:
 def describe(result: SearchResult, max_error: float) -> str:
     """The search's outcome in a line: the deepest trainable depth and whether it was confirmed, or that none trained."""
     if result.deepest == 0:
-        first = sorted(
-            (t for t in result.trials if t.depth == min(t.depth for t in result.trials)), key=lambda t: t.seed
-        )
+        searched = [t for t in result.trials if t.phase == "search"]
+        first = sorted((t for t in searched if t.depth == min(t.depth for t in searched)), key=lambda t: t.seed)
         errs = [t.val_err for t in first]
-        how = "diverged" if any(math.isnan(e) for e in errs) else f"has val err {sum(errs) / len(errs):.2f}"
-        return f"no depth trainable: k = {first[0].depth} {how} (trainable: below {max_error:.2f})"
-    verdict = "confirmed" if result.confirmed else "NOT confirmed: the boundary is noisy, try more --seeds"
-    return f"deepest trainable k = {result.deepest} ({verdict})"
+        if any(t.error for t in first):
+            how = "failed"
+        elif any(math.isnan(e) for e in errs):
+            how = "diverged"
+        else:
+            how = f"has val err {sum(errs) / len(errs):.2f}"
+        line = f"no depth trainable: k = {first[0].depth} {how} (trainable: below {max_error:.2f})"
+        if not result.confirmed:
+            line += f"; NOT confirmed: k = {first[0].depth} trains with other seeds, try more --seeds"
+    else:
+        verdict = "confirmed" if result.confirmed else "NOT confirmed: the boundary is noisy, try more --seeds"
+        line = f"deepest trainable k = {result.deepest} ({verdict})"
+    failed = sum(bool(t.error) for t in result.trials)
+    if failed:  # a failed trial counts as untrainable: the boundary may be too low
+        line += f"; {failed} trial(s) FAILED and counted as untrainable (see results.md; the same command retries them)"
+    return line
 
 
 def write_results(results: list[SearchResult], max_error: float, folder: Path) -> dict[str, Path]:
@@ -162,11 +248,12 @@ def write_results(results: list[SearchResult], max_error: float, folder: Path) -
     ]
     lines += [
         "",
-        "| variant | k | seed | train err | val err | trainable | phase |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+        "| variant | k | seed | train err | val err | trainable | phase | note |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     lines += [
-        f"| {t.variant} | {t.depth} | {t.seed} | {t.train_err:.4f} | {t.val_err:.4f} | {'yes' if t.trainable else 'no'} | {t.phase} |"
+        f"| {t.variant} | {t.depth} | {t.seed} | {t.train_err:.4f} | {t.val_err:.4f} | {'yes' if t.trainable else 'no'} "
+        f"| {t.phase} | {'' if not math.isnan(t.val_err) else trial_outcome(t).replace('|', '/')} |"
         for t in sorted(trials, key=lambda t: (t.variant, t.depth, t.phase, t.seed))
     ]
     atomic_write(paths["md"], "\n".join(lines) + "\n")

@@ -118,6 +118,19 @@ def run_group(
     return rows, history, variances
 
 
+def failed_rows(
+    template: nn.Module, points: list[dict], seeds: list[int], epochs: int, penalty: float, error: str
+) -> list[dict]:
+    """The result rows of a stack that failed twice: each (point, seed) with its labels and the error."""
+    rows = []
+    for point in points:
+        described = {**template.args, **point}
+        described["penalty"] = 0.0 if described.get("layer") == "static" else point.get("penalty", penalty)
+        labels = {k: described.get(k) for k in ("layer", "width", "start_size", "penalty")}
+        rows += [{**labels, "seed": seed, "epochs": epochs, "diverged": False, "error": error} for seed in seeds]
+    return rows
+
+
 def _maker(template: nn.Module, args: dict) -> Callable[[], nn.Module]:
     return lambda: template.variant(**args)
 
@@ -140,8 +153,8 @@ def markdown_summary(rows: list[dict]) -> str:
     """One line per grid point: seeds, final size, accuracy and the hidden-layer statistics, mean (std) over seeds."""
     columns = ["size", "val_acc", "dead", "var_sum", "shapiro_w", "pca_k90"]
     lines = [
-        "| layer | width | start size | penalty | seeds | " + " | ".join(columns) + " |",
-        "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in columns) + " |",
+        "| layer | width | start size | penalty | seeds | " + " | ".join(columns) + " | note |",
+        "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in columns) + " | --- |",
     ]
     points: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -158,7 +171,11 @@ def markdown_summary(rows: list[dict]) -> str:
             else:
                 cells.append(f"{_fmt(values.mean().item())} ({_fmt(values.std().item())})")
         start_cell = "-" if start is None else f"{start:g}"
-        lines.append(f"| {layer} | {width} | {start_cell} | {penalty:g} | {len(group)} | " + " | ".join(cells) + " |")
+        errors = [r["error"] for r in group if r.get("error")]
+        note = f"{len(errors)} FAILED: {errors[0]}".replace("|", "/") if errors else ""
+        lines.append(
+            f"| {layer} | {width} | {start_cell} | {penalty:g} | {len(group)} | " + " | ".join(cells) + f" | {note} |"
+        )
     return "\n".join(lines) + "\n"
 
 

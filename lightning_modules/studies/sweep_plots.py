@@ -161,7 +161,7 @@ def plot_frontier(static: list[dict], sized: list[dict], path: Path) -> None:
 
 def write_plots(rows: list[dict], history: list[dict], variances: list[torch.Tensor], folder: Path) -> list[Path]:
     """Draw every plot the rows have data for; returns the files written."""
-    kept = [(r, v) for r, v in zip(rows, variances, strict=True) if not r["diverged"]]
+    kept = [(r, v) for r, v in zip(rows, variances, strict=True) if not r["diverged"] and not r.get("error")]
     static = [(r, v) for r, v in kept if r["layer"] == "static"]
     sized = [r for r, _ in kept if r["layer"] != "static"]
     written = []

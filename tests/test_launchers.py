@@ -1,0 +1,167 @@
+"""Launchers: trials here or on Ray (2 workers on this CPU) give the same tables; crashes are retried once,
+then reported; each trial is a W&B run in the study's group; without Ray, one line says how to install it."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lightning_modules.classifier import ConfigError
+from lightning_modules.studies.launchers import RAY_HINT, Failed, LocalLauncher, make_launcher
+from tests.conftest import CONFIGS, QUIET, cli, make_mnist
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """A local Ray instance with 2 CPUs (2 trials at once), shared by this module's tests; launchers use it."""
+    ray = pytest.importorskip("ray", reason="the Ray launcher's tests need the extra: pip install -e '.[ray]'")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def attempt_counter(folder: Path):
+    """`attempt(name)`: records one more attempt of `name` in `folder` and returns its number (a file per
+    attempt, so the count survives a worker that dies). A closure, so Ray ships it by value."""
+
+    def attempt(name: str) -> int:
+        folder.mkdir(exist_ok=True)
+        n = len(list(folder.glob(f"{name}-*"))) + 1
+        (folder / f"{name}-{n}").touch()
+        return n
+
+    return attempt
+
+
+def test_the_local_launcher_runs_in_order_and_retries_a_crash_once(tmp_path, capsys):
+    attempts = attempt_counter(tmp_path)
+    def flaky(x):
+        if attempts("flaky") == 1:
+            raise RuntimeError("first attempt")
+        return x + 1
+
+    def broken(x):
+        attempts("broken")
+        raise ValueError(f"bad trial {x}\nsecond line")
+
+    launcher = LocalLauncher()
+    handles = [launcher.submit("flaky", flaky, 1), launcher.submit("broken", broken, 7)]
+    outcomes = [launcher.wait() for _ in handles]
+    assert [h for h, _ in outcomes] == handles  # in the order submitted
+    assert outcomes[0][1] == 2 and outcomes[1][1] == Failed("ValueError: bad trial 7")
+    assert len(list(tmp_path.glob("broken-*"))) == 2  # tried twice, no more
+    assert "broken crashed (attempt 2 of 2): ValueError: bad trial 7" in capsys.readouterr().out
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    launcher.submit("interrupted", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # the user stops the study: not a trial's failure
+        launcher.wait()
+
+
+def test_launcher_options_are_checked():
+    with pytest.raises(ConfigError, match="--ray_address needs --launcher ray"):
+        make_launcher("local", ray_address="ray://head:10001")
+    with pytest.raises(ConfigError, match="must be one of local, ray"):
+        make_launcher("slurm")
+
+
+def test_without_ray_the_ray_launcher_says_how_to_install_it(monkeypatch, in_tmp):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    from lightning_modules.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["search", "--config", str(CONFIGS / "quickstart.yaml"), "--upper", "3", "--launcher", "ray", *QUIET])
+    assert str(stop.value.code) == f"error: {RAY_HINT}" and "pip install -e '.[ray]'" in RAY_HINT
+    assert not list((in_tmp / "runs").glob("*/version_*"))  # nothing trained: no run folder left behind
+
+
+@pytest.mark.slow
+def test_ray_runs_trials_at_once_retries_a_dead_worker_and_reports_a_second_failure(ray_instance, tmp_path):
+    attempts = attempt_counter(tmp_path / "log")
+
+    def meet(name, other):  # returns only if the other trial runs at the same time
+        (tmp_path / name).touch()
+        deadline = time.time() + 60
+        while not (tmp_path / other).exists() and time.time() < deadline:
+            time.sleep(0.05)
+        return (tmp_path / other).exists()
+
+    def dies_once(x):
+        import os
+
+        if attempts("dies") == 1:
+            os._exit(1)  # the worker process dies
+        return 2 * x
+
+    def raises(x):
+        attempts("raises")
+        raise RuntimeError(f"bad trial {x}")
+
+    launcher = make_launcher("ray", cpus_per_trial=1)
+    try:
+        names = {
+            launcher.submit("a", meet, "a", "b"): "a",
+            launcher.submit("b", meet, "b", "a"): "b",
+            launcher.submit("dies", dies_once, 21): "dies",
+            launcher.submit("raises", raises, 3): "raises",
+        }
+        outcomes = {names[h]: outcome for h, outcome in (launcher.wait() for _ in names)}
+    finally:
+        launcher.close()
+    assert outcomes["a"] is True and outcomes["b"] is True  # two trials ran at once
+    assert outcomes["dies"] == 42  # retried once on a new worker
+    assert isinstance(outcomes["raises"], Failed) and "RuntimeError: bad trial 3" in outcomes["raises"].error
+    assert len(list((tmp_path / "log").glob("raises-*"))) == 2 and len(list((tmp_path / "log").glob("dies-*"))) == 2
+
+
+def run_in(folder: Path, monkeypatch, *args: str) -> Path:
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    return Path(cli(*args).trainer.log_dir)
+
+
+def rows(path: Path) -> list[dict]:
+    return sorted(csv.DictReader(path.open(newline="")), key=lambda r: sorted(r.items()))
+
+
+@pytest.mark.slow
+def test_a_search_of_two_variants_on_ray_gives_the_local_tables_and_one_wandb_run_per_trial(
+    ray_instance, tmp_path, monkeypatch
+):
+    variants = f"{{{CONFIGS / 'depth' / 'tanh.yaml'}: 6, {CONFIGS / 'depth' / 'resnet.yaml'}: 6}}"
+    args = ["search", "--config", CONFIGS / "quickstart.yaml", "--variants", variants, "--trainer.max_steps", "15"]
+    args += ["--max_error", "0.5", *QUIET[2:], "--name", "study"]  # resnet trains at k = 3: a longer search
+    local = run_in(tmp_path / "local", monkeypatch, *args, "--wandb", "false")
+    on_ray = run_in(tmp_path / "ray", monkeypatch, *args, "--wandb", "true", "--launcher", "ray")
+    assert (on_ray / "results.md").read_text() == (local / "results.md").read_text()
+    trials = rows(local / "results.csv")
+    assert rows(on_ray / "results.csv") == trials and {t["variant"] for t in trials} == {"depth/tanh", "depth/resnet"}
+
+    study = (on_ray / "wandb_run_id").read_text().strip()
+    runs = {p.stem.split("-", 1)[1]: p.read_bytes() for p in (tmp_path / "ray" / "wandb").glob("offline-run-*/*.wandb")}
+    assert len(runs) == len(trials) + 1 and study in runs  # the study's run and one per trial
+    group = f"study-{study}".encode()
+    assert all(group in data for data in runs.values())  # all in the study's W&B group
+    for t in trials:
+        name = f"{t['variant']} k={t['depth']} seed={t['seed']}".encode()
+        assert sum(name in data for data in runs.values()) == 1
+
+
+@pytest.mark.slow
+def test_a_sweep_on_ray_gives_the_local_tables(ray_instance, tmp_path, monkeypatch):
+    data = make_mnist(tmp_path / "data", n_train=120)
+    args = ["sweep", "--config", CONFIGS / "network_size" / "flexible.yaml", "--data.data_dir", data]
+    args += ["--data.download", "false", "--data.val_size", "24", "--data.batch_size", "16", *QUIET, "--name", "s"]
+    args += ["--config", CONFIGS / "network_size" / "sweep_widths.yaml", "--seeds", "2", "--epochs", "1"]
+    local = run_in(tmp_path / "local", monkeypatch, *args)
+    on_ray = run_in(tmp_path / "ray", monkeypatch, *args, "--launcher", "ray")
+    for table in ("runs.csv", "history.csv", "runs.md"):
+        assert (on_ray / table).read_text() == (local / table).read_text(), table
+    assert len(list(csv.DictReader((local / "runs.csv").open()))) >= 4  # two stacks or more, two seeds each
