@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from pytorch_lightning.loggers import WandbLogger
 
 from lightning_modules.classifier import ConfigError
+from lightning_modules.files import atomic_write_csv
 from lightning_modules.studies.launchers import RAY_HINT, Failed, LocalLauncher, make_launcher
 from tests.conftest import CONFIGS, QUIET, cli, make_mnist
 
@@ -40,6 +43,7 @@ def attempt_counter(folder: Path):
 
 def test_the_local_launcher_runs_in_order_and_retries_a_crash_once(tmp_path, capsys):
     attempts = attempt_counter(tmp_path)
+
     def flaky(x):
         if attempts("flaky") == 1:
             raise RuntimeError("first attempt")
@@ -122,9 +126,14 @@ def test_ray_runs_trials_at_once_retries_a_dead_worker_and_reports_a_second_fail
 
 
 def run_in(folder: Path, monkeypatch, *args: str) -> Path:
-    folder.mkdir()
+    """Run the CLI in `folder` (made if new) as a process would: its W&B run finished at the end."""
+    folder.mkdir(exist_ok=True)
     monkeypatch.chdir(folder)
-    return Path(cli(*args).trainer.log_dir)
+    trainer = cli(*args).trainer
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+    return Path(trainer.log_dir)
 
 
 def rows(path: Path) -> list[dict]:
@@ -133,7 +142,7 @@ def rows(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_search_of_two_variants_on_ray_gives_the_local_tables_and_one_wandb_run_per_trial(
-    ray_instance, tmp_path, monkeypatch
+    ray_instance, tmp_path, monkeypatch, capsys
 ):
     variants = f"{{{CONFIGS / 'depth' / 'tanh.yaml'}: 6, {CONFIGS / 'depth' / 'resnet.yaml'}: 6}}"
     args = ["search", "--config", CONFIGS / "quickstart.yaml", "--variants", variants, "--trainer.max_steps", "15"]
@@ -144,12 +153,26 @@ def test_a_search_of_two_variants_on_ray_gives_the_local_tables_and_one_wandb_ru
     trials = rows(local / "results.csv")
     assert rows(on_ray / "results.csv") == trials and {t["variant"] for t in trials} == {"depth/tanh", "depth/resnet"}
 
+    # as if killed after three trials: restarted, the same command trains only the trials it lacks
+    kept = list(csv.DictReader((on_ray / "results.csv").open(newline="")))[:3]
+    atomic_write_csv(on_ray / "results.csv", list(kept[0]), kept)
+    (on_ray / "results.md").unlink()
+    for run in (tmp_path / "ray" / "wandb").glob("offline-run-*"):  # the W&B runs of the lost trials stay
+        shutil.move(run, tmp_path / run.name)
+    capsys.readouterr()
+    again = run_in(tmp_path / "ray", monkeypatch, *args, "--wandb", "true", "--launcher", "ray")
+    out = capsys.readouterr().out
+    assert again == on_ray and "search: 3 trial(s) already in" in out
+    assert sum(line.startswith("  depth/") for line in out.splitlines()) == len(trials) - 3
+    assert (on_ray / "results.md").read_text() == (local / "results.md").read_text()
+
     study = (on_ray / "wandb_run_id").read_text().strip()
     runs = {p.stem.split("-", 1)[1]: p.read_bytes() for p in (tmp_path / "ray" / "wandb").glob("offline-run-*/*.wandb")}
-    assert len(runs) == len(trials) + 1 and study in runs  # the study's run and one per trial
+    assert len(runs) == len(trials) - 3 + 1 and study in runs  # the study's run (resumed) and one per trial
     group = f"study-{study}".encode()
     assert all(group in data for data in runs.values())  # all in the study's W&B group
-    for t in trials:
+    done = {(k["variant"], k["depth"], k["seed"]) for k in kept}
+    for t in [t for t in trials if (t["variant"], t["depth"], t["seed"]) not in done]:
         name = f"{t['variant']} k={t['depth']} seed={t['seed']}".encode()
         assert sum(name in data for data in runs.values()) == 1
 

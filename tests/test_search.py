@@ -97,3 +97,29 @@ def test_describe_says_when_no_depth_trains():
     none = search_depth(stub(0), upper=24, seeds=2)
     assert describe(none, 0.2) == "no depth trainable: k = 3 has val err 0.90 (trainable: below 0.20)"
     assert describe(search_depth(stub(12), upper=24), 0.2) == "deepest trainable k = 12 (confirmed)"
+
+
+def test_a_trial_that_crashes_twice_is_reported_failed_and_retried_by_a_restart(tmp_path, capsys):
+    from lightning_modules.studies.search import TrialLog, describe
+
+    crashes = []
+
+    def crashing_at_6(depth, seed):
+        if depth == 6 and len(crashes) < 2:
+            crashes.append(seed)
+            raise RuntimeError("out of memory")
+        return stub(9)(depth, seed)
+
+    log = TrialLog(tmp_path / "results.csv")
+    result = search_depth(crashing_at_6, upper=12, log=log)
+    failed = [t for t in result.trials if t.error]
+    assert [(t.depth, t.error) for t in failed] == [(6, "RuntimeError: out of memory")] and len(crashes) == 2
+    assert result.deepest == 3  # counted as untrainable, the other trials kept
+    assert "1 trial(s) FAILED" in describe(result, 0.2)
+    assert "failed: RuntimeError: out of memory" in write_results([result], 0.2, tmp_path)["md"].read_text()
+    assert "crashed (attempt 2 of 2): RuntimeError: out of memory" in capsys.readouterr().out
+
+    calls = []
+    again = search_depth(stub(9, calls), upper=12, log=TrialLog(tmp_path / "results.csv"))
+    assert calls[0] == (6, 0) and (3, 0) not in calls  # the failed trial trains again, the others do not
+    assert again.deepest == 9 and not any(t.error for t in again.trials)

@@ -80,6 +80,27 @@ def test_sweep_defaults_to_the_config_net_and_logs_to_wandb_offline(in_tmp, monk
     media = {p.relative_to(in_tmp).as_posix() for p in in_tmp.glob("wandb/offline-run-*/files/media/**/*")}
     for key in ("table/sweep/runs", "table/sweep/history", "images/sweep/size_vs_epoch", "images/sweep/frontier"):
         assert any(f"/media/{key}_" in m for m in media), (key, sorted(media))
+    study = (Path(trainer.log_dir) / "wandb_run_id").read_text().strip()
+    trainer.loggers[-1].experiment.finish()  # as at the end of the process: the study's run written out
+    runs = {p.stem.split("-", 1)[1]: p.read_bytes() for p in in_tmp.glob("wandb/offline-run-*/*.wandb")}
+    assert len(runs) == 1 + len(rows) and study in runs  # the study's run, and one per (point, seed)
+    assert all(f"{trainer.run_name}-{study}".encode() in data for data in runs.values())  # in the study's group
+    assert sum(b"the config net seed=1" in data for data in runs.values()) == 1
+
+
+def test_a_stack_that_failed_is_in_the_tables_and_the_plots_leave_it_out(tmp_path):
+    from lightning_modules.nets import MLP
+    from lightning_modules.studies.sweep import failed_rows, markdown_summary
+    from lightning_modules.studies.sweep_plots import write_plots
+
+    net = MLP(layer="flexible", width=64, start_size=32)
+    rows = failed_rows(net, [{"penalty": 0.5}, {"layer": "static"}], [0, 1], 3, 0.1, "RuntimeError: CUDA error")
+    assert [(r["layer"], r["penalty"], r["seed"]) for r in rows] == [
+        ("flexible", 0.5, 0), ("flexible", 0.5, 1), ("static", 0.0, 0), ("static", 0.0, 1)
+    ]  # fmt: skip
+    table = markdown_summary(rows)
+    assert table.count("2 FAILED: RuntimeError: CUDA error") == 2
+    assert write_plots(rows, [], [torch.empty(0)] * len(rows), tmp_path) == []
 
 
 def test_sweep_errors_are_one_line(in_tmp):

@@ -20,6 +20,7 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
 from lightning_modules.classifier import DivergenceError
+from lightning_modules.loggers import RunWandbLogger
 from lightning_modules.studies.sweep import run_group
 
 
@@ -67,6 +68,11 @@ class TrialRuns:
         """The settings of the study's own W&B run (None when it logs to no W&B)."""
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
+                # the study's run starts first: Lightning's logger would take over a trial's run open at its start
+                if isinstance(logger, RunWandbLogger):
+                    logger.wait()
+                else:
+                    logger.experiment.id  # noqa: B018 (starts it)
                 init = logger._wandb_init
                 group = init.get("group") or f"{init.get('name') or 'study'}-{logger.version}"
                 save_dir = str(Path(logger.save_dir or ".").resolve())  # absolute: a Ray worker has its own cwd
