@@ -158,7 +158,9 @@ class ResearchTrainer(pl.Trainer):
             device = self.strategy.root_device
             if launcher == "local":  # this process's device and data, as they are
                 where = dict(datamodule=datamodule, device=str(device))
-            else:  # the worker's device; the data travels once, on the CPU
+            else:  # the worker's device; the data is read here once and travels once, on the CPU
+                datamodule.trainer = self
+                datamodule.setup("fit")
                 where = dict(datamodule=portable(datamodule), device=None if runner.gpu else "cpu")
             runs = TrialRuns.of(self)
             for name, net, bound in jobs:

@@ -81,7 +81,9 @@ def test_every_experiment_config_runs_fast_dev_run(config, in_tmp):
     assert trainer.state.finished and trainer.global_step == 1
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p.stem not in ("ddp", "multinode")], ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "preset", [p for p in PRESETS if p.stem not in ("ddp", "multinode", "ray")], ids=lambda p: p.stem
+)
 def test_every_preset_stacks_on_an_experiment(preset, in_tmp):
     data = yaml.safe_load(preset.read_text()).get("data") or {}
     data_class = data.get("class_path", "")

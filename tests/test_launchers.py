@@ -148,7 +148,9 @@ def test_a_search_of_two_variants_on_ray_gives_the_local_tables_and_one_wandb_ru
     args = ["search", "--config", CONFIGS / "quickstart.yaml", "--variants", variants, "--trainer.max_steps", "15"]
     args += ["--max_error", "0.5", *QUIET[2:], "--name", "study"]  # resnet trains at k = 3: a longer search
     local = run_in(tmp_path / "local", monkeypatch, *args, "--wandb", "false")
-    on_ray = run_in(tmp_path / "ray", monkeypatch, *args, "--wandb", "true", "--launcher", "ray")
+    on_ray = run_in(
+        tmp_path / "ray", monkeypatch, *args, "--wandb", "true", "--config", CONFIGS / "presets" / "ray.yaml"
+    )
     assert (on_ray / "results.md").read_text() == (local / "results.md").read_text()
     trials = rows(local / "results.csv")
     assert rows(on_ray / "results.csv") == trials and {t["variant"] for t in trials} == {"depth/tanh", "depth/resnet"}
@@ -160,7 +162,9 @@ def test_a_search_of_two_variants_on_ray_gives_the_local_tables_and_one_wandb_ru
     for run in (tmp_path / "ray" / "wandb").glob("offline-run-*"):  # the W&B runs of the lost trials stay
         shutil.move(run, tmp_path / run.name)
     capsys.readouterr()
-    again = run_in(tmp_path / "ray", monkeypatch, *args, "--wandb", "true", "--launcher", "ray")
+    again = run_in(
+        tmp_path / "ray", monkeypatch, *args, "--wandb", "true", "--config", CONFIGS / "presets" / "ray.yaml"
+    )
     out = capsys.readouterr().out
     assert again == on_ray and "search: 3 trial(s) already in" in out
     assert sum(line.startswith("  depth/") for line in out.splitlines()) == len(trials) - 3

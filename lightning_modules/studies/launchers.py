@@ -79,20 +79,31 @@ class RayLauncher:
                 f"--cpus_per_trial must be > 0 and --trials_per_gpu >= 0, got {cpus_per_trial} and {trials_per_gpu}"
             )
         self.ray = ray
+        self._pending: dict[Any, Any] = {}  # Ray ObjectRef -> (the handle given out, the call's label)
+        self._shared: dict[int, Any] = {}  # id(fn) -> (fn, its ObjectRef): one upload per study function
+        self._next = 0
         self.started_here = not ray.is_initialized()
         if self.started_here:
             env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
             verbose = os.environ.get("NETLAB_VERBOSE", "") not in ("", "0")
             if not verbose:  # Ray's note that its token authentication is on: nothing for the user to do
                 logging.getLogger(RAY_TOKEN_NOTE).setLevel(logging.ERROR)
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                log_to_driver=verbose,  # each trial's outcome is printed here; the workers' own lines with --verbose
-                logging_level=logging.INFO if verbose else logging.WARNING,
-                runtime_env={"env_vars": env} if env else None,
-            )
+            try:
+                ray.init(
+                    address=address,
+                    include_dashboard=False,
+                    log_to_driver=verbose,  # each trial's outcome is printed here; the workers' own lines: --verbose
+                    logging_level=logging.INFO if verbose else logging.WARNING,
+                    runtime_env={"env_vars": env} if env else None,
+                )
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise ConfigError(f"Ray did not start{f' at --ray_address {address}' if address else ''}: {e}") from e
         resources = ray.cluster_resources()
+        if cpus_per_trial > resources.get("CPU", 0):
+            self.close()
+            raise ConfigError(
+                f"--cpus_per_trial {cpus_per_trial:g}: the Ray cluster has {resources.get('CPU', 0):g} CPUs"
+            )
         gpus = resources.get("GPU", 0)
         self.gpu = gpus > 0 and trials_per_gpu > 0  # trials share the GPUs when the cluster has some
         self.options = {
@@ -101,7 +112,10 @@ class RayLauncher:
             "max_retries": 1,  # a worker that dies: once more
             "retry_exceptions": True,  # a trial that raises: once more
         }
-        where = f"Ray cluster at {address}" if address else "a local Ray instance"
+        if address:
+            where = f"the Ray cluster at {address}"
+        else:
+            where = "a local Ray instance" if self.started_here else "the Ray instance this process joined"
         per_trial = f"{cpus_per_trial:g} CPU" + (f" and 1/{trials_per_gpu} GPU" if self.gpu else "")
         at_once = resources.get("CPU", 0) / cpus_per_trial
         if self.gpu:
@@ -109,9 +123,6 @@ class RayLauncher:
         print(f"launcher: {where} ({resources.get('CPU', 0):g} CPUs, {gpus:g} GPUs): {per_trial} per trial, "
               f"{int(at_once)} trial(s) at once", flush=True)  # fmt: skip
         self._remote = ray.remote(_call_in_worker).options(**self.options)
-        self._pending: dict[Any, Any] = {}  # Ray ObjectRef -> the handle given out
-        self._shared: dict[int, Any] = {}  # id(fn) -> (fn, its ObjectRef): one upload per study function
-        self._next = 0
 
     def submit(self, label: str, fn: Callable, *args) -> int:
         """Start `fn(*args)` as a Ray task; `label` names it in messages. Returns its handle."""
