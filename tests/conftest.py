@@ -24,6 +24,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker: 2 workers x 2 
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def own_wandb_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The processes a test starts get their own W&B service, as from a user's shell: W&B points its children at
+    this process's service (WANDB_SERVICE), which would keep a killed child's run "in use"."""
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first, so that in parallel runs the short ones fill in around them at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -20,7 +20,9 @@ from lightning_modules.classifier import ConfigError
 LAUNCHERS = ("local", "ray")
 RAY_HINT = "--launcher ray needs Ray: pip install -e '.[ray]' (or pip install 'ray>=2.9')"
 RAY_TOKEN_NOTE = "ray._private.authentication.authentication_token_setup"
-FORWARDED_ENV = ("WANDB_", "NETLAB_")  # the driver's settings a Ray worker needs (W&B mode and key, verbosity)
+# the driver's settings a Ray worker needs (W&B mode and key, verbosity); not WANDB_SERVICE, the address of
+# this process's own W&B service, which W&B sets for its child processes and no remote worker could reach
+FORWARDED_ENV = ("WANDB_", "NETLAB_")
 
 
 @dataclass
@@ -84,7 +86,7 @@ class RayLauncher:
         self._next = 0
         self.started_here = not ray.is_initialized()
         if self.started_here:
-            env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+            env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV) and k != "WANDB_SERVICE"}
             verbose = os.environ.get("NETLAB_VERBOSE", "") not in ("", "0")
             if not verbose:  # Ray's note that its token authentication is on: nothing for the user to do
                 logging.getLogger(RAY_TOKEN_NOTE).setLevel(logging.ERROR)
