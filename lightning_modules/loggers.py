@@ -147,7 +147,15 @@ class RunWandbLogger(WandbLogger):
             self._starting = ThreadPoolExecutor(1, thread_name_prefix="wandb-start").submit(self._start)
 
     def _start(self):
-        run = WandbLogger.experiment.fget(self)  # Lightning's wandb.init
+        import wandb
+
+        if (
+            wandb.run is not None
+        ):  # a run this process left open (a notebook's earlier run): Lightning would log into it
+            self._experiment = wandb.init(**self._wandb_init, reinit="create_new")
+            self._experiment.define_metric("trainer/global_step")  # Lightning's x-axis, as its own init defines it
+            self._experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+        run = WandbLogger.experiment.fget(self)  # Lightning's wandb.init (when not started above)
         if not self.offline_reason:
             say(f"W&B: {'resumed run' if self.resumes else 'run'} {run.id} at {run.url}")
         return run

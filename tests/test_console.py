@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,23 @@ def test_commands_that_train_nothing_start_neither_wandb_nor_data_and_print_only
     assert "wandb imported: False" in blocks[-1]
     assert result.stderr.count("GPU available") == 1  # Lightning's line, from the --verbose count only
     assert not any(tmp_path.iterdir())  # no data folder, no runs/, no wandb/
+
+
+def test_a_run_started_beside_an_open_wandb_run_logs_into_its_own(in_tmp, monkeypatch):
+    """In a notebook a run left open by an earlier cell is the process's wandb.run: Lightning's logger would
+    log the new run into it; ours starts its own."""
+    import wandb
+
+    from tests.conftest import cli
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    earlier = wandb.init(project="earlier", name="left-open", dir=str(in_tmp / "earlier"), mode="offline")
+    try:
+        args = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+        trainer = cli("fit", "--config", CONFIGS / "quickstart.yaml", *args, "--trainer.enable_progress_bar", "false")
+        run = trainer.trainer.loggers[-1].experiment
+        assert run.id == (Path(trainer.trainer.log_dir) / "wandb_run_id").read_text() != earlier.id
+        assert run.project == "netlab" and earlier.project == "earlier"
+        run.finish()
+    finally:
+        earlier.finish()
