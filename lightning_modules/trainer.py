@@ -280,10 +280,9 @@ class ResearchTrainer(pl.Trainer):
                     failed = failed_rows(model.net, group, seed_list, epochs, penalty, outcome.error)
                     results[n] = failed, [], [torch.empty(0)] * len(failed)
                     continue
-                results[n] = outcome
-                self._say_stack(n, len(groups), group, outcome, seeds, epochs, runs)
-                done[n] = outcome
+                results[n] = done[n] = outcome
                 atomic_save(done, progress_path)  # each stack as it finishes: a restarted sweep skips it
+                self._say_stack(n, len(groups), group, outcome, seeds, epochs, runs)
         finally:
             runner.close()
         rows, history, variances = [], [], []
