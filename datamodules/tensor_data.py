@@ -68,6 +68,15 @@ class Split:
         return Split(self.images.to(device), self.labels.to(device))
 
 
+def moved_splits(splits: dict[str, Split], device: torch.device | str) -> dict[str, Split]:
+    """The splits on `device`; a split serving twice (test = val) moves once and stays one."""
+    moved: dict[int, Split] = {}
+    for split in splits.values():
+        if id(split) not in moved:
+            moved[id(split)] = split.to(device)
+    return {name: moved[id(split)] for name, split in splits.items()}
+
+
 class ShardedOrder:
     """The sample order of one epoch for one rank; `set_epoch` reshuffles, like DistributedSampler.
 
@@ -233,11 +242,7 @@ class TensorDataModule(pl.LightningDataModule):
         device = (
             self.trainer.strategy.root_device if self.trainer is not None and self.on_device else torch.device("cpu")
         )
-        moved: dict[int, Split] = {}  # a split serving twice (test = val) moves once
-        for split in self.splits.values():
-            if id(split) not in moved:
-                moved[id(split)] = split.to(device)
-        self.splits = {name: moved[id(split)] for name, split in self.splits.items()}
+        self.splits = moved_splits(self.splits, device)
         # every rank must shuffle alike: take rank 0's seed (itself set by seed_everything)
         seed = torch.initial_seed() % 2**31
         self.shuffle_seed = self.trainer.strategy.broadcast(seed) if self.trainer is not None else seed

@@ -149,9 +149,8 @@ class RunWandbLogger(WandbLogger):
     def _start(self):
         import wandb
 
-        if (
-            wandb.run is not None
-        ):  # a run this process left open (a notebook's earlier run): Lightning would log into it
+        # a run this process left open (a notebook's earlier run) is wandb.run, and Lightning would log into it
+        if wandb.run is not None:
             self._experiment = wandb.init(**self._wandb_init, reinit="create_new")
             self._experiment.define_metric("trainer/global_step")  # Lightning's x-axis, as its own init defines it
             self._experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)

@@ -152,7 +152,7 @@ class ResearchTrainer(pl.Trainer):
         log = TrialLog(Path(self.log_dir or self.default_root_dir) / "results.csv")  # a killed search's trials
         if log.trials:
             print(f"search: {len(log.trials)} trial(s) already in {log.path}, not trained again")
-        plans, trials = {}, {}
+        plans = {}
         runner = make_launcher(launcher, ray_address, cpus_per_trial, trials_per_gpu)
         try:
             device = self.strategy.root_device
@@ -162,16 +162,15 @@ class ResearchTrainer(pl.Trainer):
                 datamodule.trainer = self
                 datamodule.setup("fit")
                 where = dict(datamodule=portable(datamodule), device=None if runner.gpu else "cpu")
-            runs = TrialRuns.of(self)
-            for name, net, bound in jobs:
+            nets = {name: net for name, net, _ in jobs}
+            trial = DepthTrial(nets, portable(model), epochs=epochs, steps=steps, precision=self.precision,
+                               runs=TrialRuns.of(self), **where)  # fmt: skip
+            for name, _, bound in jobs:
                 print(f"search {name}: k in 3..{bound}, {seeds} seed(s) per depth, {length}, "
                       f"trainable below {max_error:.0%}")  # fmt: skip
                 plans[name] = search_plan(bound, seeds, max_error, first_seed, name)
-                trials[name] = DepthTrial(
-                    name, portable(model), net, epochs=epochs, steps=steps, precision=self.precision, runs=runs, **where
-                )
             results = run_searches(
-                plans, trials, runner, log, lambda r: print(f"search {r.variant}: {describe(r, max_error)}", flush=True)
+                plans, trial, runner, log, lambda r: print(f"search {r.variant}: {describe(r, max_error)}", flush=True)
             )
         finally:
             runner.close()

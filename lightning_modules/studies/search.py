@@ -89,12 +89,12 @@ def search_plan(
 
 def run_searches(
     plans: dict[str, Generator[list[Request], list[Trial], SearchResult]],
-    train: dict[str, TrainFn],
+    train: Callable[[str, int, int], tuple[float, float]],
     launcher: LocalLauncher | RayLauncher | None = None,
     log: TrialLog | None = None,
     on_done: Callable[[SearchResult], None] | None = None,
 ) -> list[SearchResult]:
-    """Run the variants' searches side by side: every trial a probe needs goes to the launcher as soon as
+    """Run the variants' searches side by side, `train(variant, depth, seed)` training each trial: every trial a probe needs goes to the launcher as soon as
     the probe is known, and a variant moves on as soon as its own probe has trained. Each trial goes into
     `log` as it finishes; one already there (not failed) is not trained again. With one slot (the local
     launcher) the variants run one after another, in order, as a plain loop would run them."""
@@ -131,7 +131,7 @@ def run_searches(
             variant, i = min(queue, key=lambda item: order[item[0]])  # the first variant's trials first
             queue.remove((variant, i))
             depth, seed, _ = probes[variant][0][i]
-            running[launcher.submit(f"{variant} k={depth} seed={seed}", train[variant], depth, seed)] = variant, i
+            running[launcher.submit(f"{variant} k={depth} seed={seed}", train, variant, depth, seed)] = variant, i
         handle, outcome = launcher.wait()
         variant, i = running.pop(handle)
         requests, found = probes[variant]
@@ -160,7 +160,7 @@ def search_depth(
 ) -> SearchResult:
     """One variant's search (`search_plan`), its trials trained here one after another by `train`."""
     plan = search_plan(upper, seeds, max_error, first_seed, variant, step)
-    return run_searches({variant: plan}, {variant: train}, log=log)[0]
+    return run_searches({variant: plan}, lambda _, depth, seed: train(depth, seed), log=log)[0]
 
 
 def trial_outcome(trial: Trial) -> str:

@@ -19,6 +19,7 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
+from datamodules.tensor_data import moved_splits
 from lightning_modules.classifier import DivergenceError
 from lightning_modules.loggers import RunWandbLogger
 from lightning_modules.studies.sweep import run_group
@@ -112,10 +113,8 @@ def portable(
     for name, value in vars(obj).items():
         if _parsed_factory(value):  # the CLI's optimizer and scheduler factories hold its parser: keep their recipe
             copied.__dict__[name] = functools.partial(value.args[1], *value.args[2:], **value.keywords)
-    splits = getattr(obj, "splits", None)
-    if splits:
-        moved: dict[int, object] = {}  # a split serving twice (test = val) stays one
-        copied.splits = {name: moved.setdefault(id(split), split.to(device)) for name, split in splits.items()}
+    if getattr(obj, "splits", None):
+        copied.splits = moved_splits(obj.splits, device)
     return copied
 
 
@@ -138,13 +137,12 @@ def worker_device(device: str | None) -> torch.device:
 
 @dataclass
 class DepthTrial:
-    """One depth search trial: `trial(depth, seed)` trains the variant's net rebuilt at `depth` from
-    `seed`, as `fit --seed_everything seed` would, and returns (train error, validation error),
-    NaN when the loss diverged."""
+    """The depth search's trials: `trial(variant, depth, seed)` trains that variant's net rebuilt at `depth`
+    from `seed`, as `fit --seed_everything seed` would, and returns (train error, validation error), NaN
+    when the loss diverged. One object for every variant, so a launcher sends the data once."""
 
-    variant: str
+    nets: dict[str, nn.Module]
     template: pl.LightningModule
-    net: nn.Module
     datamodule: pl.LightningDataModule
     epochs: int
     steps: int | None = None
@@ -152,15 +150,15 @@ class DepthTrial:
     device: str | None = None  # "cpu" or "cuda:N"; None: the worker's GPU when it was given one, else the CPU
     runs: TrialRuns | None = None
 
-    def __call__(self, depth: int, seed: int) -> tuple[float, float]:
+    def __call__(self, variant: str, depth: int, seed: int) -> tuple[float, float]:
         pl.seed_everything(seed, verbose=False)
         model = copy.deepcopy(self.template)
-        model.net = self.net.at_depth(depth)
+        model.net = self.nets[variant].at_depth(depth)
         device = worker_device(self.device)
         run = None
         if self.runs is not None:
-            config = {"variant": self.variant, "depth": depth, "seed": seed, "epochs": self.epochs, "steps": self.steps}
-            run = self.runs.start(f"{self.variant} k={depth} seed={seed}", config)
+            config = {"variant": variant, "depth": depth, "seed": seed, "epochs": self.epochs, "steps": self.steps}
+            run = self.runs.start(f"{variant} k={depth} seed={seed}", config)
         with quiet_lightning():
             trainer = bare_trainer(
                 -1 if self.steps else self.epochs,
