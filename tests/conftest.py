@@ -5,11 +5,16 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import subprocess
+import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from torch import nn
 
 from datamodules.tensor_data import Split, TensorDataModule
 
@@ -184,3 +189,109 @@ def make_speech_commands(root: Path, clips: int = 4, words: tuple[str, ...] = SP
     rng = np.random.default_rng(0)
     write_wav(root / "_background_noise_" / "white_noise.wav", (rng.standard_normal(40000) * 3000).astype(np.int16))
     return root
+
+
+def data_args(config: Path, root: Path) -> list[str]:
+    """Tiny files in the real format of the config's dataset, and the arguments that point at them."""
+    data_class = yaml.safe_load(config.read_text()).get("data", {}).get("class_path", "")
+    if "MNIST" in data_class:
+        make_mnist(root)
+    elif "CIFAR10" in data_class:
+        make_cifar10(root)
+    elif "SpeechCommands" in data_class:
+        make_speech_commands(root / "speech")
+        return ["--data.data_dir", str(root / "speech")]
+    elif "ImageFolder" in data_class:
+        make_image_folder(root)
+        return ["--data.data_dir", str(root), "--data.image_size", "32", "--data.num_workers", "0"]
+    else:
+        return []
+    return ["--data.data_dir", str(root), "--data.download", "false", "--data.val_size", "16"]
+
+
+def teacher_args(config: Path, root: Path) -> list[str]:
+    """For a student's config: student and teacher shrunk to WRN-10-1 (the full-size run is a GPU job), and
+    that teacher, freshly initialised, saved as a checkpoint of this framework."""
+    from lightning_modules.nets import WideResNet
+
+    model = yaml.safe_load(config.read_text())["model"]
+    if "Student" not in model["class_path"]:
+        return []
+    small = {"depth": 10, "width": 1}
+    teacher = WideResNet(**{**model["init_args"]["teacher"]["init_args"], **small})
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {f"net.{k}": v for k, v in teacher.state_dict().items()}}, root / "teacher.ckpt")
+    shrink = [
+        [f"--model.init_args.{net}.init_args.{k}", str(v)] for net in ("net", "teacher") for k, v in small.items()
+    ]
+    return [*sum(shrink, []), "--model.init_args.teacher_checkpoint", str(root / "teacher.ckpt")]
+
+
+def run_train(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` as its own process: for what only a process shows (exit codes, DDP, kills)."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def fit_quickstart(*extra: str):
+    return cli(
+        "fit",
+        "--config",
+        CONFIGS / "quickstart.yaml",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "4",
+        "--trainer.limit_val_batches",
+        "2",
+        *QUIET,
+        *extra,
+    ).trainer
+
+
+def cli_error(*args: str, capsys) -> str:
+    """The error a user sees from `train.py ARGS` (run in-process): what stderr or the exit message says."""
+    from lightning_modules.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    code = exit_info.value.code
+    if isinstance(code, str):
+        return code
+    err = capsys.readouterr().err
+    return err[err.index("error:") :]  # after Lightning's warning that args= came from inside Python
+
+
+def probe_images() -> torch.Tensor:
+    """Ten 1x4x4 images with pixels in [0, 200]; one pixel of the last image is 255."""
+    images = torch.randint(0, 201, (10, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    images[9, 0, 2, 3] = 255
+    return images
+
+
+def probe_net() -> nn.Module:
+    """Conv units: 0 alive, 1 and 2 dead, 3 alive only at the 255 pixel. Hidden units: 0 alive, 1 dead,
+    2 alive only for the last image. Both activations in place."""
+    conv = nn.Conv2d(1, 4, 1)
+    hidden = nn.Linear(4, 3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, -1.0, 1.0, 1.0]).view(4, 1, 1, 1))
+        conv.bias.copy_(torch.tensor([0.0, 0.0, -2.0, -0.9]))
+        hidden.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0], [0, 0, 0, 1.0]]))
+        hidden.bias.zero_()
+    return nn.Sequential(
+        OrderedDict(
+            features=nn.Sequential(OrderedDict(conv=conv, act=nn.ReLU(inplace=True))),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            hidden=nn.Sequential(OrderedDict(linear=hidden, act=nn.ReLU(inplace=True))),
+            head=nn.Linear(3, 10),
+        )
+    )

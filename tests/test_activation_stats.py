@@ -7,9 +7,7 @@ import torch
 
 from callbacks import ActivationStats
 from lightning_modules import Classifier
-from tests.conftest import TinyImages
-from tests.test_cli import fit_quickstart
-from tests.test_dead_units import probe_images, probe_net
+from tests.conftest import TinyImages, fit_quickstart, probe_images, probe_net
 
 
 def direct_statistics(images: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -1,10 +1,7 @@
 """`train.py` as a user runs it: every config, errors, resuming, seeds, run folders and W&B offline."""
 
 import csv
-import os
 import re
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -16,9 +13,21 @@ import yaml
 from datamodules import Digits
 from lightning_modules import Classifier, LossExplodedError, NonFiniteLossError
 from lightning_modules.cli import main
-from lightning_modules.nets import DepthCNN, WideResNet
+from lightning_modules.nets import DepthCNN
 from lightning_modules.trainer import net_from_config
-from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_cifar10, make_image_folder, make_mnist, make_speech_commands
+from tests.conftest import (
+    CONFIGS,
+    QUIET,
+    ROOT,
+    cli,
+    cli_error,
+    data_args,
+    fit_quickstart,
+    make_mnist,
+    make_speech_commands,
+    run_train,
+    teacher_args,
+)
 
 EXPERIMENTS = sorted(
     p
@@ -28,40 +37,6 @@ EXPERIMENTS = sorted(
     and not p.name.startswith("sweep_")
 )
 PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
-
-
-def data_args(config: Path, root: Path) -> list[str]:
-    """Tiny files in the real format of the config's dataset, and the arguments that point at them."""
-    data_class = yaml.safe_load(config.read_text()).get("data", {}).get("class_path", "")
-    if "MNIST" in data_class:
-        make_mnist(root)
-    elif "CIFAR10" in data_class:
-        make_cifar10(root)
-    elif "SpeechCommands" in data_class:
-        make_speech_commands(root / "speech")
-        return ["--data.data_dir", str(root / "speech")]
-    elif "ImageFolder" in data_class:
-        make_image_folder(root)
-        return ["--data.data_dir", str(root), "--data.image_size", "32", "--data.num_workers", "0"]
-    else:
-        return []
-    return ["--data.data_dir", str(root), "--data.download", "false", "--data.val_size", "16"]
-
-
-def teacher_args(config: Path, root: Path) -> list[str]:
-    """For a student's config: student and teacher shrunk to WRN-10-1 (the full-size run is a GPU job), and
-    that teacher, freshly initialised, saved as a checkpoint of this framework."""
-    model = yaml.safe_load(config.read_text())["model"]
-    if "Student" not in model["class_path"]:
-        return []
-    small = {"depth": 10, "width": 1}
-    teacher = WideResNet(**{**model["init_args"]["teacher"]["init_args"], **small})
-    root.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {f"net.{k}": v for k, v in teacher.state_dict().items()}}, root / "teacher.ckpt")
-    shrink = [
-        [f"--model.init_args.{net}.init_args.{k}", str(v)] for net in ("net", "teacher") for k, v in small.items()
-    ]
-    return [*sum(shrink, []), "--model.init_args.teacher_checkpoint", str(root / "teacher.ckpt")]
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -149,19 +124,6 @@ def test_print_config_shows_the_resolved_config(capsys):
     assert net["depth"] == 447 and net["residual"] is True and config["checkpoint"]["monitor"] == "val/err"
 
 
-def run_train(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python train.py ARGS` as its own process: for what only a process shows (exit codes, DDP, kills)."""
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.mark.parametrize(
     "config, folder",
     [
@@ -191,22 +153,6 @@ def test_val_size_too_large_is_one_clear_line(in_tmp, capsys):
         "fit", "--config", CONFIGS / "quickstart.yaml", "--data.val_size", "5000", "--wandb", "false", capsys=capsys
     )
     assert error.startswith("error: val_size=5000 must be between 1 and 1499")
-
-
-def fit_quickstart(*extra: str):
-    return cli(
-        "fit",
-        "--config",
-        CONFIGS / "quickstart.yaml",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_train_batches",
-        "4",
-        "--trainer.limit_val_batches",
-        "2",
-        *QUIET,
-        *extra,
-    ).trainer
 
 
 def test_run_folder_holds_config_checkpoints_and_metrics_per_run(in_tmp):
@@ -377,17 +323,6 @@ def test_original_steps_preset_trains_a_fixed_number_of_steps(in_tmp, capsys):
     assert trainer.global_step == 30 and trainer.current_epoch >= 7  # past the config's 1 epoch: steps decide
     cli("search", "--config", CONFIGS / "quickstart.yaml", *preset, "--trainer.max_steps", "3", "--upper", "3", *QUIET)
     assert "search quickstart: k in 3..3, 1 seed(s) per depth, 3 steps" in capsys.readouterr().out
-
-
-def cli_error(*args: str, capsys) -> str:
-    """The error a user sees from `train.py ARGS` (run in-process): what stderr or the exit message says."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    code = exit_info.value.code
-    if isinstance(code, str):
-        return code
-    err = capsys.readouterr().err
-    return err[err.index("error:") :]  # after Lightning's warning that args= came from inside Python
 
 
 def test_an_abbreviated_or_misspelt_key_is_refused_in_one_short_line(tmp_path, capsys):

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, QUIET, ROOT, cli
-from tests.test_cli import data_args, run_train, teacher_args
+from tests.conftest import CONFIGS, QUIET, ROOT, cli, data_args, run_train, teacher_args
 
 # 301 validation samples: ranks hold 151 and 150, so nothing may be counted twice or dropped
 EXTRA = ["--data.val_size", "301", "--trainer.callbacks+=callbacks.ActivationStats"]

@@ -1,11 +1,8 @@
 """DeadUnits: exact counts on a net whose every activation is known, the original's format, padding."""
 
-from collections import OrderedDict
-
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import nn
 from torch.utils.data import DistributedSampler
 
 from callbacks import DeadUnits
@@ -14,36 +11,7 @@ from callbacks.dead_units import consumer_keyed
 from datamodules.tensor_data import ShardedOrder
 from lightning_modules import Classifier
 from lightning_modules.nets import VGG
-from tests.conftest import CONFIGS, QUIET, TinyImages
-from tests.test_cli import fit_quickstart
-
-
-def probe_images() -> torch.Tensor:
-    """Ten 1x4x4 images with pixels in [0, 200]; one pixel of the last image is 255."""
-    images = torch.randint(0, 201, (10, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    images[9, 0, 2, 3] = 255
-    return images
-
-
-def probe_net() -> nn.Module:
-    """Conv units: 0 alive, 1 and 2 dead, 3 alive only at the 255 pixel. Hidden units: 0 alive, 1 dead,
-    2 alive only for the last image. Both activations in place."""
-    conv = nn.Conv2d(1, 4, 1)
-    hidden = nn.Linear(4, 3)
-    with torch.no_grad():
-        conv.weight.copy_(torch.tensor([1.0, -1.0, 1.0, 1.0]).view(4, 1, 1, 1))
-        conv.bias.copy_(torch.tensor([0.0, 0.0, -2.0, -0.9]))
-        hidden.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0], [0, 0, 0, 1.0]]))
-        hidden.bias.zero_()
-    return nn.Sequential(
-        OrderedDict(
-            features=nn.Sequential(OrderedDict(conv=conv, act=nn.ReLU(inplace=True))),
-            pool=nn.AdaptiveAvgPool2d(1),
-            flatten=nn.Flatten(),
-            hidden=nn.Sequential(OrderedDict(linear=hidden, act=nn.ReLU(inplace=True))),
-            head=nn.Linear(3, 10),
-        )
-    )
+from tests.conftest import CONFIGS, QUIET, TinyImages, fit_quickstart, probe_images, probe_net
 
 
 def run_test(callback: pl.Callback, batch_size: int = 4) -> dict[str, float]:

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from lightning_modules.layers import KWinnersBase
-from tests.conftest import CONFIGS, QUIET, cli, make_mnist
-from tests.test_cli import fit_quickstart
+from tests.conftest import CONFIGS, QUIET, cli, fit_quickstart, make_mnist
 
 SPARSE = CONFIGS / "kwinners" / "mnist_sparse.yaml"
 

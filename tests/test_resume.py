@@ -15,8 +15,7 @@ import yaml
 
 from lightning_modules.files import atomic_path, atomic_write
 from lightning_modules.run_folder import last_checkpoint, trim_metrics
-from tests.conftest import CONFIGS, ROOT
-from tests.test_cli import cli_error
+from tests.conftest import CONFIGS, ROOT, cli_error
 
 QUICK = ["fit", "--config", CONFIGS / "quickstart.yaml", "--trainer.max_epochs", "3"]
 QUIET_BAR = ["--trainer.enable_progress_bar", "false"]
