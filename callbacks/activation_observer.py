@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-from pathlib import Path
+import math
+from collections import Counter
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -43,14 +44,30 @@ def network_of(pl_module: nn.Module) -> nn.Module:
 
 
 def select_layers(net: nn.Module, types: tuple[str, ...] | None, names: tuple[str, ...]) -> dict[str, nn.Module]:
-    """Modules whose class name is in `types` (None: any class) and whose path matches a `names` pattern."""
+    """Modules whose class name is in `types` (None: any class) and whose path matches a `names` pattern, by
+    report name: a block's part goes by its block's name (`layer_name`) where that names nothing else chosen,
+    and by its own path where it would (a block chosen with its `conv` and `act`: `conv1_1`, `conv1_1.conv`,
+    `conv1_1.act`), so no two modules ever share a name."""
     chosen = {}
     for qualified, module in net.named_modules():
         if not qualified or (types is not None and type(module).__name__ not in types):
             continue
         if any(fnmatch.fnmatchcase(qualified, p) or fnmatch.fnmatchcase(layer_name(qualified), p) for p in names):
-            chosen[layer_name(qualified)] = module
-    return chosen
+            chosen[qualified] = module
+    short = Counter(layer_name(qualified) for qualified in chosen)
+    return {layer_name(q) if short[layer_name(q)] == 1 else q: module for q, module in chosen.items()}
+
+
+def last_validation(trainer: pl.Trainer) -> bool:
+    """Whether this epoch's validation is the fit's last: its last epoch (`max_epochs`), or no epoch ends again
+    before `max_steps` (configs/presets/original_steps.yaml trains by steps, with max_epochs -1)."""
+    if trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch + 1 >= trainer.max_epochs:
+        return True
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        batches = trainer.num_training_batches
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else math.inf
+        return trainer.global_step + per_epoch > trainer.max_steps
+    return False
 
 
 def samples_on_rank(loader) -> int | None:
@@ -92,16 +109,6 @@ def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
 
 
-def run_folder(trainer: pl.Trainer) -> Path | None:
-    """Where a run's files go (beside its checkpoints and metrics.csv); None when nothing is logged.
-
-    Call it on every rank: under DDP `trainer.log_dir` broadcasts from rank 0.
-    """
-    if not trainer.loggers:
-        return None
-    return Path(trainer.log_dir or trainer.default_root_dir)
-
-
 class ActivationObserver(pl.Callback):
     """Base of the callbacks that stream activations of chosen layers over a split, once per validation epoch.
 
@@ -128,7 +135,8 @@ class ActivationObserver(pl.Callback):
             max_batches: observe at most this many batches per device (like limit_val_batches); all by default.
             types: monitor modules of these class names (None: any class); by default the activations.
             names: and whose path in the net matches one of these patterns (fnmatch: `conv5_*`, `fc6`).
-            every_n_epochs: observe every this many epochs (and always in the last and in `validate`).
+            every_n_epochs: observe every this many epochs (and always at the fit's last validation, whether
+                training ends by max_epochs or by max_steps, and in `validate` and `test`).
             print_table: print the per-layer table at each observation.
         """
         if split not in ("val", "train", "test"):
@@ -193,8 +201,7 @@ class ActivationObserver(pl.Callback):
             return False
         if trainer.state.fn != "fit":
             return True
-        epoch = trainer.current_epoch + 1
-        return epoch % self.every_n_epochs == 0 or epoch == trainer.max_epochs
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 or last_validation(trainer)
 
     def _begin(self, remaining: int | None) -> None:
         self.start()

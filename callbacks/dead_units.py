@@ -19,12 +19,12 @@ from callbacks.activation_observer import (
     all_reduce_max,
     layer_name,
     network_of,
-    run_folder,
     wandb_loggers,
 )
 from callbacks.figures import BackgroundFigures, dead_units_figure
 from lightning_modules.console import say
 from lightning_modules.files import atomic_save
+from lightning_modules.run_folder import run_folder
 
 
 def consumer_keyed(

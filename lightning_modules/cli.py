@@ -28,6 +28,7 @@ from lightning_modules.run_folder import (
     WANDB_ID,
     discard,
     last_checkpoint,
+    run_folder,
     run_folder_of,
     unfinished_study,
     untrained,
@@ -48,6 +49,7 @@ class RunConfig(SaveConfigCallback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.overwrite = getattr(trainer, "resumes_folder", False)  # a run resumed in place rewrites its config
+        self.folder = run_folder(trainer)  # on every rank (a broadcast): `save_config` runs on rank 0 alone
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
@@ -55,8 +57,8 @@ class RunConfig(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams(config)
-                if trainer.log_dir:
-                    (Path(trainer.log_dir) / WANDB_ID).write_text(str(logger.version))
+                if self.folder is not None:
+                    (self.folder / WANDB_ID).write_text(str(logger.version))
                 if isinstance(logger, RunWandbLogger):  # the data is set up: the run can train, W&B starts
                     logger.announce()
                     logger.start()

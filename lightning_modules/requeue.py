@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 
 from lightning_modules.console import say
-from lightning_modules.run_folder import versions
+from lightning_modules.run_folder import run_folder, versions
 
 JOB_FILE = "slurm_job_id"  # in the run folder: the SLURM job that trains it
 CHECKPOINT = "requeue.ckpt"  # in the run folder's checkpoints/: where the signal found the run
@@ -51,11 +51,13 @@ class Requeue(pl.Callback):
     def __init__(self, job: str, signum: int = signal.SIGUSR1, check_every: int = 20):
         self.job, self.signum, self.check_every = job, signum, check_every
         self.requested = False
+        self.folder: Path | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         signal.signal(self.signum, self._request)
-        if trainer.is_global_zero and trainer.log_dir:
-            (Path(trainer.log_dir) / JOB_FILE).write_text(self.job)
+        self.folder = run_folder(trainer)  # on every rank: a broadcast under DDP
+        if trainer.is_global_zero and self.folder is not None:
+            (self.folder / JOB_FILE).write_text(self.job)
 
     def _request(self, signum, frame) -> None:
         self.requested = True
@@ -67,7 +69,7 @@ class Requeue(pl.Callback):
             self.requested = trainer.strategy.reduce_boolean_decision(self.requested, all=False)
         if not self.requested:
             return
-        path = Path(trainer.log_dir) / "checkpoints" / CHECKPOINT
+        path = (self.folder or Path(trainer.default_root_dir)) / "checkpoints" / CHECKPOINT
         trainer.save_checkpoint(path)
         if trainer.is_global_zero:
             code = subprocess.call(["scontrol", "requeue", self.job])

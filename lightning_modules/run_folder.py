@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pytorch_lightning as pl
 import yaml
 
 from lightning_modules.classifier import ConfigError
@@ -16,6 +17,17 @@ from lightning_modules.files import atomic_write_csv
 VERSION = re.compile(r"version_(\d+)")
 WANDB_ID = "wandb_run_id"  # the W&B run of this folder, continued on resume
 BOOKKEEPING = {"config.yaml", "hparams.yaml", "metrics.csv", WANDB_ID}  # what a run writes before it trains
+
+
+def run_folder(trainer: pl.Trainer) -> Path | None:
+    """Where a run's files go (beside its checkpoints and metrics.csv); None when nothing is logged.
+
+    A collective under DDP (`trainer.log_dir` broadcasts from rank 0): call it on every rank, never
+    under `is_global_zero` or `rank_zero_only`, or the ranks wait for each other for ever.
+    """
+    if not trainer.loggers:
+        return None
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def run_folder_of(checkpoint: str | Path) -> Path | None:

@@ -227,17 +227,65 @@ def teacher_args(config: Path, root: Path) -> list[str]:
     return [*sum(shrink, []), "--model.init_args.teacher_checkpoint", str(root / "teacher.ckpt")]
 
 
-def run_train(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python train.py ARGS` as its own process: for what only a process shows (exit codes, DDP, kills)."""
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+
+
+class TrainProcess:
+    """`python train.py ARGS` started as its own process group (`launcher`: e.g. TORCHRUN in front), for what only
+    a process shows: exit codes, DDP, kills. `result()` waits for it; one that does not end in time is a hang,
+    killed with every process it started, and fails the test saying so."""
+
+    def __init__(self, *args, cwd: Path, env: dict | None = None, launcher: tuple[str, ...] = (sys.executable,)):
+        self.command = [*launcher, str(ROOT / "train.py"), *map(str, args)]
+        environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.process = subprocess.Popen(
+            self.command, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,  # its own group: a hung DDP run's ranks are killed with it
+        )  # fmt: skip
+
+    def result(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        try:
+            out, err = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            out, err = self.process.communicate()
+        else:
+            return subprocess.CompletedProcess(self.command, self.process.returncode, out, err)
+        command = " ".join(self.command[self.command.index(str(ROOT / "train.py")) :])
+        last = "\n".join((out + err).splitlines()[-15:])
+        pytest.fail(
+            f"{command} did not finish in {timeout:g} s: it hangs (under DDP: a collective that one rank makes and the "
+            f"others never do). Its last lines:\n{last}",
+            pytrace=False,
+        )
+
+    def kill(self) -> None:
+        """End it and every process it started (a DDP run's ranks), if it still runs."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 9)
+
+
+@pytest.fixture
+def launch():
+    """Start `train.py` processes (TrainProcess's arguments); any still running when the test ends is killed."""
+    started: list[TrainProcess] = []
+
+    def start(*args, **kwargs) -> TrainProcess:
+        started.append(TrainProcess(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def run_train(*args, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` as its own process, waited for (see TrainProcess)."""
+    process = TrainProcess(*args, cwd=cwd, env=env)
+    try:
+        return process.result(timeout)
+    finally:
+        process.kill()
 
 
 def fit_quickstart(*extra: str):
