@@ -103,7 +103,9 @@ def default_loggers(
         resumes, run_id = run_id is not None, run_id or new_run_id()
         grouped = {"group": f"{name}-{run_id}", "job_type": "study"} if study else {}
         loggers.append(
-            RunWandbLogger(reason, resumes=resumes, id=run_id, project=project, name=name, save_dir=".", **grouped)
+            RunWandbLogger(
+                reason, resumes=resumes, id=run_id, project=project, name=name, save_dir=str(Path.cwd()), **grouped
+            )
         )
     return loggers
 

@@ -89,6 +89,24 @@ class ResearchTrainer(pl.Trainer):
     def log_every_n_steps(self, value: int) -> None:
         self._log_every_n_steps = value
 
+    def _one_process(self, study: str, why: str) -> None:
+        """Refuse a multi-process setting that a study would otherwise ignore (or run once per rank)."""
+        if self.world_size > 1:
+            raise ConfigError(f"{study} runs in one process ({why}): set --trainer.devices 1 --trainer.num_nodes 1")
+
+    def _refuse_unhonoured(self, study: str, honoured: tuple[str, ...] = ()) -> None:
+        """Refuse the trainer settings that change training but that a study's own trainings would not apply."""
+        changed = {
+            "precision": str(self.precision) not in ("32-true", "32"),
+            "max_steps": self.max_steps not in (None, -1),
+            "accumulate_grad_batches": self.accumulate_grad_batches != 1,
+            "gradient_clip_val": bool(self.gradient_clip_val),
+            "limit_train_batches": self.limit_train_batches not in (None, 1.0),
+        }
+        ignored = [f"--trainer.{name}" for name, set_ in changed.items() if set_ and name not in honoured]
+        if ignored:
+            raise ConfigError(f"{study} does not apply {', '.join(ignored)} to its trainings: unset it")
+
     def count(
         self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None, per_layer: bool = False
     ) -> Complexity:
@@ -137,6 +155,8 @@ class ResearchTrainer(pl.Trainer):
             cpus_per_trial: CPUs each Ray trial asks for (and its torch threads).
             trials_per_gpu: Ray trials sharing one GPU when the cluster has GPUs; 0 trains on CPUs only.
         """
+        self._one_process("search", "each trial trains on one device; --launcher ray trains trials in parallel")
+        self._refuse_unhonoured("search", honoured=("precision", "max_steps"))
         if variants:
             jobs = [(config_name(path), net_from_config(path), bound) for path, bound in variants.items()]
         elif upper is not None:
@@ -214,7 +234,9 @@ class ResearchTrainer(pl.Trainer):
 
         Writes runs.csv, runs.md, history.csv and the study's plots into the run folder and logs them to
         W&B, where each (point, seed) is also a run of its own. Seeds start at the run's
-        `seed_everything`; seed s trains as `fit --seed_everything s` would.
+        `seed_everything`; seed s starts as `fit --seed_everything s` would (its initialisation and data order)
+        and, with nothing drawn at random in training (no random slope, dropout or augmentation), trains as
+        that fit would; otherwise it draws its own randomness: an independent run, not the same draws.
 
         Args:
             grids: a list of grids, each mapping MLP arguments (width, layer, start_size, ...) or `penalty`
@@ -231,8 +253,10 @@ class ResearchTrainer(pl.Trainer):
             cpus_per_trial: CPUs each Ray stack asks for (and its torch threads).
             trials_per_gpu: Ray stacks sharing one GPU when the cluster has GPUs; 0 trains on CPUs only.
         """
-        if self.world_size > 1:
-            raise ConfigError("sweep runs in one process: it stacks seeds, not ranks (use --trainer.devices 1)")
+        self._one_process("sweep", "it stacks seeds, not ranks")
+        self._refuse_unhonoured("sweep")
+        if getattr(datamodule, "first_epoch_batch_size", None):
+            raise ConfigError("sweep trains every epoch at data.batch_size: unset data.first_epoch_batch_size")
         if not callable(getattr(model.net, "variant", None)) or not callable(getattr(model, "build_optimizer", None)):
             raise ConfigError(
                 f"sweep needs a Classifier-like model over a net with variant(**args) "
@@ -343,6 +367,7 @@ class ResearchTrainer(pl.Trainer):
             split: the split to make noisy.
             noise_seed: seed of the noise, the same for every model.
         """
+        self._one_process("noise", "it evaluates on one device")
         paths = [checkpoints] if isinstance(checkpoints, str) else list(checkpoints or [])
         if not paths:
             raise ConfigError("noise needs --checkpoints: one or more checkpoints of trained models")
@@ -358,7 +383,7 @@ class ResearchTrainer(pl.Trainer):
             config = path.parent.parent / "config.yaml"
             net = net_from_config(config) if config.is_file() else copy.deepcopy(model.net)
             load_net(net, path)
-            evaluated = copy.deepcopy(model)
+            evaluated = copy.deepcopy(portable(model))  # without the trainer and the CLI the model refers to
             evaluated.net = net
             evaluated.setup("test")
             evaluated.to(device).eval()
