@@ -7,7 +7,14 @@ from datamodules.digits import Digits
 from datamodules.image_folder import ImageFolderData
 from datamodules.mnist import MNIST, FashionMNIST
 from datamodules.speech_commands import SpeechCommands
-from datamodules.tensor_data import CorruptDataError, DataError, DataNotFoundError, SplitSizeError, TensorDataModule
+from datamodules.tensor_data import (
+    CorruptDataError,
+    DataError,
+    DataNotFoundError,
+    NoTestSplitError,
+    SplitSizeError,
+    TensorDataModule,
+)
 
 __all__ = [
     "CIFAR10",
@@ -19,6 +26,7 @@ __all__ = [
     "Digits",
     "FashionMNIST",
     "ImageFolderData",
+    "NoTestSplitError",
     "SpeechCommands",
     "SplitSizeError",
     "TensorDataModule",

@@ -63,6 +63,7 @@ class MNIST(TensorDataModule):
         test_file_only: bool = False,
         batch_size: int = 256,
         val_size: int = 5000,
+        test_size: int = 0,
         seed: int = 0,
         on_device: bool = True,
         first_epoch_batch_size: int | None = None,
@@ -71,17 +72,26 @@ class MNIST(TensorDataModule):
         Args:
             data_dir: folder holding `<folder>/raw/*-ubyte[.gz]` (torchvision's layout) or the files themselves.
             download: fetch the files with torchvision when they are missing.
-            test_file_only: build train and validation from the official test file alone (the 10k split);
-                `test` then evaluates the validation part.
+            test_file_only: build every split from the official test file alone (the 10k split); there is
+                then no test split unless `test_size` holds one out.
             batch_size: samples per batch, per device.
             val_size: samples held out of the training pool for validation.
-            seed: seed of the train/validation split.
+            test_size: with `test_file_only`: samples of the test file held out as the test split, disjoint
+                from train and validation (configs/presets/mnist_10k.yaml: 1,000).
+            seed: seed of the train/validation/test split.
             on_device: keep the data on the training device (GPU) instead of host memory.
             first_epoch_batch_size: a different training batch size for the first epoch only (the paper's
                 sparse MNIST nets: 4).
         """
-        super().__init__(batch_size, val_size, seed, on_device, first_epoch_batch_size)
+        super().__init__(batch_size, val_size, seed, on_device, first_epoch_batch_size, test_size=test_size)
         self.data_dir, self.download, self.test_file_only = Path(data_dir), download, test_file_only
+
+    def no_test_split(self) -> str:
+        return (
+            f"{self.folder} with test_file_only: true has no test split: every image of the test file trains or "
+            f"validates. Hold some out with --data.test_size N (configs/presets/mnist_10k.yaml holds out 1,000), "
+            f"or use the full {self.folder} files"
+        )
 
     def _needed(self) -> list[str]:
         splits = ["test"] if self.test_file_only else ["train", "test"]

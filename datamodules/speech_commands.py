@@ -296,7 +296,7 @@ class SpeechCommands(TensorDataModule):
 
     def _loader(self, name: str, train: bool, noise: float = 0.0, noise_seed: int = 0) -> WaveformLoader:
         return WaveformLoader(
-            self.splits[name],
+            self.split(name),
             self.moments[name],
             self.train_batch_size() if train else self.eval_batch_size,
             self._sampler(name, train),

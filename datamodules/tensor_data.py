@@ -35,7 +35,11 @@ class CorruptDataError(DataError, ValueError):
 
 
 class SplitSizeError(DataError, ValueError):
-    """The requested validation split does not fit the dataset."""
+    """The requested validation or test split does not fit the dataset."""
+
+
+class NoTestSplitError(DataError, ValueError):
+    """The data has no test split: its source has none and none was held out (`test_size`)."""
 
 
 @dataclass
@@ -69,12 +73,8 @@ class Split:
 
 
 def moved_splits(splits: dict[str, Split], device: torch.device | str) -> dict[str, Split]:
-    """The splits on `device`; a split serving twice (test = val) moves once and stays one."""
-    moved: dict[int, Split] = {}
-    for split in splits.values():
-        if id(split) not in moved:
-            moved[id(split)] = split.to(device)
-    return {name: moved[id(split)] for name, split in splits.items()}
+    """The splits on `device`."""
+    return {name: split.to(device) for name, split in splits.items()}
 
 
 class ShardedOrder:
@@ -203,18 +203,21 @@ class TensorDataModule(pl.LightningDataModule):
         seed: int = 0,
         on_device: bool = True,
         first_epoch_batch_size: int | None = None,
+        test_size: int = 0,
     ):
         """
         Args:
             batch_size: samples per batch, per device.
             val_size: samples held out of the training pool for validation.
-            seed: seed of the train/validation split.
+            seed: seed of the train/validation (and held-out test) split.
             on_device: keep the data on the training device (GPU) instead of host memory.
             first_epoch_batch_size: a different training batch size for the first epoch only.
+            test_size: for a source without a test split of its own: samples held out of the pool as the
+                test split, disjoint from train and validation (0: no test split, so `test` refuses).
         """
         super().__init__()
         self.batch_size, self.val_size, self.seed, self.on_device = batch_size, val_size, seed, on_device
-        self.first_epoch_batch_size = first_epoch_batch_size
+        self.first_epoch_batch_size, self.test_size = first_epoch_batch_size, test_size
         self.splits: dict[str, Split] = {}
         self.shuffle_seed = seed
 
@@ -223,18 +226,44 @@ class TensorDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def make_splits(self) -> dict[str, Split]:
-        """train/val/test: `val_size` seeded samples of the training pool validate; `test` is the official test
-        split (the validation split when the source has none)."""
+        """train/val/test from the pool in one seeded order: its first `val_size` samples validate, the next
+        `test_size` test when the source has no test split of its own (else `test` is the official one), the
+        rest train. Without either there is no `test` split: no test metric is ever computed on samples that
+        trained or validated."""
         pool, test = self.load()
-        if not 0 < self.val_size < len(pool):
+        if test is not None and self.test_size:
             raise SplitSizeError(
-                f"val_size={self.val_size} must be between 1 and {len(pool) - 1}: "
-                f"the training pool has {len(pool)} samples"
+                f"test_size={self.test_size}: {type(self).__name__} has an official test split; test_size holds "
+                f"one out only where the source has none"
+            )
+        held = self.val_size + self.test_size
+        if self.val_size < 1 or self.test_size < 0 or held >= len(pool):
+            raise SplitSizeError(
+                f"val_size={self.val_size} and test_size={self.test_size} must leave samples to train on: "
+                f"val_size >= 1, test_size >= 0, together below the pool's {len(pool)} samples"
             )
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed))
-        splits = {"train": pool.subset(order[self.val_size :]), "val": pool.subset(order[: self.val_size])}
-        splits["test"] = test if test is not None else splits["val"]
+        splits = {"train": pool.subset(order[held:]), "val": pool.subset(order[: self.val_size])}
+        if test is not None:
+            splits["test"] = test
+        elif self.test_size:
+            splits["test"] = pool.subset(order[self.val_size : held])
         return splits
+
+    def no_test_split(self) -> str:
+        """What to do when asked for a test split the data does not have (subclasses name their settings)."""
+        return (
+            f"{type(self).__name__} has no test split: its source has none and none is held out. Set "
+            f"--data.test_size N to hold out N samples of the pool as one (disjoint from train and validation)"
+        )
+
+    def split(self, name: str) -> Split:
+        """A split by name; asking for a test split that does not exist is one clear error."""
+        if name == "test" and name not in self.splits and self.splits:
+            raise NoTestSplitError(self.no_test_split())
+        if name not in self.splits:
+            raise ValueError(f"unknown split {name!r}: one of {sorted(self.splits)}")
+        return self.splits[name]
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
@@ -263,12 +292,12 @@ class TensorDataModule(pl.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return ShardedOrder(
-            len(self.splits[name]), shuffle=train, seed=self.shuffle_seed, rank=rank, world_size=world, pad=train
+            len(self.split(name)), shuffle=train, seed=self.shuffle_seed, rank=rank, world_size=world, pad=train
         )
 
     def _loader(self, name: str, train: bool, noise: float = 0.0, noise_seed: int = 0) -> TensorLoader:
         return TensorLoader(
-            self.splits[name],
+            self.split(name),
             self.train_batch_size() if train else self.batch_size,
             self.mean,
             self.std,
@@ -281,14 +310,10 @@ class TensorDataModule(pl.LightningDataModule):
     def noise_dataloader(self, split: str, level: float, seed: int = 0) -> TensorLoader:
         """A split in evaluation order with the paper's input noise at `level` (MNIST: that fraction of
         pixels set to mean + 2 std), seeded, so every model sees the same noisy inputs."""
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}: one of {sorted(self.splits)}")
         return self._loader(split, train=False, noise=level, noise_seed=seed)
 
     def eval_dataloader(self, split: str) -> TensorLoader:
         """Any split (`train`, `val`, `test`) in evaluation order: unshuffled, unaugmented, unpadded."""
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}: one of {sorted(self.splits)}")
         return self._loader(split, train=False)
 
     def train_dataloader(self) -> TensorLoader:

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import MNIST, CorruptDataError, DataNotFoundError, Digits, FashionMNIST
+from datamodules import (
+    MNIST,
+    CorruptDataError,
+    DataNotFoundError,
+    Digits,
+    FashionMNIST,
+    NoTestSplitError,
+    SplitSizeError,
+)
 from datamodules.mnist import read_idx
 from datamodules.tensor_data import ShardedOrder, Split, TensorLoader
 from tests.conftest import make_mnist, write_idx
@@ -57,14 +65,52 @@ def test_mnist_reads_plain_files_directly_in_data_dir(tmp_path):
     assert len(dm.splits["train"]) == 86
 
 
-def test_test_file_only_builds_train_and_val_from_the_test_file(tiny_mnist):
+def test_test_file_only_builds_train_and_val_from_the_test_file_and_has_no_test_split(tiny_mnist):
     (tiny_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").unlink()  # not needed in this mode
     dm = MNIST(data_dir=str(tiny_mnist), test_file_only=True, val_size=8, seed=3)
     dm.setup()
-    assert len(dm.splits["train"]) == 40 and len(dm.splits["val"]) == 8 and dm.splits["test"] is dm.splits["val"]
+    assert len(dm.splits["train"]) == 40 and len(dm.splits["val"]) == 8 and "test" not in dm.splits
     again = MNIST(data_dir=str(tiny_mnist), test_file_only=True, val_size=8, seed=3)
     again.setup()
     assert torch.equal(again.splits["val"].labels, dm.splits["val"].labels)  # the split is seeded
+    for ask in (dm.test_dataloader, lambda: dm.eval_dataloader("test"), lambda: dm.noise_dataloader("test", 0.1)):
+        with pytest.raises(NoTestSplitError, match=r"--data.test_size N .*mnist_10k.yaml holds out 1,000"):
+            ask()  # never the validation images under the name "test"
+
+
+def test_a_held_out_test_split_is_disjoint_seeded_and_leaves_training_as_it_was(tiny_mnist):
+    def images(dm, name):
+        return {bytes(x.numpy()) for x in dm.splits[name].images}
+
+    before = MNIST(data_dir=str(tiny_mnist), test_file_only=True, val_size=16, seed=3)
+    held = MNIST(data_dir=str(tiny_mnist), test_file_only=True, val_size=8, test_size=8, seed=3)
+    before.setup()
+    held.setup()
+    assert [len(held.splits[n]) for n in ("train", "val", "test")] == [32, 8, 8]
+    assert not images(held, "test") & (images(held, "val") | images(held, "train"))
+    assert not images(held, "val") & images(held, "train")
+    # the first val_size + test_size of the seeded order: the same training images as 16 validation ones gave
+    assert torch.equal(held.splits["train"].images, before.splits["train"].images)
+    assert images(held, "val") | images(held, "test") == images(before, "val")
+    again = MNIST(data_dir=str(tiny_mnist), test_file_only=True, val_size=8, test_size=8, seed=3)
+    again.setup()
+    assert torch.equal(again.splits["test"].images, held.splits["test"].images)
+    other = MNIST(data_dir=str(tiny_mnist), test_file_only=True, val_size=8, test_size=8, seed=4)
+    other.setup()
+    assert not torch.equal(other.splits["test"].images, held.splits["test"].images)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"test_file_only": False, "test_size": 8}, "has an official test split"),
+        ({"test_file_only": True, "val_size": 24, "test_size": 24}, "must leave samples to train on"),
+        ({"test_file_only": True, "test_size": -1}, "test_size >= 0"),
+    ],
+)
+def test_test_sizes_that_cannot_work_are_refused(tiny_mnist, settings, message):
+    with pytest.raises(SplitSizeError, match=message):
+        MNIST(data_dir=str(tiny_mnist), **{"val_size": 8, **settings}).setup()
 
 
 def test_fashion_mnist_uses_its_own_folder(tmp_path):
