@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_modules.console import say
 from lightning_modules.layers.kwinners import KWinnersBase
 from lightning_modules.layers.sparse_weights import RezeroAfterStep
+from lightning_modules.rank_seeds import seed_this_rank
 
 
 class DivergenceError(RuntimeError):
@@ -95,6 +96,10 @@ class Classifier(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
+
+    def on_fit_start(self) -> None:
+        # the net is built alike on every rank; from here each rank augments and drops out on its own stream
+        seed_this_rank(self.global_rank, self.trainer.world_size)
 
     def as_input(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of inputs in the memory order the net's weights use."""

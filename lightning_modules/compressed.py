@@ -67,6 +67,7 @@ class Compressed(Classifier):
 
     def on_fit_start(self) -> None:
         """Say which weight decay each kind of substitute got, and record it with the run's hyperparameters."""
+        super().on_fit_start()
         if not self.decay_by_module:
             return
         distinct = sorted({round(wd, 12) for wd in self.decay_by_module.values()})
