@@ -50,7 +50,7 @@ def test_units_right_of_x0_are_off_and_random_slopes_only_in_training():
     out = layer(torch.randn(3, 8)).detach()
     assert (out[:, 25:] == 0).all() and (out[:, :15] != 0).all()
     random = FlexibleLinear(8, 64, start_size=20.0, random_slope=True)
-    slopes = {random.current_slope() for _ in range(20)}
+    slopes = {float(random.current_slope()) for _ in range(20)}
     assert len(slopes) == 20 and all(10 / 20 <= k <= 10 / 1 for k in slopes)
     random.eval()
     assert random.current_slope() == 1.0

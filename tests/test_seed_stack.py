@@ -91,10 +91,49 @@ def test_a_diverged_member_does_not_disturb_the_others(tmp_path):
     stack = SeedStack.build([lambda: MLP(24)], [0, 0])
     with torch.no_grad():
         stack.params["net.out.bias"][1] = float("nan")  # member 1 diverges from the first step
-    alone = SeedStack.build([lambda: MLP(24)], [0])
+    # the reference: the same stack with both members healthy (the same shapes, so the same kernels and the
+    # same rounding whatever the thread count; a stack of one sums in another order on several threads)
+    alone = SeedStack.build([lambda: MLP(24)], [0, 0])
     adam_named = lambda named: adam([p for _, p in named])  # noqa: E731
     record = stack.fit(data, 1, adam_named)[-1]
     alone.fit(data, 1, adam_named)
     assert record.train_loss[1] != record.train_loss[1] and record.train_loss[0] == record.train_loss[0]  # NaN
     for name, param in alone.net(0).state_dict().items():
         torch.testing.assert_close(stack.net(0).state_dict()[name], param)
+
+
+class DropoutNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear, self.drop = torch.nn.Linear(4, 32), torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.linear(x))
+
+
+def test_members_draw_their_own_dropout_masks_and_random_slopes():
+    """Members built from the same seed (equal weights): in training only their own draws can tell them apart."""
+    x = torch.ones(16, 4)
+    dropped = SeedStack.build([DropoutNet], [0, 0]).call("forward", x, training=True) == 0  # (members, batch, units)
+    assert not torch.equal(dropped[0], dropped[1])
+    assert 0.3 < dropped.float().mean() < 0.7
+    flexible = SeedStack.build([lambda: MLP(24, "flexible", start_size=12.0, random_slope=True)], [0, 0])
+    out = flexible.call("forward", torch.rand(16, 784), training=True)
+    assert not torch.allclose(out[0], out[1])  # one slope per member and batch, not one for the stack
+    evaluated = flexible.call("forward", torch.rand(16, 784))  # evaluation: the fixed slope, no draws
+    assert torch.equal(evaluated[0], evaluated[1])
+
+
+def test_members_with_the_same_seed_train_apart_when_training_draws_at_random(tmp_path):
+    data = datamodule(make_mnist(tmp_path, n_train=120))
+    data.setup("fit")
+    stack = SeedStack.build([lambda: MLP(24, "flexible", start_size=12.0, random_slope=True)], [0, 0])
+    stack.fit(data, 1, lambda named: adam([p for _, p in named]), penalty=0.05)
+    assert not torch.equal(stack.net(0).hidden.linear.weight, stack.net(1).hidden.linear.weight)
+
+
+def test_a_stack_refuses_a_first_epoch_batch_size_it_would_ignore(tmp_path):
+    data = MNIST(data_dir=str(make_mnist(tmp_path)), val_size=24, batch_size=16, first_epoch_batch_size=4)
+    data.setup("fit")
+    with pytest.raises(ValueError, match="first_epoch_batch_size is not honoured"):
+        SeedStack.build([lambda: MLP(8)], [0]).fit(data, 1, lambda named: adam([p for _, p in named]))

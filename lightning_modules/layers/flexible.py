@@ -62,12 +62,14 @@ class FlexibleLinear(nn.Module):
         self.act = make_activation(activation)
         self.x0 = nn.Parameter(torch.tensor(float(start_size)))
         self.slope, self.random_slope, self.grey_zone = slope, random_slope, tuple(grey_zone)
-        self.last_slope = float(slope)
+        self.last_slope: torch.Tensor | float = float(slope)
 
-    def current_slope(self) -> float:
+    def current_slope(self) -> torch.Tensor | float:
+        """k for this forward pass: drawn per training batch with `random_slope` (a tensor on the layer's device,
+        so there is no host sync, and stacked seeds under `vmap` each draw their own), else `slope`."""
         if self.training and self.random_slope:
             low, high = self.grey_zone
-            return 10.0 / (low + (high - low) * torch.rand(()).item())
+            return 10.0 / (low + (high - low) * torch.rand((), device=self.x0.device))
         return float(self.slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Seeds of one net trained together as one vectorised model (torch.func), equal to training them one by one.
+"""Seeds of one net trained together as one vectorised model (torch.func), as independent runs.
 
 Seed s gets what `train.py fit --seed_everything s` gives a run: the net initialised right after
 `torch.manual_seed(s)`, the training data in that run's order (the datamodule's ShardedOrder seeded
@@ -6,6 +6,12 @@ with s, reshuffled each epoch) and its own optimizer state. The seeds' parameter
 a new leading dimension; one `vmap` of `grad_and_value` gives every seed the gradient of its own
 loss in one pass. One optimizer over stacked tensors is S independent optimizers when it works
 elementwise, as SGD, Adam, AdamW and RMSprop do.
+
+Randomness during training is each member's own (`vmap(..., randomness="different")`): every member
+draws its own dropout masks and random slopes, and the data augmentation draws per sample. So a member
+equals `fit --seed_everything s` exactly when training draws nothing at random (no dropout, no random
+slope, no augmentation: the tests hold it to 1e-5); otherwise it is an independent run with the same
+distribution as that fit, not the same draws.
 """
 
 from __future__ import annotations
@@ -74,6 +80,8 @@ class SeedStack:
             raise ValueError("the nets of a stack must have the same parameter names and shapes")
         self.seeds = list(seeds)
         self.template = copy.deepcopy(nets[0]).to("meta")  # holds the structure; the stacks hold the values
+        # an untouched copy for `net`: a call may leave state on the template (a random slope drawn under vmap)
+        self.blueprint = copy.deepcopy(self.template)
         params, buffers = stack_module_state(nets)
         self.params = {f"net.{name}": p for name, p in params.items()}
         self.buffers = {f"net.{name}": b for name, b in buffers.items()}
@@ -100,21 +108,22 @@ class SeedStack:
             self.buffers = {n: b.to(device) for n, b in self.buffers.items()}
         return self
 
-    def call(self, method: str, *args):
-        """`net.<method>(*args)` for every seed at once, on the same inputs; outputs get a leading seed dim."""
-        probe = _Method(self.template, method)
+    def call(self, method: str, *args, training: bool = False):
+        """`net.<method>(*args)` for every seed at once, on the same inputs, in evaluation mode unless `training`
+        (dropout and random slopes then draw per member); outputs get a leading seed dim."""
+        probe = _Method(self.template, method).train(training)
 
         def one(params, buffers):
             return functional_call(probe, (params, buffers), args)
 
-        return vmap(one, randomness="same")(self.params, self.buffers)
+        return vmap(one, randomness="different")(self.params, self.buffers)
 
     def net(self, index: int) -> nn.Module:
-        """Seed `index` as an ordinary module of its own (a copy), e.g. to save or inspect it."""
-        net = copy.deepcopy(self.template).to_empty(device=next(iter(self.params.values())).device)
+        """Seed `index` as an ordinary module of its own (a copy, in evaluation mode), e.g. to save or inspect it."""
+        net = copy.deepcopy(self.blueprint).to_empty(device=next(iter(self.params.values())).device)
         state = {name[len("net.") :]: t[index].detach() for name, t in {**self.params, **self.buffers}.items()}
         net.load_state_dict(state)
-        return net
+        return net.eval()
 
     def fit(
         self,
@@ -136,6 +145,11 @@ class SeedStack:
             penalty: lambda, the weight of `net.penalty()` in the loss: one for all, or one per member.
             on_epoch: called with each epoch's record (for progress output).
         """
+        if getattr(data, "first_epoch_batch_size", None):
+            raise ValueError(
+                "a seed stack trains every epoch at the datamodule's batch_size: first_epoch_batch_size is not "
+                "honoured here (unset it, or train the seeds one by one with `fit`)"
+            )
         opt = one_pass(optimizer(self.params.items()))
         sched = scheduler(opt) if scheduler is not None else None
         train = data.splits["train"]
@@ -153,10 +167,11 @@ class SeedStack:
         # gradients as functions (vmap of grad), not autograd through a vmapped forward: each seed's weight
         # gradient then comes out in its parameter's layout, where autograd's accumulation would copy
         # the whole stack, transposed, every step (half the step time of a 784-256-10 stack on a CPU)
-        step = vmap(grad_and_value(loss_fn, has_aux=True), randomness="same")
+        step = vmap(grad_and_value(loss_fn, has_aux=True), randomness="different")  # each member its own draws
         trained = [name for name, p in self.params.items() if p.requires_grad]
         records = []
         for epoch in range(epochs):
+            probe.train()  # `evaluate` below leaves the template in evaluation mode, as Lightning's validation does
             for order in orders:
                 order.set_epoch(epoch)
             index = torch.stack([order.indices() for order in orders]).to(train.images.device)  # (members, samples)
