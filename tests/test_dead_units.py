@@ -42,6 +42,18 @@ def test_names_pick_layers_and_types_none_takes_any_module():
         run_test(DeadUnits(split="test", names=["nothing*"]))
 
 
+def test_a_block_chosen_with_its_parts_gives_every_module_a_name_of_its_own():
+    net = probe_net()
+    layers = select_layers(net, None, ["features*"])  # the block, its conv and its activation
+    assert layers == {"features": net.features, "features.conv": net.features.conv, "features.act": net.features.act}
+    metrics = run_test(DeadUnits(split="test", types=None, names=["features*", "hidden.act"]))
+    # three modules, three counts (before, the last of them overwrote the others under one name)
+    assert {k: v for k, v in metrics.items() if k.startswith("dead/features")} == {
+        "dead/features": 2, "dead/features.conv": 2, "dead/features.act": 2,
+    }  # fmt: skip
+    assert metrics["dead/hidden"] == 1 and metrics["dead/total"] == 7
+
+
 def test_own_pass_over_another_split_uses_evaluation_order(tmp_path):
     data = TinyImages(probe_images(), batch_size=4)
     callback = DeadUnits(split="test")  # validate: its own pass over the test split at the validation epoch end
@@ -114,3 +126,25 @@ def test_a_layer_pattern_that_matches_nothing_is_one_clear_line(in_tmp):
     assert str(exit_.value.code).startswith("error: DeadUnits: no module of types") and "conv9_*" in str(
         exit_.value.code
     )
+
+
+@pytest.mark.parametrize("max_epochs, max_steps", [(3, -1), (-1, 3)], ids=["by_epochs", "by_steps"])
+def test_the_last_validation_of_a_fit_is_observed_whether_it_ends_by_epochs_or_by_steps(
+    tmp_path, max_epochs, max_steps
+):
+    """every_n_epochs 5 over a 3-epoch fit (one batch an epoch): only the last epoch is due. Under
+    configs/presets/original_steps.yaml max_epochs is -1 and the fit ends by max_steps."""
+    steps = []
+
+    class Recorded(DeadUnits):
+        def finish(self, trainer, pl_module):
+            steps.append(trainer.global_step)
+            super().finish(trainer, pl_module)
+
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, logger=False, callbacks=[Recorded(every_n_epochs=5)], max_epochs=max_epochs,
+        max_steps=max_steps, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(Classifier(probe_net(), channels_last=False), datamodule=TinyImages(probe_images(), batch_size=4))
+    assert steps == [3]
