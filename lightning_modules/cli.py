@@ -196,6 +196,8 @@ class ResearchCLI(LightningCLI):
             if net is None or "budget" not in net:
                 raise ConfigError("--budget needs a net with a `budget` argument (lightning_modules.nets.WideResNet)")
             net.budget = config.budget
+        if config.get("variants"):
+            config.variants = variant_paths(config)
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -251,9 +253,37 @@ class ResearchCLI(LightningCLI):
 
 
 def run_name(config) -> str:
-    """`--name`, else the first config's path under configs/ (the experiment, not a preset stacked after it)."""
+    """`--name`, else the path under configs/ of the config that names the study (a search's `variants`: the study
+    is that file) or of the first config (the experiment, not a preset stacked after it)."""
     configs = config.get("config") or []
-    return config.get("name") or (config_name(str(configs[0])) if configs else "run")
+    study = config.get("variants") and declaring_file(config, "variants")
+    return config.get("name") or (config_name(str(study or configs[0])) if configs else "run")
+
+
+def declaring_file(config, key: str) -> Path | None:
+    """The last of the run's config files that sets `key` at its top level (the one whose value counts)."""
+    for given in reversed(config.get("config") or []):
+        path = Path(str(given))
+        content = yaml.safe_load(path.read_text()) if path.is_file() else None
+        if isinstance(content, dict) and key in content:
+            return path
+    return None
+
+
+def variant_paths(config) -> dict[str, int]:
+    """A search's variant configs as absolute paths: relative ones are found beside the config file that lists
+    them (configs/depth/search_all.yaml lists `tanh.yaml`), else in the working directory."""
+    beside = declaring_file(config, "variants")
+    resolved = {}
+    for given, bound in config.variants.items():
+        path = Path(given)
+        candidates = [beside.parent / path, path] if beside is not None and not path.is_absolute() else [path]
+        found = next((candidate for candidate in candidates if candidate.is_file()), None)
+        if found is None:
+            where = f"beside {beside} or " if beside is not None else ""
+            raise ConfigError(f"search variant {given}: no such config file ({where}in the working directory)")
+        resolved[str(found.resolve())] = bound
+    return resolved
 
 
 def discard_wandb_runs(trainer: pl.Trainer) -> None:

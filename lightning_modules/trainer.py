@@ -157,6 +157,8 @@ class ResearchTrainer(pl.Trainer):
         """
         self._one_process("search", "each trial trains on one device; --launcher ray trains trials in parallel")
         self._refuse_unhonoured("search", honoured=("precision", "max_steps"))
+        if not callable(getattr(datamodule, "eval_dataloader", None)):  # each trial's error on its training split
+            raise ConfigError(f"search needs one of the in-memory datamodules; {type(datamodule).__name__} is not")
         if variants:
             jobs = [(config_name(path), net_from_config(path), bound) for path, bound in variants.items()]
         elif upper is not None:

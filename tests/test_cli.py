@@ -9,16 +9,16 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from jsonargparse import Namespace
 
 from datamodules import Digits
 from lightning_modules import Classifier, LossExplodedError, NonFiniteLossError
-from lightning_modules.cli import main
+from lightning_modules.cli import main, run_name, variant_paths
 from lightning_modules.nets import DepthCNN
 from lightning_modules.trainer import net_from_config
 from tests.conftest import (
     CONFIGS,
     QUIET,
-    ROOT,
     cli,
     cli_error,
     data_args,
@@ -37,6 +37,7 @@ EXPERIMENTS = sorted(
     and not p.name.startswith("sweep_")
 )
 PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
+TWO_DDP_RANKS = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -267,7 +268,7 @@ def test_search_subcommand_writes_its_table(in_tmp, capsys):
         "1",
         "--seeds",
         "2",
-        "--trainer.limit_train_batches",
+        "--trainer.max_steps",
         "2",
         *QUIET,
     )
@@ -285,8 +286,27 @@ def test_search_all_names_every_variant_with_its_bound():
     variants = yaml.safe_load((CONFIGS / "depth" / "search_all.yaml").read_text())["variants"]
     assert len(variants) == 7
     for path, upper in variants.items():
-        net = net_from_config(ROOT / path)
+        net = net_from_config(CONFIGS / "depth" / path)  # beside search_all.yaml
         assert isinstance(net, DepthCNN) and net.settings["depth"] <= upper
+
+
+def test_a_search_over_variants_is_named_for_its_file_and_finds_them_beside_it_from_anywhere(
+    tmp_path, monkeypatch, capsys
+):
+    """Run from another folder: the variants resolve against search_all.yaml, and the run is runs/depth/search_all."""
+    monkeypatch.chdir(tmp_path)
+    configs = [CONFIGS / "depth" / "resnet.yaml", CONFIGS / "depth" / "search_all.yaml"]
+    variants = yaml.safe_load(configs[1].read_text())["variants"]
+    config = Namespace(config=configs, name=None, variants=variants)
+    names = ("tanh", "tanh_init", "elu", "elu_bn", "resnet", "tanh_bn", "resnet_nobn")
+    assert variant_paths(config) == {str(CONFIGS / "depth" / f"{n}.yaml"): variants[f"{n}.yaml"] for n in names}
+    assert run_name(config) == "depth/search_all"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("variants:\n  nowhere.yaml: 24\n")
+    args = ["search", "--config", configs[0], "--config", mine, "--wandb", "false"]
+    assert cli_error(*args, capsys=capsys) == (
+        f"error: search variant nowhere.yaml: no such config file (beside {mine} or in the working directory)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -368,3 +388,47 @@ def test_a_bad_ckpt_path_is_one_line_naming_the_file(name, message, tmp_path, ca
     )
     assert error.startswith(f"error: checkpoint {path} ") and re.search(message, error), error
     assert "\n" not in error and "weights_only" not in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["search", "--upper", "3", "--trainer.limit_train_batches", "2"],
+            "search does not apply --trainer.limit_train_batches",
+        ),
+        (
+            ["search", "--upper", "3", "--trainer.accumulate_grad_batches", "2"],
+            "search does not apply --trainer.accumulate_grad_batches",
+        ),
+        (
+            ["search", "--upper", "3", "--trainer.gradient_clip_val", "1"],
+            "search does not apply --trainer.gradient_clip_val",
+        ),
+        (
+            ["noise", "--checkpoints", "x.ckpt", *TWO_DDP_RANKS],
+            "noise runs in one process (it evaluates on one device)",
+        ),
+        (["search", "--upper", "3", *TWO_DDP_RANKS], "search runs in one process"),
+    ],
+    ids=["limit_train_batches", "accumulate", "clip", "noise_ddp", "search_ddp"],
+)
+def test_study_settings_the_trainings_would_ignore_are_refused(args, message, in_tmp, capsys):
+    error = cli_error(*args[:1], "--config", CONFIGS / "quickstart.yaml", *args[1:], "--wandb", "false", capsys=capsys)
+    assert error.startswith(f"error: {message}") and "\n" not in error.strip()
+
+
+def test_a_sweep_refuses_settings_its_stacks_would_ignore(tiny_mnist, in_tmp, capsys):
+    sweep = ["sweep", "--config", CONFIGS / "network_size" / "static.yaml", "--data.data_dir", tiny_mnist]
+    sweep += ["--data.val_size", "16", "--wandb", "false"]
+    error = cli_error(*sweep, "--trainer.precision", "bf16-mixed", capsys=capsys)
+    assert error == "error: sweep does not apply --trainer.precision to its trainings: unset it"
+    error = cli_error(*sweep, "--data.first_epoch_batch_size", "4", capsys=capsys)
+    assert error == "error: sweep trains every epoch at data.batch_size: unset data.first_epoch_batch_size"
+
+
+@pytest.mark.parametrize("config", sorted((CONFIGS / "dead_units").glob("model*.yaml")), ids=lambda p: p.stem)
+def test_the_cifar10_configs_give_the_originals_figures_as_the_originals(config):
+    """No CIFAR-10 run of this project stands behind them: the header must not read as a measurement."""
+    header = "".join(line for line in config.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert "Expect" not in header and "not run by this project" in header

@@ -1,11 +1,19 @@
-"""The depth search: the boundary a stub trainability function puts there, and its reports."""
+"""The depth search: the boundary a stub trainability function puts there, its reports, and its trials."""
 
+import copy
 import csv
 import math
 
 import pytest
+import pytorch_lightning as pl
+import torch
 
+from datamodules import Digits
+from lightning_modules import Classifier
+from lightning_modules.nets import DepthCNN
 from lightning_modules.studies.search import is_trainable, search_depth, write_results
+from lightning_modules.studies.trials import DepthTrial
+from lightning_modules.trainer import bare_trainer
 
 
 def stub(boundary: int, calls: list | None = None):
@@ -123,3 +131,22 @@ def test_a_trial_that_crashes_twice_is_reported_failed_and_retried_by_a_restart(
     again = search_depth(stub(9, calls), upper=12, log=TrialLog(tmp_path / "results.csv"))
     assert calls[0] == (6, 0) and (3, 0) not in calls  # the failed trial trains again, the others do not
     assert again.deepest == 9 and not any(t.error for t in again.trials)
+
+
+def test_a_trials_train_error_is_the_trained_nets_on_the_whole_training_split():
+    """Not the running mean over the last epoch's batches (which mixes the weights of every step of the epoch)."""
+    data = Digits(batch_size=64)
+    template = Classifier(DepthCNN(depth=3), optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+    train_err, val_err = DepthTrial({"net": template.net}, template, data, epochs=2)("net", 3, 0)
+
+    pl.seed_everything(0, verbose=False)  # the same trial by hand
+    model = copy.deepcopy(template)
+    model.net = template.net.at_depth(3)
+    trainer = bare_trainer(2)
+    trainer.fit(model, datamodule=data)
+    model.eval()
+    with torch.no_grad():
+        wrong = sum(int((model(x).argmax(1) != y).sum()) for x, y in data.eval_dataloader("train"))
+    assert train_err == wrong / len(data.splits["train"])
+    assert val_err == trainer.callback_metrics["val/err"].item()
+    assert train_err != trainer.callback_metrics["train/err"].item()  # what the column held before

@@ -1,6 +1,7 @@
 """Conv substitutes and WRN-d-k: shapes, gradients, counts against the spec and an independent counter."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_modules.counting import count
 from lightning_modules.layers import substitute_conv
 from lightning_modules.layers.hashed import HashedPointwise
-from lightning_modules.layers.substitutes import Shuffle, parse_substitute
+from lightning_modules.layers.substitutes import Shuffle, init_convs, parse_substitute
 from lightning_modules.nets import WideBlock, WideResNet
 from tests.conftest import ROOT
 
@@ -239,3 +240,28 @@ def test_the_hashed_pointwise_conv_has_an_output_bias():
     expected = F.conv2d(x, hashed.virtual_weight()) + 1.5
     assert torch.allclose(hashed(x), expected)
     assert HashedPointwise(8, 6, s=0.5, bias=False).bias is None
+
+
+def test_grouped_conv_init_is_the_originals_unless_asked_per_group():
+    """A Sep student's depthwise 3x3 over C = 160 channels: the original's fan-out (all of C_out) gives it C times
+    less variance than He init; `per_group` gives it He's. Full convs start alike either way."""
+    original = WideResNet(16, 10, conv="Sep")
+    kaiming = copy.deepcopy(original)
+    torch.manual_seed(0)
+    init_convs(original)  # the default
+    torch.manual_seed(0)
+    for m in kaiming.modules():  # what the nets did before the switch: torch's fan_out for every conv
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    for a, b in zip(original.parameters(), kaiming.parameters(), strict=True):
+        assert torch.equal(a, b)  # the default is exactly the original's init, draw for draw
+    per_group = WideResNet(16, 10, conv="Sep", grouped_conv_init="per_group")
+    depthwise, pointwise = original.group2[1].conv1[0], original.group2[1].conv1[1]
+    assert depthwise.groups == depthwise.out_channels == 320 and pointwise.groups == 1
+    he = math.sqrt(2 / 9)  # fan-out of one depthwise channel: 1 x 3 x 3
+    assert depthwise.weight.std().item() == pytest.approx(he / math.sqrt(320), rel=0.05)
+    assert per_group.group2[1].conv1[0].weight.std().item() == pytest.approx(he, rel=0.05)
+    for net in (original, per_group):
+        assert net.group2[1].conv1[1].weight.std().item() == pytest.approx(math.sqrt(2 / 320), rel=0.05)
+    with pytest.raises(ValueError, match="'original' or 'per_group'"):
+        WideResNet(16, 1, grouped_conv_init="he")

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from lightning_modules.cli import ResearchCLI
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, QUIET, ROOT, make_mnist
 
 SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml"))
 
@@ -52,3 +52,15 @@ def test_an_agents_command_line_is_accepted_and_its_values_reach_the_model(path,
             assert getattr(cli.datamodule, key.split(".")[-1]) == value, key
         else:
             assert resolve(cli.model, key) == pytest.approx(value), key
+
+
+def test_the_penalty_sweep_is_a_grid_of_penalties_reporting_size_and_error(in_tmp):
+    """A search on val/err alone would drive the penalty to its minimum; the grid shows the trade-off."""
+    sweep = yaml.safe_load((CONFIGS / "sweeps" / "width_penalty.yaml").read_text())
+    penalties = sweep["parameters"]["model.init_args.penalty"]["values"]
+    assert sweep["method"] == "grid" and min(penalties) == 0 and max(penalties) >= 100 * min(p for p in penalties if p)
+    args, _ = agent_command(sweep)
+    data = ["--data.data_dir", str(make_mnist(in_tmp / "data")), "--data.val_size", "16"]
+    cli = ResearchCLI(args=[*args[1:], *data, "--trainer.max_epochs", "1", *QUIET], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert {"size/hidden", "val/err"} <= set(cli.trainer.callback_metrics)

@@ -9,10 +9,12 @@ added a pointless grouped conv there).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from itertools import takewhile
+from typing import Literal
 
 from torch import nn
 
@@ -208,6 +210,27 @@ def substitute_conv(
     module = spec.build(in_ch, out_ch, kernel_size, stride, padding, **options)
     module.full_params = in_ch * out_ch * kernel_size * kernel_size
     return module
+
+
+GroupedInit = Literal["original", "per_group"]
+
+
+def init_convs(net: nn.Module, grouped: GroupedInit = "original") -> None:
+    """He-normal init (ReLU gain) of every Conv2d of `net` from its fan-out, std = sqrt(2 / n).
+
+    `original`: n = k*k*C_out whatever the conv's groups, as the original WRN code (and torch's `fan_out`)
+    computes it: a depthwise k x k conv over C channels then starts with C times less variance than He
+    init, a grouped one with g times less. `per_group`: n = k*k*C_out / groups, the fan-out within a
+    group, which gives grouped and depthwise convs He init's variance too.
+    """
+    if grouped not in ("original", "per_group"):
+        raise ValueError(f"grouped conv init must be 'original' or 'per_group', got {grouped!r}")
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            fan_out = module.out_channels * math.prod(module.kernel_size)
+            if grouped == "per_group":
+                fan_out //= module.groups
+            nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
 
 
 def compression_ratios(net: nn.Module) -> dict[str, float]:

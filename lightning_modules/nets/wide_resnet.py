@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from lightning_modules.layers.checkpointing import CheckpointableBlock
-from lightning_modules.layers.substitutes import fit_budget, full_conv, parse_substitute, substitute_conv
+from lightning_modules.layers.substitutes import (
+    GroupedInit,
+    fit_budget,
+    full_conv,
+    init_convs,
+    parse_substitute,
+    substitute_conv,
+)
 
 
 def full_conv_of(conv: str, in_ch: int, out_ch: int, kernel_size: int, stride: int, padding: int) -> nn.Conv2d:
@@ -67,6 +74,7 @@ class WideResNet(nn.Module):
         budget: float | None = None,
         checkpoint_blocks: bool = False,
         substitute_shortcuts: bool = False,
+        grouped_conv_init: GroupedInit = "original",
     ):
         """
         Args:
@@ -83,6 +91,10 @@ class WideResNet(nn.Module):
                 keeping them (the same gradients, less memory, more time).
             substitute_shortcuts: build the 1x1 shortcut convs from `conv` too; by default they stay full
                 convolutions, as in the original, which replaced every 3x3 conv only.
+            grouped_conv_init: every conv starts He-normal from its fan-out k*k*C_out; `original` (the default,
+                the original code's) counts all C_out for grouped and depthwise convs too, so a substitute's
+                depthwise 3x3 over C channels starts with C times less variance than He init; `per_group`
+                divides the fan-out by the groups, He init's variance for those convs too.
         """
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
@@ -118,9 +130,7 @@ class WideResNet(nn.Module):
         self.bn, self.act = nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True)
         self.pool, self.flatten = nn.AdaptiveAvgPool2d(1), nn.Flatten()
         self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_convs(self, grouped_conv_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.group3(self.group2(self.group1(self.stem(x))))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_modules.layers.checkpointing import CheckpointableBlock
-from lightning_modules.layers.substitutes import parse_substitute, substitute_conv
+from lightning_modules.layers.substitutes import GroupedInit, init_convs, parse_substitute, substitute_conv
 
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -55,6 +55,7 @@ class WideResNetImageNet(nn.Module):
         num_classes: int = 1000,
         conv: str = "Conv",
         checkpoint_blocks: bool = False,
+        grouped_conv_init: GroupedInit = "original",
     ):
         """
         Args:
@@ -63,6 +64,9 @@ class WideResNetImageNet(nn.Module):
             num_classes: outputs.
             conv: the blocks' 3x3 conv: `Conv` (the teacher) or a substitute such as `Shuffle_4`.
             checkpoint_blocks: recompute each block's activations in the backward pass (less memory).
+            grouped_conv_init: `original` (torchvision's: every conv's fan-out counts all its C_out, so a
+                substitute's depthwise conv starts with C times less variance than He init) or `per_group`
+                (the fan-out within a group: He init's variance for grouped and depthwise convs too).
         """
         super().__init__()
         if depth not in BLOCKS:
@@ -82,9 +86,7 @@ class WideResNetImageNet(nn.Module):
             setattr(self, f"layer{index}", nn.Sequential(*layer))
         self.avgpool, self.flatten = nn.AdaptiveAvgPool2d(1), nn.Flatten()
         self.fc = nn.Linear(in_ch, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_convs(self, grouped_conv_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

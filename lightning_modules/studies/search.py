@@ -29,7 +29,7 @@ class Trial:
     variant: str
     depth: int
     seed: int
-    train_err: float
+    train_err: float  # the trained net's error over the whole training split (evaluation mode)
     val_err: float
     trainable: bool | None  # None until every seed of its depth has trained
     phase: str  # "search" or "confirm"

@@ -151,6 +151,8 @@ class DepthTrial:
     runs: TrialRuns | None = None
 
     def __call__(self, variant: str, depth: int, seed: int) -> tuple[float, float]:
+        """(training error, validation error) of the trained net, both measured after its last step in evaluation
+        mode (the training error over the whole training split, not the running mean of its last batches)."""
         pl.seed_everything(seed, verbose=False)
         model = copy.deepcopy(self.template)
         model.net = self.nets[variant].at_depth(depth)
@@ -171,10 +173,10 @@ class DepthTrial:
             errors = None
             try:
                 trainer.fit(model, datamodule=self.datamodule)
-                train_err = float(trainer.callback_metrics["train/err"])
                 if self.steps:  # a step budget can end inside an epoch, after its last validation
                     trainer.validate(model, datamodule=self.datamodule, verbose=False)
-                errors = train_err, float(trainer.callback_metrics["val/err"])
+                val_err = float(trainer.callback_metrics["val/err"])
+                errors = error_rate(trainer, model, self.datamodule.eval_dataloader("train")), val_err
             except DivergenceError:  # NaN, infinite or exploded loss: counted as diverged
                 errors = math.nan, math.nan
             finally:
@@ -183,6 +185,20 @@ class DepthTrial:
                         run.summary.update({"train_err": errors[0], "val_err": errors[1]})
                     run.finish(exit_code=0 if errors is not None else 1)
         return errors
+
+
+def error_rate(trainer: pl.Trainer, model: pl.LightningModule, loader) -> float:
+    """The fraction of a loader's samples that a trained model gets wrong, in evaluation mode, at the trainer's
+    precision and on its device."""
+    wrong = torch.zeros((), dtype=torch.long, device=model.device)
+    total = 0
+    model.eval()
+    with torch.no_grad(), trainer.precision_plugin.forward_context():
+        for x, y in loader:
+            x, y = x.to(model.device), y.to(model.device)
+            wrong += (model(x).argmax(dim=1) != y).sum()
+            total += len(y)
+    return int(wrong) / max(total, 1)
 
 
 @dataclass
