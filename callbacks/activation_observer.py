@@ -21,11 +21,12 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from datamodules.tensor_data import ShardedOrder
+from lightning_modules.errors import ConfigError, require
 
 DEFAULT_TYPES = ("ReLU", "ELU", "KWinners", "KWinners2d")
 
 
-class NoLayersError(ValueError):
+class NoLayersError(ConfigError):
     """An activation callback's `types` and `names` match no module of the net; the CLI prints it as one line."""
 
 
@@ -140,9 +141,8 @@ class ActivationObserver(pl.Callback):
             print_table: print the per-layer table at each observation.
         """
         if split not in ("val", "train", "test"):
-            raise ValueError(f"split must be 'val', 'train' or 'test', got {split!r}")
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+            raise ConfigError(f"split must be 'val', 'train' or 'test', got {split!r}")
+        require("positive", max_batches=max_batches, every_n_epochs=every_n_epochs)
         self.split, self.max_batches, self.every_n_epochs = split, max_batches, every_n_epochs
         self.types = list(types) if types is not None else None
         self.names, self.print_table = list(names), print_table

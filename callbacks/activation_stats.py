@@ -23,6 +23,7 @@ from callbacks.activation_observer import (
 )
 from callbacks.figures import variance_histograms
 from lightning_modules.console import say
+from lightning_modules.errors import require
 from lightning_modules.files import atomic_save
 from lightning_modules.run_folder import run_folder
 from lightning_modules.statistics.moments import MomentAccumulator, Moments
@@ -58,6 +59,8 @@ class ActivationStats(ActivationObserver):
             zero_tol: a unit whose variance is <= this counts as zero-variance.
             **kwargs: which layers, over which data, how often: see `ActivationObserver`.
         """
+        require("positive", pca_samples=pca_samples, **{f"pca_k[{i}]": k for i, k in enumerate(pca_k)})
+        require("non_negative", zero_tol=zero_tol)
         super().__init__(**kwargs)
         self.pca, self.pca_samples, self.pca_k, self.zero_tol = pca, pca_samples, list(pca_k), zero_tol
         self.accumulators: dict[str, MomentAccumulator] = {}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_modules.errors import require
+
 
 class BatchAugment:
     """Random crop with zero padding, horizontal flip and Cutout for a normalised (N, C, H, W) batch.
@@ -26,8 +28,7 @@ class BatchAugment:
             cutout: side of the square zeroed at a random centre per sample (may overlap the border); 0 = off.
             fill: per-channel value of the padding (the normalised black pixel, -mean/std).
         """
-        if crop_padding < 0 or cutout < 0:
-            raise ValueError(f"crop_padding and cutout must be >= 0, got {crop_padding} and {cutout}")
+        require("non_negative", crop_padding=crop_padding, cutout=cutout)
         self.crop_padding, self.flip, self.cutout, self.fill = crop_padding, flip, cutout, tuple(fill)
 
     def __bool__(self) -> bool:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from datamodules.tensor_data import CorruptDataError, DataError, DataNotFoundError, NoTestSplitError
+from lightning_modules.errors import require
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -56,6 +57,8 @@ class ImageFolderData(pl.LightningDataModule):
             batch_size: images per batch, per device.
             num_workers: decoding processes per device.
         """
+        require("positive", image_size=image_size, batch_size=batch_size)
+        require("non_negative", num_workers=num_workers)
         super().__init__()
         self.root = Path(data_dir)
         self.dirs = {"train": self.root / train_dir, "val": self.root / val_dir}

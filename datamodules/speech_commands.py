@@ -35,6 +35,7 @@ from datamodules.tensor_data import (
     TensorDataModule,
     TensorLoader,
 )
+from lightning_modules.errors import require
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
@@ -153,6 +154,8 @@ class SpeechCommands(TensorDataModule):
             cache: keep the decoded clips in `<data_dir>/.netlab-cache/` for the next run.
         """
         super().__init__(batch_size, 1, seed, on_device, first_epoch_batch_size)
+        require("positive", eval_batch_size=eval_batch_size)
+        require("fraction", silence_fraction=silence_fraction)
         if silence not in ("zeros", "background"):
             raise ValueError(f"silence must be 'zeros' or 'background', got {silence!r}")
         self.data_dir, self.words = Path(data_dir), tuple(words)

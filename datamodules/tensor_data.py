@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import pytorch_lightning as pl
 import torch
 
+from lightning_modules.errors import UserError, require
 
-class DataError(Exception):
+
+class DataError(UserError):
     """A problem with a dataset that a user fixes by hand; the CLI prints it as one line."""
 
 
@@ -215,6 +217,8 @@ class TensorDataModule(pl.LightningDataModule):
             test_size: for a source without a test split of its own: samples held out of the pool as the
                 test split, disjoint from train and validation (0: no test split, so `test` refuses).
         """
+        require("positive", batch_size=batch_size, val_size=val_size, first_epoch_batch_size=first_epoch_batch_size)
+        require("non_negative", test_size=test_size)
         super().__init__()
         self.batch_size, self.val_size, self.seed, self.on_device = batch_size, val_size, seed, on_device
         self.first_epoch_batch_size, self.test_size = first_epoch_batch_size, test_size
@@ -237,10 +241,12 @@ class TensorDataModule(pl.LightningDataModule):
                 f"one out only where the source has none"
             )
         held = self.val_size + self.test_size
-        if self.val_size < 1 or self.test_size < 0 or held >= len(pool):
+        if held >= len(pool):
+            sizes = f"val_size={self.val_size} and test_size={self.test_size} together" if self.test_size else (
+                f"val_size={self.val_size}"
+            )  # fmt: skip
             raise SplitSizeError(
-                f"val_size={self.val_size} and test_size={self.test_size} must leave samples to train on: "
-                f"val_size >= 1, test_size >= 0, together below the pool's {len(pool)} samples"
+                f"{sizes} must be between 1 and {len(pool) - 1}: the training pool has {len(pool)} samples"
             )
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed))
         splits = {"train": pool.subset(order[held:]), "val": pool.subset(order[: self.val_size])}

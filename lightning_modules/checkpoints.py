@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_modules.classifier import ConfigError
+from lightning_modules.errors import ConfigError
 
 
 def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
@@ -31,6 +31,8 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
         raise ConfigError(f"{what} {path} is not a PyTorch checkpoint (or it is corrupt)") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ConfigError(f"{what} {path} is truncated, corrupt or not a PyTorch checkpoint") from e
+    except Exception as e:  # noqa: BLE001 (a text file read as a pickle fails as KeyError, IndexError, ...)
+        raise ConfigError(f"{what} {path} is not a PyTorch checkpoint (or it is corrupt)") from e
     if not isinstance(checkpoint, dict):
         raise ConfigError(f"{what} {path} holds no state dict")
     return checkpoint

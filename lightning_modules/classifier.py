@@ -16,25 +16,10 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.console import say
+from lightning_modules.errors import LossExplodedError, NonFiniteLossError, require
 from lightning_modules.layers.kwinners import KWinnersBase
 from lightning_modules.layers.sparse_weights import RezeroAfterStep
 from lightning_modules.rank_seeds import seed_this_rank
-
-
-class DivergenceError(RuntimeError):
-    """Training diverged and was stopped; checkpoints written before it are kept."""
-
-
-class NonFiniteLossError(DivergenceError):
-    """The training loss became NaN or infinite."""
-
-
-class LossExplodedError(DivergenceError):
-    """The training loss stayed finite but grew past the divergence guard's limit."""
-
-
-class ConfigError(ValueError):
-    """Settings that cannot work together; the CLI prints it as one line."""
 
 
 class Classifier(pl.LightningModule):
@@ -72,6 +57,9 @@ class Classifier(pl.LightningModule):
             on_divergence: `stop` the run with an error (the search counts the trial as diverged) or `warn`
                 once and train on. A NaN or infinite loss always stops.
         """
+        require(
+            "positive", num_classes=num_classes, finite_check_every=finite_check_every, max_loss_ratio=max_loss_ratio
+        )
         super().__init__()
         self.save_hyperparameters(ignore=["net", "teacher", "optimizer", "scheduler"])  # modules live in the state dict
         self.net = net

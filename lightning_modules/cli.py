@@ -15,14 +15,14 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from callbacks.activation_observer import NoLayersError
 from callbacks.complexity import Complexity
-from datamodules.tensor_data import DataError
 from lightning_modules.checkpoints import check_fits, check_version, keep_last_epoch, read_checkpoint, state_dict_of
-from lightning_modules.classifier import ConfigError, DivergenceError
-from lightning_modules.console import quiet_libraries, say
+from lightning_modules.console import end_progress_bars, quiet_libraries, say
+from lightning_modules.errors import ConfigError, UserError, require
 from lightning_modules.loggers import RunWandbLogger, default_loggers
+from lightning_modules.parse_errors import plain
 from lightning_modules.requeue import Requeue, Requeued, requeued_checkpoint, slurm_job_id
 from lightning_modules.run_folder import (
     WANDB_ID,
@@ -84,7 +84,7 @@ class ShortErrorParser(LightningArgumentParser):
         subparsers = getattr(getattr(parser, "_subcommands_action", None), "choices", None) or {}
         keys = [a.dest for p in (parser, *subparsers.values()) for a in p._actions if a.dest not in (None, "help")]
         lines = [line for line in message.strip().splitlines() if line.strip()]
-        short = " ".join(line.strip() for line in lines[:6]) + (" ..." if len(lines) > 6 else "")
+        short = plain(message) or " ".join(line.strip() for line in lines[:6]) + (" ..." if len(lines) > 6 else "")
         prog = parser.prog.replace(" [options]", "")
         sys.stderr.write(f"error: {short}{did_you_mean(message, keys)}\n({prog} --help lists every option)\n")
         self.exit(2)
@@ -199,6 +199,15 @@ class ResearchCLI(LightningCLI):
         if config.get("variants"):
             config.variants = variant_paths(config)
 
+    def instantiate_classes(self) -> None:
+        """Build the configured classes; a value that a class refuses (a ValueError in its constructor) is one line."""
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            if isinstance(e, UserError):
+                raise
+            raise ConfigError(plain(str(e)) or " ".join(str(e).split())) from e
+
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         name, root = run_name(config), Path(config.trainer.default_root_dir)
@@ -215,8 +224,18 @@ class ResearchCLI(LightningCLI):
         job = slurm_job_id() if self.subcommand == "fit" else None
         if job and config.trainer.get("plugins") is None:  # requeue into the run's folder, not Lightning's way
             kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
-        trainer = super().instantiate_trainer(**kwargs)
+        check_trainer(config.trainer)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, TypeError, ValueError) as e:  # Lightning's own checks of its settings
+            raise ConfigError(trainer_problem(e, config.trainer)) from e
         keep_last_epoch(trainer.callbacks)
+        if (
+            config.trainer.get("sync_batchnorm")
+            and trainer.world_size > 1
+            and trainer.strategy.root_device.type == "cpu"
+        ):
+            raise ConfigError("sync_batchnorm runs on GPUs only (PyTorch's SyncBatchNorm): unset it to train on CPUs")
         if job and config.trainer.get("plugins") is None:
             trainer.callbacks.append(Requeue(job))
         trainer.run_name = name
@@ -250,6 +269,32 @@ class ResearchCLI(LightningCLI):
                 discard_wandb_runs(self.trainer)
                 discard(*self.new_folder)
             raise
+
+
+def check_trainer(trainer) -> None:
+    """The trainer settings Lightning takes without a check and then fails on deep inside a run (a division by
+    zero, a silent no-op), refused as one line."""
+    require(
+        "positive",
+        **{f"--trainer.{key}": trainer.get(key) for key in ("accumulate_grad_batches", "check_val_every_n_epoch")},
+        **{"--trainer.log_every_n_steps": trainer.get("log_every_n_steps")},
+    )
+    require("non_negative", **{f"--trainer.{key}": trainer.get(key) for key in ("gradient_clip_val", "min_epochs")})
+    sanity = trainer.get("num_sanity_val_steps")
+    if sanity is not None and sanity < -1:
+        raise ConfigError(f"--trainer.num_sanity_val_steps must be 0 or more, or -1 (all), got {sanity}")
+
+
+def trainer_problem(error: Exception, trainer) -> str:
+    """Lightning's refusal of a trainer setting in the user's terms: a GPU asked for where none is visible, or its
+    own message on one line."""
+    asked = str(trainer.get("accelerator"))
+    if asked in ("gpu", "cuda") and "backend" in str(error).lower():
+        return (
+            f"--trainer.accelerator {asked}: no GPU is visible here (torch.cuda.is_available() is False); "
+            f"train on the CPU with --trainer.accelerator cpu"
+        )
+    return "trainer: " + " ".join(str(error).split())
 
 
 def run_name(config) -> str:
@@ -317,7 +362,8 @@ def main(args: list[str] | None = None) -> None:
     """Run the CLI; data, divergence and layer-selection problems end in one clear line, not a traceback."""
     try:
         ResearchCLI(args=args)
-    except (DataError, DivergenceError, NoLayersError, ConfigError) as e:
+    except UserError as e:  # data, settings, checkpoints, divergence: one line, not a traceback
+        end_progress_bars()
         sys.exit(f"error: {e}")
     except Requeued:
         sys.exit(0)  # SLURM runs the job again, which resumes from the requeue checkpoint

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lightning_modules.classifier import Classifier
@@ -22,31 +21,15 @@ from lightning_modules.layers.substitutes import compression_ratios
 class Compressed(Classifier):
     """The Classifier with compression-scaled weight decay for the net's substitute convs."""
 
-    def __init__(
-        self,
-        net: nn.Module,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
-        scaled_weight_decay: bool = True,
-        param_groups: dict[str, dict[str, float]] | None = None,
-        num_classes: int = 10,
-        channels_last: bool = True,
-        finite_check_every: int = 50,
-    ):
+    def __init__(self, net: nn.Module, scaled_weight_decay: bool = True, **kwargs):
         """
         Args:
             net: a net built with `layers.substitute_conv` (e.g. `lightning_modules.nets.WideResNet`).
-            optimizer: builds the optimizer; its weight_decay is the base the substitutes' is scaled from.
-            scheduler: builds an lr scheduler from the optimizer, stepped once per epoch.
-            scaled_weight_decay: scale each substitute's weight decay by its compression ratio.
-            param_groups: optimizer options per parameter-name pattern; they win over the scaled decay.
-            num_classes: classes of the task.
-            channels_last: keep 4-D weights and inputs in NHWC memory order.
-            finite_check_every: check every this many steps that the loss stayed finite.
+            scaled_weight_decay: scale each substitute's weight decay (the optimizer's, as the base) by its
+                compression ratio; `param_groups` patterns win over it.
+            **kwargs: the Classifier's settings (optimizer, scheduler, param_groups, the divergence guard, ...).
         """
-        super().__init__(
-            net, optimizer, scheduler, num_classes, channels_last, finite_check_every, param_groups=param_groups
-        )
+        super().__init__(net, **kwargs)
         self.scaled_weight_decay = scaled_weight_decay
         self.decay_by_module: dict[str, float] = {}
 

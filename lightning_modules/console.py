@@ -15,6 +15,9 @@ LIBRARY_WARNINGS = (  # said by a library about itself, with nothing for the use
     r".*does not have many workers",
     r".*Experiment logs directory .* exists and is not empty",
     r".*Checkpoint directory .* exists and is not empty",  # a run resumed in place
+    r".*is smaller than the logging interval",  # a search trial's short epochs (a run's own interval is shortened)
+    r".*The dirpath has changed from",  # validate/test/fit from a checkpoint of another run folder: as intended
+    r".*is not supported by the model summary",  # bf16-mixed: the summary counts parameters all the same
 )
 
 
@@ -22,6 +25,15 @@ LIBRARY_WARNINGS = (  # said by a library about itself, with nothing for the use
 def say(text: str) -> None:
     """A line of this project's own, printed once (by rank 0) whatever the verbosity."""
     print(text, flush=True)
+
+
+def end_progress_bars() -> None:
+    """Close the progress bars a stopped run left open (their last line gets its newline), so that an error printed
+    next starts on a line of its own instead of at the end of the bar."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):  # private: see lightning_modules/library_internals.py
+        bar.close()
 
 
 def quiet_libraries(verbose: bool = False) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lightning_modules.layers.sparse_weights import SparseWeights
+
 ACTIVATIONS = (
     nn.ReLU,
     nn.ReLU6,
@@ -45,7 +47,7 @@ class LayerCount:
     output_shape: tuple[int, ...]
     params: int
     mult_adds: int
-    nonzero_mult_adds: int = -1  # counting only the non-zero weights of convs and linears; -1: as mult_adds
+    nonzero_mult_adds: int = -1  # counting only the weights a SparseWeights mask keeps; -1: as mult_adds
 
     def __post_init__(self) -> None:
         if self.nonzero_mult_adds < 0:
@@ -70,7 +72,7 @@ class Complexity:
 
     @property
     def nonzero_mult_adds(self) -> int:
-        """Mult-adds when the zero weights of convs and linears (sparse weights) are skipped."""
+        """Mult-adds when the weights masked by SparseWeights are skipped."""
         return sum(layer.nonzero_mult_adds for layer in self.layers)
 
     def summary(self) -> str:
@@ -115,25 +117,26 @@ def layer_mult_adds(module: nn.Module, output: torch.Tensor) -> int:
     return 0
 
 
-def layer_nonzero_mult_adds(module: nn.Module, output: torch.Tensor, dense: int) -> int:
-    """Mult-adds of one leaf module for one sample when its zero weights are skipped (conv and linear; a net
-    on the meta device has no values: counted dense)."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.is_meta:
+def layer_nonzero_mult_adds(module: nn.Module, output: torch.Tensor, dense: int, mask: torch.Tensor | None) -> int:
+    """Mult-adds of one leaf module for one sample when the weights its SparseWeights `mask` zeroes are skipped
+    (conv and linear). Without a mask it is dense: a weight that happens to be 0.0 is not sparsity. A mask on the
+    meta device has no values: counted dense too."""
+    if mask is None or mask.is_meta:
         return dense
     if isinstance(module, nn.modules.conv._ConvNd):
         positions = output[0].numel() // module.out_channels
-        return positions * int(torch.count_nonzero(module.weight))
+        return positions * int(torch.count_nonzero(mask))
     if isinstance(module, nn.Linear):
         positions = output[0].numel() // module.out_features
         bias = module.bias.numel() if module.bias is not None else 0
-        return positions * (int(torch.count_nonzero(module.weight)) + bias)
+        return positions * (int(torch.count_nonzero(mask)) + bias)
     return dense
 
 
 def count(net: nn.Module, input_shape: tuple[int, ...]) -> Complexity:
     """Count `net` on one sample of `input_shape` (C, H, W); the net's mode and weights are left as they were."""
     notes = dict.fromkeys(note for m in net.modules() if (note := getattr(m, "count_note", None)))
+    masks = {m.module: m.weight_mask for m in net.modules() if isinstance(m, SparseWeights)}
     result = Complexity(sanity_params=sum(p.numel() for p in net.parameters()), notes=list(notes))
     handles, seen = [], set()
 
@@ -146,7 +149,7 @@ def count(net: nn.Module, input_shape: tuple[int, ...]) -> Complexity:
                 output_shape=tuple(output.shape[1:]),
                 params=0 if module in seen else sum(p.numel() for p in module.parameters(recurse=False)),
                 mult_adds=mult_adds,
-                nonzero_mult_adds=layer_nonzero_mult_adds(module, output, mult_adds),
+                nonzero_mult_adds=layer_nonzero_mult_adds(module, output, mult_adds, masks.get(module)),
             )
         )
         seen.add(module)  # a module called twice (a shared ReLU) costs twice but owns its parameters once

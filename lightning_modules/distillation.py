@@ -15,24 +15,35 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
 
 from callbacks.attention_transfer import AttentionTransfer
 from lightning_modules.checkpoints import load_net
-from lightning_modules.classifier import ConfigError
 from lightning_modules.compressed import Compressed
+from lightning_modules.errors import ConfigError, require
+from lightning_modules.run_folder import run_folder_of
 
 
 def load_teacher(teacher: nn.Module, path: str | Path) -> None:
     """Load a teacher's weights from a checkpoint of this framework (its `net.*` entries) or a plain state dict."""
     if not Path(path).is_file():
-        raise ConfigError(
-            f"teacher checkpoint {path} not found: train the teacher first (e.g. python train.py fit --config "
-            "configs/compression/wrn28_10.yaml) and set model.init_args.teacher_checkpoint to its last.ckpt"
-        )
+        raise ConfigError(f"teacher checkpoint {path} not found: {teacher_hint(Path(path))}")
     load_net(teacher, path, "teacher checkpoint")
+
+
+SET_TEACHER = "point model.init_args.teacher_checkpoint at the teacher's last.ckpt"
+
+
+def teacher_hint(path: Path) -> str:
+    """How to get a missing teacher: the config whose run folder the path names (runs/<name>/version_N/...)."""
+    folder = run_folder_of(path)
+    parts = folder.parent.parts if folder is not None else ()
+    if "runs" in parts:
+        config = Path("configs", *parts[len(parts) - parts[::-1].index("runs") :]).with_suffix(".yaml")
+        if config.is_file():
+            return f"train the teacher first (python train.py fit --config {config}), or {SET_TEACHER}"
+    return f"train the teacher first, or {SET_TEACHER}"
 
 
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -60,13 +71,7 @@ class Student(Compressed):
         taps: Sequence[str] = ("group1", "group2", "group3"),
         kd_alpha: float = 0.0,
         kd_temperature: float = 4.0,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
-        scaled_weight_decay: bool = True,
-        param_groups: dict[str, dict[str, float]] | None = None,
-        num_classes: int = 10,
-        channels_last: bool = True,
-        finite_check_every: int = 50,
+        **kwargs,
     ):
         """
         Args:
@@ -78,17 +83,13 @@ class Student(Compressed):
             taps: modules of both nets whose outputs are compared (the three WRN groups).
             kd_alpha: weight of the distillation loss against the teacher's soft targets (0: plain CE).
             kd_temperature: softmax temperature T of the distillation loss.
-            optimizer: builds the optimizer over the student's parameters.
-            scheduler: builds an lr scheduler from the optimizer, stepped once per epoch.
-            scaled_weight_decay: scale each substitute's weight decay by its compression ratio.
-            param_groups: optimizer options per parameter-name pattern.
-            num_classes: classes of the task.
-            channels_last: keep 4-D weights and inputs in NHWC memory order.
-            finite_check_every: check every this many steps that the loss stayed finite.
+            **kwargs: Compressed's and the Classifier's settings (scaled_weight_decay, optimizer over the
+                student's parameters, scheduler, the divergence guard, ...).
         """
-        super().__init__(
-            net, optimizer, scheduler, scaled_weight_decay, param_groups, num_classes, channels_last, finite_check_every
-        )
+        require("non_negative", beta=beta)
+        require("fraction", kd_alpha=kd_alpha)
+        require("positive", kd_temperature=kd_temperature)
+        super().__init__(net, **kwargs)
         self.teacher = teacher.requires_grad_(False).eval()
         self.teacher_checkpoint = teacher_checkpoint
         self.teacher_loaded = False
@@ -102,8 +103,6 @@ class Student(Compressed):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if not 0 <= self.kd_alpha <= 1:  # checked here, not in __init__: the CLI shows it as one line
-            raise ConfigError(f"kd_alpha weighs distillation against CE and lies in [0, 1], got {self.kd_alpha}")
         if not self.teacher_loaded:
             if self.teacher_checkpoint is None:
                 raise ConfigError("a student needs its teacher's weights: set model.init_args.teacher_checkpoint")

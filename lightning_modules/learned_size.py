@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lightning_modules.classifier import Classifier, ConfigError
+from lightning_modules.classifier import Classifier
+from lightning_modules.errors import ConfigError, require
 
 # the size parameters themselves are never decayed unless their pattern says so: decay on x0 pulls
 # the size to zero, on the liveness it adds an L2 penalty to the L1 one
@@ -24,42 +24,22 @@ SIZE_PARAMETERS = ("*.x0", "*.liveness")
 class LearnedSize(Classifier):
     """The Classifier plus the net's size penalty, size logging and (for sparsifiers) pruning for real."""
 
-    def __init__(
-        self,
-        net: nn.Module,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
-        penalty: float = 0.0,
-        prune_every_n_epochs: int | None = 1,
-        param_groups: dict[str, dict[str, float]] | None = None,
-        num_classes: int = 10,
-        finite_check_every: int = 50,
-    ):
+    def __init__(self, net: nn.Module, penalty: float = 0.0, prune_every_n_epochs: int | None = 1, **kwargs):
         """
         Args:
             net: a net with `penalty()` and `sizes()` (e.g. `lightning_modules.nets.MLP`).
-            optimizer: builds the optimizer from the parameter groups; default SGD(lr=0.01, momentum=0.9).
-            scheduler: builds an lr scheduler from the optimizer, stepped once per epoch.
             penalty: lambda, the weight of the net's size penalty in the loss.
             prune_every_n_epochs: remove a sparsifier's dead units for real every this many epochs (null:
                 never; they stay masked). Pruning changes parameter shapes, which DDP cannot follow, so a
                 multi-process run needs null.
-            param_groups: optimizer options per parameter-name pattern (first match wins), e.g.
-                `{"*.x0": {lr: 0.1}}`. The size parameters (`*.x0`, `*.liveness`) get weight_decay 0 unless
-                their pattern here sets it, so the optimizer's weight decay is L2 on the weights alone (the
-                spec's finding: with it a flexible layer's size plateaus).
-            num_classes: classes of the task.
-            finite_check_every: check every this many steps that the loss stayed finite.
+            **kwargs: the Classifier's settings (optimizer, scheduler, the divergence guard, ...). Its
+                `param_groups` here: the size parameters (`*.x0`, `*.liveness`) get weight_decay 0 unless
+                their pattern sets it, so the optimizer's weight decay is L2 on the weights alone (the spec's
+                finding: with it a flexible layer's size plateaus).
         """
-        super().__init__(
-            net,
-            optimizer,
-            scheduler,
-            num_classes=num_classes,
-            channels_last=False,
-            finite_check_every=finite_check_every,
-            param_groups=param_groups,
-        )
+        require("non_negative", penalty=penalty)
+        require("positive", prune_every_n_epochs=prune_every_n_epochs)
+        super().__init__(net, **kwargs)
         for method in ("penalty", "sizes"):
             if not callable(getattr(net, method, None)):
                 raise TypeError(f"{type(net).__name__} has no {method}(): LearnedSize needs a net with a sized layer")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import yaml
 
-from lightning_modules.classifier import ConfigError
+from lightning_modules.errors import ConfigError
 from lightning_modules.files import atomic_write_csv
 
 VERSION = re.compile(r"version_(\d+)")

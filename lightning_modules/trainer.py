@@ -15,8 +15,8 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
 from lightning_modules.checkpoints import load_net
-from lightning_modules.classifier import ConfigError
 from lightning_modules.counting import Complexity, count_model
+from lightning_modules.errors import ConfigError, require
 from lightning_modules.files import atomic_save
 from lightning_modules.studies.launchers import Failed, make_launcher
 from lightning_modules.studies.noise import (
@@ -157,6 +157,14 @@ class ResearchTrainer(pl.Trainer):
         """
         self._one_process("search", "each trial trains on one device; --launcher ray trains trials in parallel")
         self._refuse_unhonoured("search", honoured=("precision", "max_steps"))
+        require("positive", seeds=seeds, epochs=epochs, cpus_per_trial=cpus_per_trial)
+        require("probability", max_error=max_error)
+        require("non_negative", trials_per_gpu=trials_per_gpu)
+        for name, bound in [("upper", upper), *(variants or {}).items()]:
+            if bound is not None and bound < 3:
+                raise ConfigError(
+                    f"{name}: the search's upper bound must be at least 3 (the shallowest depth), got {bound}"
+                )
         if not callable(getattr(datamodule, "eval_dataloader", None)):  # each trial's error on its training split
             raise ConfigError(f"search needs one of the in-memory datamodules; {type(datamodule).__name__} is not")
         if variants:
@@ -257,6 +265,9 @@ class ResearchTrainer(pl.Trainer):
         """
         self._one_process("sweep", "it stacks seeds, not ranks")
         self._refuse_unhonoured("sweep")
+        require("positive", seeds=seeds, epochs=epochs, pca_samples=pca_samples, cpus_per_trial=cpus_per_trial)
+        require("non_negative", zero_tol=zero_tol, trials_per_gpu=trials_per_gpu)
+        require("positive", **{f"pca_k[{i}]": k for i, k in enumerate(pca_k or ())})
         if getattr(datamodule, "first_epoch_batch_size", None):
             raise ConfigError("sweep trains every epoch at data.batch_size: unset data.first_epoch_batch_size")
         if not callable(getattr(model.net, "variant", None)) or not callable(getattr(model, "build_optimizer", None)):
@@ -370,6 +381,7 @@ class ResearchTrainer(pl.Trainer):
             noise_seed: seed of the noise, the same for every model.
         """
         self._one_process("noise", "it evaluates on one device")
+        require("fraction", **{f"levels[{i}]": level for i, level in enumerate(levels or ())})
         paths = [checkpoints] if isinstance(checkpoints, str) else list(checkpoints or [])
         if not paths:
             raise ConfigError("noise needs --checkpoints: one or more checkpoints of trained models")

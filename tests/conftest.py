@@ -193,9 +193,12 @@ def make_speech_commands(root: Path, clips: int = 4, words: tuple[str, ...] = SP
 
 def data_args(config: Path, root: Path) -> list[str]:
     """Tiny files in the real format of the config's dataset, and the arguments that point at them."""
-    data_class = yaml.safe_load(config.read_text()).get("data", {}).get("class_path", "")
+    data = yaml.safe_load(config.read_text()).get("data", {})
+    data_class = data.get("class_path", "")
     if "MNIST" in data_class:
         make_mnist(root)
+        if (data.get("init_args") or {}).get("test_size"):  # the 10k split's 1,000 test images, of 48 here
+            return [*small_splits(root), "--data.test_size", "8"]
     elif "CIFAR10" in data_class:
         make_cifar10(root)
     elif "SpeechCommands" in data_class:
@@ -206,6 +209,11 @@ def data_args(config: Path, root: Path) -> list[str]:
         return ["--data.data_dir", str(root), "--data.image_size", "32", "--data.num_workers", "0"]
     else:
         return []
+    return small_splits(root)
+
+
+def small_splits(root: Path) -> list[str]:
+    """The arguments that point an MNIST or CIFAR-10 config at tiny files, with a validation split they can hold."""
     return ["--data.data_dir", str(root), "--data.download", "false", "--data.val_size", "16"]
 
 

@@ -72,6 +72,7 @@ def test_every_preset_stacks_on_an_experiment(preset, in_tmp):
     elif "MNIST" in data_class:  # tiny files in the folder of the preset's dataset (MNIST/ or FashionMNIST/)
         root = make_mnist(in_tmp / "data", folder=data_class.rsplit(".", 1)[-1])
         args = ["--data.data_dir", str(root), "--data.download", "false", "--data.val_size", "16"]
+        args += ["--data.test_size", "8"] if (data.get("init_args") or {}).get("test_size") else []
     elif "CIFAR10" in data_class:  # a CIFAR-10 preset goes on a CIFAR-10 experiment
         experiment, args = (
             CONFIGS / "dead_units" / "model4.yaml",
@@ -360,8 +361,10 @@ def test_an_abbreviated_or_misspelt_key_is_refused_in_one_short_line(tmp_path, c
 def write_bad_checkpoints(folder: Path) -> dict[str, Path]:
     good = folder / "good.ckpt"
     torch.save({"state_dict": {"net.x": torch.zeros(100)}, "epoch": 0}, good)
-    paths = {name: folder / f"{name}.ckpt" for name in ("garbage", "truncated", "pickled")}
+    paths = {name: folder / f"{name}.ckpt" for name in ("garbage", "truncated", "pickled", "hello", "run-id")}
     paths["garbage"].write_text("not a checkpoint")
+    paths["hello"].write_text("hello\n")  # `echo hello > bad.ckpt`: read as a pickle, a KeyError
+    paths["run-id"].write_text("khsyl2uj")  # a run folder's wandb_run_id
     paths["truncated"].write_bytes(good.read_bytes()[:200])
     torch.save({"state_dict": Path("x")}, paths["pickled"])
     paths["newer"] = folder / "newer.ckpt"
@@ -374,10 +377,15 @@ def write_bad_checkpoints(folder: Path) -> dict[str, Path]:
     [
         ("missing", "not found"),
         ("garbage", "is not a PyTorch checkpoint"),
+        ("hello", "is not a PyTorch checkpoint"),
+        ("run-id", "is not a PyTorch checkpoint"),
         ("truncated", "truncated, corrupt or not a PyTorch checkpoint"),
         ("pickled", "holds Python objects besides tensors and plain values"),
         ("other-net", r"is not of this config's model: weights 65 missing \(net.features.0.conv.bias, "),
-        ("newer", r"was written by PyTorch Lightning 99.1.0, newer than this environment's 2\.\d+"),
+        (
+            "newer",
+            rf"was written by PyTorch Lightning 99.1.0, newer than this environment's {re.escape(pl.__version__)}:",
+        ),
     ],
 )
 def test_a_bad_ckpt_path_is_one_line_naming_the_file(name, message, tmp_path, capsys, monkeypatch):
@@ -432,3 +440,91 @@ def test_the_cifar10_configs_give_the_originals_figures_as_the_originals(config)
     """No CIFAR-10 run of this project stands behind them: the header must not read as a measurement."""
     header = "".join(line for line in config.read_text().splitlines(keepends=True) if line.startswith("#"))
     assert "Expect" not in header and "not run by this project" in header
+
+
+def test_an_error_after_the_progress_bar_starts_on_a_line_of_its_own(in_tmp, capsys):
+    """The bar's line has no newline until the bar closes: a run stopped by an error closes it first."""
+    bar = ["--trainer.enable_progress_bar", "true", "--trainer.enable_model_summary", "false", "--wandb", "false"]
+    lr = ["--model.init_args.optimizer.init_args.lr", "1e6"]
+    error = cli_error("fit", "--config", CONFIGS / "quickstart.yaml", *lr, *bar, capsys=capsys)
+    assert error.startswith("error: the training loss exploded to")
+    out = capsys.readouterr().out
+    assert "Epoch 0" in out and out.endswith("\n")  # the bar's last line is finished before the error is printed
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--data.batch_size", "-4"], "error: batch_size must be positive, got -4"),
+        (["--data.val_size", "0"], "error: val_size must be positive, got 0"),
+        (["--model.init_args.finite_check_every", "0"], "error: finite_check_every must be positive, got 0"),
+        (["--model.init_args.net.init_args.depth", "10"], "error: depth must be a positive multiple of 3, got 10"),
+        (
+            ["--trainer.accumulate_grad_batches", "0"],
+            "error: --trainer.accumulate_grad_batches must be positive, got 0",
+        ),
+        (
+            ["--trainer.check_val_every_n_epoch", "0"],
+            "error: --trainer.check_val_every_n_epoch must be positive, got 0",
+        ),
+        (
+            ["--trainer.accelerator", "gpu"],
+            "error: --trainer.accelerator gpu: no GPU is visible here (torch.cuda.is_available() is False); "
+            "train on the CPU with --trainer.accelerator cpu",
+        ),
+        (["--trainer.devices", "-3"], "error: trainer: `devices` selected with `CPUAccelerator` should be an int > 0."),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)
+def test_a_value_out_of_range_is_one_line(args, expected, in_tmp, capsys):
+    if args[:2] == ["--trainer.accelerator", "gpu"] and torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the setting is valid here")
+    error = cli_error("fit", "--config", CONFIGS / "quickstart.yaml", *args, "--wandb", "false", capsys=capsys)
+    assert error.strip() == expected
+    assert not (in_tmp / "runs").exists()  # refused before anything ran
+
+
+def test_a_search_bound_below_the_shallowest_depth_is_one_line(in_tmp, capsys):
+    error = cli_error(
+        "search", "--config", CONFIGS / "quickstart.yaml", "--upper", "2", "--wandb", "false", capsys=capsys
+    )
+    assert error == "error: upper: the search's upper bound must be at least 3 (the shallowest depth), got 2"
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["--model.class_path", "lightning_modules.Clasifier"],
+            "--model: no class lightning_modules.Clasifier; did you mean lightning_modules.Classifier?",
+        ),
+        (
+            ["--model.init_args.net.class_path", "lightning_modules.nets.DepthCN"],
+            "--model.init_args.net: no class lightning_modules.nets.DepthCN; did you mean lightning_modules.nets.DepthCNN?",
+        ),
+        (
+            ["--trainer.callbacks+=callbacks.DeadUnit"],
+            "--trainer.callbacks: no class callbacks.DeadUnit; did you mean callbacks.DeadUnits?",
+        ),
+        (
+            ["--model.class_path", "lightning_module.Classifier"],
+            "--model: no module lightning_module (class_path lightning_module.Classifier); did you mean lightning_modules",
+        ),
+        (["--data.batch_size", "abc"], "--data.init_args.batch_size: 'abc' is not an int"),
+        (["--trainer.max_epochs", "1.5"], "--trainer.max_epochs: '1.5' is not an int or null"),
+        (["--model.init_args.max_loss_ratio", "abc"], "--model.init_args.max_loss_ratio: 'abc' is not a float or null"),
+        (
+            ["--model.init_args.net.init_args.activation", "foo"],
+            "--model.init_args.net.init_args.activation: 'foo' is not one of 'tanh', 'elu', 'relu'",
+        ),
+        (
+            ["--model.init_args.optimizer.init_args.lr", "abc"],
+            "--model.init_args.optimizer.init_args.lr: 'abc' is not a float or a Tensor",
+        ),
+    ],
+    ids=["class", "net_class", "callback_class", "module", "int", "int_or_null", "float_or_null", "literal", "lr"],
+)
+def test_a_misspelt_class_or_a_value_of_the_wrong_type_is_said_in_the_users_terms(args, expected, capsys):
+    error = cli_error("fit", "--config", CONFIGS / "quickstart.yaml", *args, "--wandb", "false", capsys=capsys)
+    first, second = error.strip().splitlines()
+    assert first.startswith(f"error: {expected}") and "Union" not in error and second.endswith("lists every option)")

@@ -117,3 +117,26 @@ def test_a_run_started_beside_an_open_wandb_run_logs_into_its_own(in_tmp, monkey
         run.finish()
     finally:
         earlier.finish()
+
+
+LIBRARY_WARNINGS = """
+import sys
+from lightning_modules.cli import main
+quick = ["--config", sys.argv[1], "--wandb", "false", "--trainer.enable_progress_bar", "false"]
+main(["fit", *quick, "--trainer.max_epochs", "1", "--trainer.precision", "bf16-mixed"])
+main(["validate", *quick, "--ckpt_path", "runs/quickstart/version_0/checkpoints/last.ckpt"])
+main(["search", *quick, "--upper", "3", "--epochs", "1"])
+"""
+
+
+@pytest.mark.slow
+def test_lightnings_warnings_about_itself_stay_off_the_console(tmp_path):
+    """A bf16-mixed fit (the model summary), a validate from another run's checkpoint (its dirpath) and a search
+    trial of 19 batches (the logging interval): none of Lightning's remarks reaches the user."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", LIBRARY_WARNINGS, str(CONFIGS / "quickstart.yaml")]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for remark in ("model summary", "dirpath has changed", "logging interval", "Warning"):
+        assert remark not in result.stderr, (remark, result.stderr[-3000:])
+    assert "search quickstart:" in result.stdout  # the runs ran

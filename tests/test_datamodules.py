@@ -17,6 +17,7 @@ from datamodules import (
 )
 from datamodules.mnist import read_idx
 from datamodules.tensor_data import ShardedOrder, Split, TensorLoader
+from lightning_modules.errors import ConfigError
 from tests.conftest import make_mnist, write_idx
 
 
@@ -104,13 +105,17 @@ def test_a_held_out_test_split_is_disjoint_seeded_and_leaves_training_as_it_was(
     "settings, message",
     [
         ({"test_file_only": False, "test_size": 8}, "has an official test split"),
-        ({"test_file_only": True, "val_size": 24, "test_size": 24}, "must leave samples to train on"),
-        ({"test_file_only": True, "test_size": -1}, "test_size >= 0"),
+        (
+            {"test_file_only": True, "val_size": 24, "test_size": 24},
+            "and test_size=24 together must be between 1 and 47",
+        ),
     ],
 )
 def test_test_sizes_that_cannot_work_are_refused(tiny_mnist, settings, message):
     with pytest.raises(SplitSizeError, match=message):
         MNIST(data_dir=str(tiny_mnist), **{"val_size": 8, **settings}).setup()
+    with pytest.raises(ConfigError, match="test_size must be 0 or more, got -1"):
+        MNIST(data_dir=str(tiny_mnist), test_file_only=True, test_size=-1)
 
 
 def test_fashion_mnist_uses_its_own_folder(tmp_path):

@@ -7,13 +7,15 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import yaml
 
 from callbacks.attention_transfer import AttentionTransfer, attention_loss, attention_map
 from datamodules import Digits
 from lightning_modules import Classifier, ConfigError, Student
-from lightning_modules.distillation import distillation_loss
+from lightning_modules.distillation import distillation_loss, teacher_hint
 from lightning_modules.nets import WideResNet
 from lightning_modules.trainer import bare_trainer
+from tests.conftest import CONFIGS, ROOT
 
 SGD = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
@@ -164,3 +166,14 @@ def test_a_students_loss_is_task_plus_beta_times_the_summed_at_losses(teacher_ch
     assert len(transfer) == 3 and all(v > 0 for v in transfer.values())
     assert loss.item() == pytest.approx((task + 10.0 * sum(transfer.values())).item(), rel=1e-5)
     assert student.val_metrics["task"].compute().item() == pytest.approx(task.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "student, teacher", [("mnist_student.yaml", "mnist_teacher.yaml"), ("students/shuffle4.yaml", "wrn28_10.yaml")]
+)
+def test_a_missing_teacher_names_the_config_that_trains_it(student, teacher, monkeypatch):
+    """The MNIST student's teacher is mnist_teacher.yaml, not the CIFAR-10 WRN-28-10 (the old message's)."""
+    monkeypatch.chdir(ROOT)
+    config = yaml.safe_load((CONFIGS / "compression" / student).read_text())
+    hint = teacher_hint(Path(config["model"]["init_args"]["teacher_checkpoint"]))
+    assert hint.startswith(f"train the teacher first (python train.py fit --config configs/compression/{teacher})")

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from pytorch_lightning.loggers import WandbLogger
 
-from lightning_modules.classifier import ConfigError
+from lightning_modules.errors import ConfigError
 from lightning_modules.files import atomic_write_csv
 from lightning_modules.studies.launchers import RAY_HINT, Failed, LocalLauncher, make_launcher
-from tests.conftest import CONFIGS, QUIET, cli, make_mnist
+from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_mnist
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +192,11 @@ def test_a_sweep_on_ray_gives_the_local_tables(ray_instance, tmp_path, monkeypat
     for table in ("runs.csv", "history.csv", "runs.md"):
         assert (on_ray / table).read_text() == (local / table).read_text(), table
     assert len(list(csv.DictReader((local / "runs.csv").open()))) >= 4  # two stacks or more, two seeds each
+
+
+def test_the_ray_extra_installs_the_client_that_a_ray_address_needs():
+    """`--ray_address ray://head-node:10001`, the README's form, is Ray Client: it needs `ray[client]` (grpcio)."""
+    (extra,) = [line for line in (ROOT / "pyproject.toml").read_text().splitlines() if line.startswith("ray = ")]
+    assert '"ray[client]>=' in extra
+    import grpc  # noqa: F401 (what Ray Client needs, installed by the extra)
+    from ray.util.client import ray as client  # noqa: F401

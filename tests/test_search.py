@@ -11,7 +11,7 @@ import torch
 from datamodules import Digits
 from lightning_modules import Classifier
 from lightning_modules.nets import DepthCNN
-from lightning_modules.studies.search import is_trainable, search_depth, write_results
+from lightning_modules.studies.search import is_trainable, plot_errors, search_depth, write_results
 from lightning_modules.studies.trials import DepthTrial
 from lightning_modules.trainer import bare_trainer
 
@@ -150,3 +150,11 @@ def test_a_trials_train_error_is_the_trained_nets_on_the_whole_training_split():
     assert train_err == wrong / len(data.splits["train"])
     assert val_err == trainer.callback_metrics["val/err"].item()
     assert train_err != trainer.callback_metrics["train/err"].item()  # what the column held before
+
+
+def test_the_error_plot_ticks_the_probed_depths(tmp_path):
+    """One depth probed: a tick at k = 3, not a float axis from 2.85 to 3.15."""
+    fig = plot_errors([search_depth(stub(3), upper=3)], 0.2, tmp_path / "errors.png")
+    assert list(fig.axes[0].get_xticks()) == [3] and (tmp_path / "errors.png").is_file()
+    many = plot_errors([search_depth(stub(447), upper=450)], 0.2, tmp_path / "many.png")
+    assert all(float(t).is_integer() for t in many.axes[0].get_xticks())

@@ -116,3 +116,13 @@ def test_every_kwinners_net_runs_forward_without_nan(config):
     shape = net.features.block1.conv.in_channels, *((32, 32) if "gsc" in config.stem else (28, 28))
     out = net.train()(torch.randn(4, *shape))
     assert out.shape == (4, 12 if "gsc" in config.stem else 10) and torch.isfinite(out).all()
+
+
+def test_weights_that_happen_to_be_zero_are_not_sparse_weights():
+    """The note comes from SparseWeights masks: a dense net with exact zeros (some randomly initialised weights
+    are, in WRN-28-10) is counted dense and gets no note."""
+    dense = net_from_config(KW / "gsc_dense.yaml")
+    with torch.no_grad():
+        dense.features.block1.conv.weight[:, 0] = 0.0
+    result = count(dense, (1, 32, 32))
+    assert result.nonzero_mult_adds == result.mult_adds and "Note" not in result.summary()

@@ -1,6 +1,7 @@
 """`train.py sweep` as a user runs it: grids, stacked seeds, tables, plots, W&B offline, and bad input."""
 
 import csv
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 import yaml
 
 from lightning_modules.studies.sweep import expand_grids, stack_groups
+from lightning_modules.studies.sweep_plots import plot_frontier
 from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_mnist
 
 
@@ -151,3 +153,15 @@ def test_a_killed_sweep_restarted_with_the_same_command_trains_only_the_stacks_i
     assert Path(again.log_dir) == folder and "sweep: continuing" in out  # the same folder, continued
     assert out.count("already in") == len(progress) - 1 and f"sweep [{len(progress)}/{len(progress)}] 1" in out
     assert (folder / "runs.csv").read_text() == whole  # the same table as the uninterrupted sweep
+
+
+def test_the_frontier_colours_learned_sizes_by_penalty_with_a_colour_bar(tmp_path):
+    static = [{"layer": "static", "width": w, "val_acc": a} for w, a in ((32, 0.9), (64, 0.93))]
+    sized = [
+        {"layer": "flexible", "size": 40.0, "val_acc": 0.92, "penalty": 0.003},
+        {"layer": "sparsifier", "size": 150.0, "val_acc": 0.95, "penalty": 0.01},
+        {"layer": "sparsifier", "size": 450.0, "val_acc": 0.96, "penalty": 0.0},
+    ]
+    fig = plot_frontier(static, sized, tmp_path / "frontier.png")
+    plot, bar = fig.axes
+    assert bar.get_ylabel() == "log10 penalty" and bar.get_ylim() == pytest.approx((math.log10(0.003), -2))

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_modules.errors import require
+
 ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}
 
 
@@ -64,6 +66,8 @@ class DepthCNN(nn.Module):
             input_size: image height and width (square).
             num_classes: logits.
         """
+        require("positive", in_channels=in_channels, input_size=input_size, num_classes=num_classes,
+                **{f"widths[{i}]": w for i, w in enumerate(widths)})  # fmt: skip
         super().__init__()
         if depth < 3 or depth % 3:
             raise ValueError(f"depth must be a positive multiple of 3, got {depth}")

@@ -11,6 +11,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from lightning_modules.errors import require
 from lightning_modules.layers import FlexibleLinear, SparsifierLinear
 from lightning_modules.layers.activations import activation as make_activation
 
@@ -44,6 +45,7 @@ class MLP(nn.Module):
             random_slope: flexible only: a random slope per training batch (grey zone 1 to 20 units).
             threshold: sparsifier only: |liveness| at or below this counts as dead and is pruned.
         """
+        require("positive", width=width, in_features=in_features, num_classes=num_classes, slope=slope)
         super().__init__()
         if layer not in LAYERS:
             raise ValueError(f"unknown layer {layer!r}: one of {LAYERS}")

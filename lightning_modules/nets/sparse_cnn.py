@@ -16,6 +16,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from lightning_modules.errors import require
 from lightning_modules.layers.kwinners import KWinners, KWinners2d
 from lightning_modules.layers.sparse_weights import SparseWeights
 
@@ -69,6 +70,13 @@ class SparseCNN(nn.Module):
             local: conv k-winners per position across channels instead of over the whole map.
             break_ties: exactly k winners (topk) instead of all units tied with the k-th.
         """
+        require("positive", kernel_size=kernel_size, hidden=hidden, num_classes=num_classes, **dict(zip(
+            [f"input_shape[{i}]" for i in range(3)], input_shape, strict=True)), **{f"channels[{i}]": c for i, c in
+            enumerate(channels)}, k_inference_factor=k_inference_factor, duty_cycle_period=duty_cycle_period)  # fmt: skip
+        require("probability", hidden_percent_on=hidden_percent_on, **{f"conv_percent_on[{i}]": p for i, p in
+            enumerate(conv_percent_on)})  # fmt: skip
+        require("fraction", hidden_sparsity=hidden_sparsity, output_sparsity=output_sparsity, dropout=dropout)
+        require("non_negative", boost_strength=boost_strength, boost_strength_factor=boost_strength_factor)
         super().__init__()
         if len(conv_percent_on) != len(channels):
             raise ValueError(

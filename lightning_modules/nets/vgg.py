@@ -18,6 +18,8 @@ from typing import Literal
 
 from torch import nn
 
+from lightning_modules.errors import require
+
 LayerSpec = tuple[str, tuple[int | None, float | None]]
 
 
@@ -72,6 +74,7 @@ class VGG(nn.Sequential):
                 rule with in/out features for linear layers, biases zero; or `torch`, PyTorch's default
                 (uniform, std sqrt(1/(3n)), n = k*k*C_in): the smaller init the study compares He init with.
         """
+        require("positive", in_channels=in_channels, input_size=input_size, num_classes=num_classes)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         channels, size, features = in_channels, input_size, None  # features: set once flattened
         for name, (width, extra) in model_conf:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_modules.errors import require
 from lightning_modules.layers.checkpointing import CheckpointableBlock
 from lightning_modules.layers.substitutes import (
     GroupedInit,
@@ -96,6 +97,8 @@ class WideResNet(nn.Module):
                 depthwise 3x3 over C channels starts with C times less variance than He init; `per_group`
                 divides the fan-out by the groups, He init's variance for those convs too.
         """
+        require("positive", width=width, num_classes=num_classes, in_channels=in_channels, budget=budget)
+        require("fraction", dropout=dropout)
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")

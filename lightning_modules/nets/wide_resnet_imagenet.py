@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_modules.errors import require
 from lightning_modules.layers.checkpointing import CheckpointableBlock
 from lightning_modules.layers.substitutes import GroupedInit, init_convs, parse_substitute, substitute_conv
 
@@ -68,6 +69,7 @@ class WideResNetImageNet(nn.Module):
                 substitute's depthwise conv starts with C times less variance than He init) or `per_group`
                 (the fan-out within a group: He init's variance for grouped and depthwise convs too).
         """
+        require("positive", width=width, num_classes=num_classes)
         super().__init__()
         if depth not in BLOCKS:
             raise ValueError(f"WRN for ImageNet has depth 50 or 101, got {depth}")

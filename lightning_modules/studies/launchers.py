@@ -11,14 +11,15 @@ import logging
 import math
 import os
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_modules.classifier import ConfigError
+from lightning_modules.errors import ConfigError
 
 LAUNCHERS = ("local", "ray")
-RAY_HINT = "--launcher ray needs Ray: pip install -e '.[ray]' (or pip install 'ray>=2.9')"
+RAY_HINT = "--launcher ray needs Ray: pip install -e '.[ray]' (or pip install 'ray[client]>=2.9')"
 RAY_TOKEN_NOTE = "ray._private.authentication.authentication_token_setup"
 # the driver's settings a Ray worker needs (W&B mode and key, verbosity); not WANDB_SERVICE, the address of
 # this process's own W&B service, which W&B sets for its child processes and no remote worker could reach
@@ -90,6 +91,7 @@ class RayLauncher:
             verbose = os.environ.get("NETLAB_VERBOSE", "") not in ("", "0")
             if not verbose:  # Ray's note that its token authentication is on: nothing for the user to do
                 logging.getLogger(RAY_TOKEN_NOTE).setLevel(logging.ERROR)
+                warnings.filterwarnings("ignore", message="Ray Client connection timed out")  # said in our error
             try:
                 ray.init(
                     address=address,

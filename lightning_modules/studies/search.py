@@ -261,8 +261,9 @@ def write_results(results: list[SearchResult], max_error: float, folder: Path) -
     return paths
 
 
-def plot_errors(results: list[SearchResult], max_error: float, path: Path) -> None:
-    """Validation error against depth, one series per variant; diverged runs drawn at error 1."""
+def plot_errors(results: list[SearchResult], max_error: float, path: Path):
+    """Validation error against depth, one series per variant; diverged runs drawn at error 1. The depth axis has
+    a tick at each probed depth (at most 10; else whole numbers). Returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,6 +274,14 @@ def plot_errors(results: list[SearchResult], max_error: float, path: Path) -> No
         points = sorted((t.depth, 1.0 if math.isnan(t.val_err) else t.val_err) for t in r.trials)
         ax.plot([d for d, _ in points], [e for _, e in points], "o", alpha=0.7, label=f"{r.variant} (k*={r.deepest})")
     ax.axhline(max_error, color="grey", linestyle="--", label=f"threshold {max_error:.0%}")
+    depths = sorted({t.depth for r in results for t in r.trials})
+    if 0 < len(depths) <= 10:
+        ax.set_xticks(depths)
+        ax.set_xlim(depths[0] - 3, depths[-1] + 3)  # a single depth gets room either side, not 2.85 to 3.15
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(
         xlabel="depth k (conv layers)",
         ylabel="validation error after training",
@@ -283,3 +292,4 @@ def plot_errors(results: list[SearchResult], max_error: float, path: Path) -> No
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
+    return fig

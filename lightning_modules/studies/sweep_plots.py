@@ -131,8 +131,9 @@ def plot_size_vs_epoch(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_frontier(static: list[dict], sized: list[dict], path: Path) -> None:
-    """Validation accuracy against final size: learned-size runs as points, static nets as the frontier."""
+def plot_frontier(static: list[dict], sized: list[dict], path: Path):
+    """Validation accuracy against final size: learned-size runs as points coloured by their penalty (one colour
+    scale, with its bar), static nets as the frontier. Returns the figure."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     if static:
@@ -142,21 +143,29 @@ def plot_frontier(static: list[dict], sized: list[dict], path: Path) -> None:
             list(by_width), [m for m, _ in stats], yerr=[s for _, s in stats], marker="s", color="black", label="static"
         )
     markers = {"flexible": "o", "sparsifier": "^"}
+    positive = [r["penalty"] for r in sized if r["penalty"] > 0] or [1.0]
+    low, high = math.log10(min(positive)), math.log10(max(positive))
+    points = None
     for layer, rows in _by(sized, "layer").items():
-        ax.scatter(
+        points = ax.scatter(
             [r["size"] for r in rows],
             [r["val_acc"] for r in rows],
-            c=[math.log10(max(r["penalty"], 1e-12)) for r in rows],
+            c=[math.log10(r["penalty"]) if r["penalty"] > 0 else low for r in rows],  # no penalty: the low end
             cmap="plasma",
+            vmin=low,
+            vmax=high if high > low else low + 1,
             marker=markers.get(layer, "o"),
-            label=f"{layer} (colour: log10 penalty)",
+            label=layer,
         )
+    if points is not None:
+        fig.colorbar(points, ax=ax, label="log10 penalty")
     _plain_log_x(ax)
     ax.set(xlabel="final size (units)", ylabel="validation accuracy", title="Accuracy against size")
     ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def write_plots(rows: list[dict], history: list[dict], variances: list[torch.Tensor], folder: Path) -> list[Path]:

@@ -20,7 +20,7 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
 from datamodules.tensor_data import moved_splits
-from lightning_modules.classifier import DivergenceError
+from lightning_modules.errors import DivergenceError
 from lightning_modules.loggers import RunWandbLogger
 from lightning_modules.studies.sweep import run_group
 

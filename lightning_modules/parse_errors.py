@@ -1,0 +1,92 @@
+"""jsonargparse's errors in the user's terms: the setting, the value given and what it takes, or the unknown class
+and the closest existing ones, in one line instead of a dump of every type a union could have held."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+
+UNKNOWN_CLASS = re.compile(
+    r"Problem with given class_path '(?P<path>[\w.]+)':\s*\n\s*"
+    r"(?:module '(?P<module>[\w.]+)' has no attribute '(?P<name>\w+)'|No module named '(?P<missing>[\w.]+)')"
+)
+LEAF = re.compile(r"Expected a (?P<type>.+?)\. Got value: (?P<value>.+)")
+SUBTYPES = re.compile(r"Subtypes: \[(?P<types>.*)\]")
+GIVEN = re.compile(r"Given value type: <class 'str'>\s*\n\s*Given value: (?P<value>.*?)(?:\. Got value: .*)?$", re.M)
+OWN_MESSAGE = re.compile(r"^\s*- (?!Expected a|Problem with given|Does not validate|Type typing)(?P<text>\S.*)$", re.M)
+PACKAGES = ("lightning_modules", "lightning_modules.nets", "lightning_modules.layers", "datamodules", "callbacks")
+
+
+def plain(message: str) -> str | None:
+    """The error in one line, or None when it is none of the kinds this knows (the caller keeps the original)."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    setting = "--" + ".init_args.".join(keys) + ": " if keys else ""
+    unknown = UNKNOWN_CLASS.search(message)
+    if unknown:
+        return setting + unknown_class(unknown)
+    leaf = LEAF.search(message)
+    if leaf:
+        return f"{setting}{leaf['value'].strip()!r} is not {expected([leaf['type']])}"
+    given = list(GIVEN.finditer(message))
+    if given:  # the innermost union the user's text reached, and the types it offered
+        subtypes = list(SUBTYPES.finditer(message, 0, given[-1].start()))
+        if subtypes:
+            return f"{setting}{given[-1]['value'].strip()!r} is not {expected(split_types(subtypes[-1]['types']))}"
+    own = OWN_MESSAGE.search(message)
+    if own:  # a class refused the value in its constructor and said why
+        return setting + own["text"].strip()
+    return None
+
+
+def expected(types: list[str]) -> str:
+    """What a setting takes: `an int or null`, `one of 64, 32, '16-mixed' or null`."""
+    literals = [m[1] for t in types if (m := re.fullmatch(r"typing\.Literal\[(.*)\]", t.strip()))]
+    others = [type_name(t) for t in types if not re.fullmatch(r"typing\.Literal\[(.*)\]", t.strip())]
+    options = ([f"one of {', '.join(literals)}"] if literals else []) + others
+    return " or ".join(options)
+
+
+def unknown_class(match: re.Match) -> str:
+    """`no class lightning_modules.Clasifier; did you mean lightning_modules.Classifier?`"""
+    if match["missing"]:
+        close = difflib.get_close_matches(match["missing"], PACKAGES, n=2, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        return f"no module {match['missing']} (class_path {match['path']}){hint}"
+    module, name = match["module"], match["name"]
+    try:
+        found = importlib.import_module(module)
+        names = [n for n in getattr(found, "__all__", dir(found)) if not n.startswith("_")]
+        classes = [n for n in names if inspect.isclass(getattr(found, n, None))]
+    except Exception:  # noqa: BLE001 (a module that cannot be imported has no names to offer)
+        classes = []
+    close = difflib.get_close_matches(name, classes, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(f'{module}.{c}' for c in close)}?" if close else ""
+    return f"no class {module}.{name}{hint}"
+
+
+def split_types(text: str) -> list[str]:
+    """The members of a `Subtypes: [...]` list (commas inside brackets stay)."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*parts, current.strip()] if current.strip() else parts
+
+
+def type_name(text: str) -> str:
+    """`<class 'int'>` -> `an int`, `<class 'NoneType'>` -> `null`, `<class 'torch.Tensor'>` -> `a Tensor`."""
+    text = text.strip()
+    name = re.fullmatch(r"<class '([\w.]+)'>", text)
+    short = (name[1] if name else text).rsplit(".", 1)[-1]
+    return {"NoneType": "null", "int": "an int", "float": "a float", "bool": "a bool", "str": "a string"}.get(
+        short, f"a {short}"
+    )
