@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from lightning_modules.files import atomic_path, atomic_write
+from lightning_modules.requeue import Requeue
 from lightning_modules.run_folder import last_checkpoint, trim_metrics
 from tests.conftest import CONFIGS, ROOT, cli_error
 
@@ -202,3 +203,28 @@ def test_a_slurm_job_requeued_on_its_signal_resumes_by_itself_as_if_never_stoppe
     for got, want in zip(resumed, uninterrupted, strict=True):  # the train metrics of the split epoch too
         for key, value in want.items():
             assert (float(got[key]) if got[key] else None) == pytest.approx(float(value) if value else None), key
+
+
+def test_the_requeue_marker_reads_the_run_folder_on_every_rank(tmp_path):
+    """`trainer.log_dir` is a broadcast under DDP: read by rank 0 alone (as the marker once was, and RunConfig's W&B
+    id), it leaves the other ranks waiting for ever. Every rank reads it; rank 0 alone writes the marker."""
+    reads = []
+
+    class Trainer:
+        loggers, default_root_dir = [object()], str(tmp_path)
+
+        def __init__(self, rank: int):
+            self.global_rank, self.is_global_zero = rank, rank == 0
+
+        @property
+        def log_dir(self) -> str:
+            reads.append(self.global_rank)
+            return str(tmp_path)
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        for rank in (1, 0):
+            Requeue("4242").setup(Trainer(rank), None, "fit")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert reads == [1, 0] and (tmp_path / "slurm_job_id").read_text() == "4242"
