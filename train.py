@@ -1,6 +1,6 @@
 """Entry point: `python train.py fit|validate|test|count|search --config configs/X.yaml`."""
 
-from lightning_modules.cli import main
+from lightning_modules.run.cli import main
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ Modes (each run as its own process, so start-up is counted the same way):
   plain-tensor  the same loop over in-memory tensors
   framework     `python train.py fit` with default settings (W&B offline, CSV, checkpoints, progress bar)
   framework-epochs  the same fit in-process, timing each epoch with a callback
-  imports       `import lightning_modules.cli` and exit: the import share of the framework's process
+  imports       `import lightning_modules.run.cli` and exit: the import share of the framework's process
   imports-notebook  the notebook's imports (torch, torchvision) and exit
 """
 
@@ -102,7 +102,7 @@ def plain(data: Path, pil: bool) -> list[float]:
 def framework_epochs(data: Path) -> list[float]:
     import pytorch_lightning as pl
 
-    from lightning_modules.cli import ResearchCLI
+    from lightning_modules.run.cli import ResearchCLI
 
     class EpochClock(pl.Callback):
         def __init__(self):
@@ -161,7 +161,7 @@ def main() -> None:
         import torchvision  # noqa: F401
 
         if args.child == "imports":
-            import lightning_modules.cli  # noqa: F401
+            import lightning_modules.run.cli  # noqa: F401
         print(json.dumps([]))
         return
     if args.child:

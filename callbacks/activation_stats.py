@@ -22,10 +22,10 @@ from callbacks.activation_observer import (
     wandb_loggers,
 )
 from callbacks.figures import variance_histograms
-from lightning_modules.console import say
 from lightning_modules.errors import require
-from lightning_modules.files import atomic_save
-from lightning_modules.run_folder import run_folder
+from lightning_modules.run.console import say
+from lightning_modules.run.files import atomic_save
+from lightning_modules.run.run_folder import run_folder
 from lightning_modules.statistics.moments import MomentAccumulator, Moments
 from lightning_modules.statistics.unit_statistics import pca_summary, variance_summary
 

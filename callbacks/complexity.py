@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
-from lightning_modules.console import say
 from lightning_modules.counting import count_model
+from lightning_modules.run.console import say
 
 
 class Complexity(pl.Callback):

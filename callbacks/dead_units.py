@@ -22,9 +22,9 @@ from callbacks.activation_observer import (
     wandb_loggers,
 )
 from callbacks.figures import BackgroundFigures, dead_units_figure
-from lightning_modules.console import say
-from lightning_modules.files import atomic_save
-from lightning_modules.run_folder import run_folder
+from lightning_modules.run.console import say
+from lightning_modules.run.files import atomic_save
+from lightning_modules.run.run_folder import run_folder
 
 
 def consumer_keyed(

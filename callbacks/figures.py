@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_modules.files import atomic_savefig
+from lightning_modules.run.files import atomic_savefig
 
 
 class BackgroundFigures:

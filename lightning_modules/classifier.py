@@ -15,11 +15,11 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.console import say
 from lightning_modules.errors import LossExplodedError, NonFiniteLossError, require
 from lightning_modules.layers.kwinners import KWinnersBase
 from lightning_modules.layers.sparse_weights import RezeroAfterStep
-from lightning_modules.rank_seeds import seed_this_rank
+from lightning_modules.run.console import say
+from lightning_modules.run.rank_seeds import seed_this_rank
 
 
 class Classifier(pl.LightningModule):

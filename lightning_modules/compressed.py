@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from lightning_modules.classifier import Classifier
-from lightning_modules.console import say
 from lightning_modules.layers.substitutes import compression_ratios
+from lightning_modules.run.console import say
 
 
 class Compressed(Classifier):

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from callbacks.attention_transfer import AttentionTransfer
-from lightning_modules.checkpoints import load_net
 from lightning_modules.compressed import Compressed
 from lightning_modules.errors import ConfigError, require
-from lightning_modules.run_folder import run_folder_of
+from lightning_modules.layers.attention_transfer import AttentionTransfer
+from lightning_modules.run.checkpoints import load_net
+from lightning_modules.run.run_folder import run_folder_of
 
 
 def load_teacher(teacher: nn.Module, path: str | Path) -> None:

@@ -84,7 +84,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def cli(*args: str):
     """Run `python train.py ARGS` in this process and return the CLI object."""
-    from lightning_modules.cli import ResearchCLI
+    from lightning_modules.run.cli import ResearchCLI
 
     return ResearchCLI(args=[str(a) for a in args])
 
@@ -314,7 +314,7 @@ def fit_quickstart(*extra: str):
 
 def cli_error(*args: str, capsys) -> str:
     """The error a user sees from `train.py ARGS` (run in-process): what stderr or the exit message says."""
-    from lightning_modules.cli import main
+    from lightning_modules.run.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([str(a) for a in args])

@@ -62,7 +62,7 @@ NOTHING_TO_TRAIN = {  # commands that train nothing: (arguments, exit code, what
 }
 STARTS_NOTHING = """
 import contextlib, io, sys
-from lightning_modules.cli import main
+from lightning_modules.run.cli import main
 commands, sys.argv[1:] = eval(sys.argv[1]), []
 for args in commands:
     out, code = io.StringIO(), 0
@@ -121,7 +121,7 @@ def test_a_run_started_beside_an_open_wandb_run_logs_into_its_own(in_tmp, monkey
 
 LIBRARY_WARNINGS = """
 import sys
-from lightning_modules.cli import main
+from lightning_modules.run.cli import main
 quick = ["--config", sys.argv[1], "--wandb", "false", "--trainer.enable_progress_bar", "false"]
 main(["fit", *quick, "--trainer.max_epochs", "1", "--trainer.precision", "bf16-mixed"])
 main(["validate", *quick, "--ckpt_path", "runs/quickstart/version_0/checkpoints/last.ckpt"])

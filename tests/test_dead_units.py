@@ -119,7 +119,7 @@ def test_quickstart_prints_and_saves_the_per_layer_table(in_tmp, capsys):
 
 
 def test_a_layer_pattern_that_matches_nothing_is_one_clear_line(in_tmp):
-    from lightning_modules.cli import main
+    from lightning_modules.run.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.callbacks.names", "[conv9_*]", *QUIET])

@@ -14,7 +14,7 @@ import pytest
 from pytorch_lightning.loggers import WandbLogger
 
 from lightning_modules.errors import ConfigError
-from lightning_modules.files import atomic_write_csv
+from lightning_modules.run.files import atomic_write_csv
 from lightning_modules.studies.launchers import RAY_HINT, Failed, LocalLauncher, make_launcher
 from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_mnist
 
@@ -78,7 +78,7 @@ def test_launcher_options_are_checked():
 
 def test_without_ray_the_ray_launcher_says_how_to_install_it(monkeypatch, in_tmp):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
-    from lightning_modules.cli import main
+    from lightning_modules.run.cli import main
 
     with pytest.raises(SystemExit) as stop:
         main(["search", "--config", str(CONFIGS / "quickstart.yaml"), "--upper", "3", "--launcher", "ray", *QUIET])

@@ -10,7 +10,7 @@ from torch import nn
 from datamodules.augment import BatchAugment
 from datamodules.tensor_data import Split, TensorDataModule
 from lightning_modules import Classifier
-from lightning_modules.rank_seeds import rank_seed, seed_this_rank
+from lightning_modules.run.rank_seeds import rank_seed, seed_this_rank
 
 
 class SameImages(TensorDataModule):

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from lightning_modules.files import atomic_path, atomic_write
-from lightning_modules.requeue import Requeue
-from lightning_modules.run_folder import last_checkpoint, trim_metrics
+from lightning_modules.run.files import atomic_path, atomic_write
+from lightning_modules.run.requeue import Requeue
+from lightning_modules.run.run_folder import last_checkpoint, trim_metrics
 from tests.conftest import CONFIGS, ROOT, cli_error
 
 QUICK = ["fit", "--config", CONFIGS / "quickstart.yaml", "--trainer.max_epochs", "3"]

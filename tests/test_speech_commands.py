@@ -12,7 +12,7 @@ import torch
 from datamodules import DataNotFoundError, SpeechCommands
 from datamodules.audio_features import AudioAugment, LogMel, change_speed, mel_filterbank, shifted_times, stretched_mel
 from datamodules.speech_commands import BalancedOrder, read_wav
-from lightning_modules.cli import main
+from lightning_modules.run.cli import main
 from tests.conftest import CONFIGS, make_speech_commands, tone, write_wav
 
 librosa = pytest.importorskip("librosa", reason="librosa is the test-only reference for the features")

@@ -4,7 +4,7 @@ values the agent picks reach the model."""
 import pytest
 import yaml
 
-from lightning_modules.cli import ResearchCLI
+from lightning_modules.run.cli import ResearchCLI
 from tests.conftest import CONFIGS, QUIET, ROOT, make_mnist
 
 SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml"))

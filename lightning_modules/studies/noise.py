@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.files import atomic_savefig, atomic_write, atomic_write_csv
+from lightning_modules.run.files import atomic_savefig, atomic_write, atomic_write_csv
 
 NOISE_LEVELS = tuple(round(0.05 * i, 2) for i in range(11))
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lightning_modules.files import atomic_savefig, atomic_write, atomic_write_csv
+from lightning_modules.run.files import atomic_savefig, atomic_write, atomic_write_csv
 from lightning_modules.studies.launchers import Failed, LocalLauncher, RayLauncher
 
 TrainFn = Callable[[int, int], tuple[float, float]]  # (depth, seed) -> (train error, validation error)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from datamodules.tensor_data import TensorDataModule
-from lightning_modules.files import atomic_write, atomic_write_csv
+from lightning_modules.run.files import atomic_write, atomic_write_csv
 from lightning_modules.statistics.unit_statistics import pca_summary, variance_summary
 from lightning_modules.studies.seed_stack import EpochRecord, SeedStack
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from callbacks.figures import log_variance_density
-from lightning_modules.files import atomic_savefig
+from lightning_modules.run.files import atomic_savefig
 
 
 def _pyplot():

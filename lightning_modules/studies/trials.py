@@ -21,7 +21,7 @@ from torch import nn
 
 from datamodules.tensor_data import moved_splits
 from lightning_modules.errors import DivergenceError
-from lightning_modules.loggers import RunWandbLogger
+from lightning_modules.run.loggers import RunWandbLogger
 from lightning_modules.studies.sweep import run_group
 
 

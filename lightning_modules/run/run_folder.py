@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import yaml
 
 from lightning_modules.errors import ConfigError
-from lightning_modules.files import atomic_write_csv
+from lightning_modules.run.files import atomic_write_csv
 
 VERSION = re.compile(r"version_(\d+)")
 WANDB_ID = "wandb_run_id"  # the W&B run of this folder, continued on resume

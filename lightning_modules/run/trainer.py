@@ -14,10 +14,10 @@ from jsonargparse import ArgumentParser
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
-from lightning_modules.checkpoints import load_net
 from lightning_modules.counting import Complexity, count_model
 from lightning_modules.errors import ConfigError, require
-from lightning_modules.files import atomic_save
+from lightning_modules.run.checkpoints import load_net
+from lightning_modules.run.files import atomic_save
 from lightning_modules.studies.launchers import Failed, make_launcher
 from lightning_modules.studies.noise import (
     NOISE_LEVELS,

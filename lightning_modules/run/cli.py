@@ -18,13 +18,13 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from callbacks.complexity import Complexity
-from lightning_modules.checkpoints import check_fits, check_version, keep_last_epoch, read_checkpoint, state_dict_of
-from lightning_modules.console import end_progress_bars, quiet_libraries, say
 from lightning_modules.errors import ConfigError, UserError, require
-from lightning_modules.loggers import RunWandbLogger, default_loggers
-from lightning_modules.parse_errors import plain
-from lightning_modules.requeue import Requeue, Requeued, requeued_checkpoint, slurm_job_id
-from lightning_modules.run_folder import (
+from lightning_modules.run.checkpoints import check_fits, check_version, keep_last_epoch, read_checkpoint, state_dict_of
+from lightning_modules.run.console import end_progress_bars, quiet_libraries, say
+from lightning_modules.run.loggers import RunWandbLogger, default_loggers
+from lightning_modules.run.parse_errors import plain
+from lightning_modules.run.requeue import Requeue, Requeued, requeued_checkpoint, slurm_job_id
+from lightning_modules.run.run_folder import (
     WANDB_ID,
     discard,
     last_checkpoint,
@@ -33,7 +33,7 @@ from lightning_modules.run_folder import (
     unfinished_study,
     untrained,
 )
-from lightning_modules.trainer import SWEEP_PROGRESS, ResearchTrainer, config_name
+from lightning_modules.run.trainer import SWEEP_PROGRESS, ResearchTrainer, config_name
 
 SPECIAL_CHECKPOINTS = ("best", "hpc", "registry")  # Lightning resolves these itself ("last" is resolved here)
 STUDIES = ("search", "sweep", "noise")  # subcommands that train or evaluate without Lightning's fit

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 
-from lightning_modules.console import say
-from lightning_modules.run_folder import run_folder, versions
+from lightning_modules.run.console import say
+from lightning_modules.run.run_folder import run_folder, versions
 
 JOB_FILE = "slurm_job_id"  # in the run folder: the SLURM job that trains it
 CHECKPOINT = "requeue.ckpt"  # in the run folder's checkpoints/: where the signal found the run

@@ -20,8 +20,8 @@ from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
-from lightning_modules.console import say
-from lightning_modules.run_folder import trim_metrics, wandb_run_id
+from lightning_modules.run.console import say
+from lightning_modules.run.run_folder import trim_metrics, wandb_run_id
 
 
 class ContinuedWriter(ExperimentWriter):
