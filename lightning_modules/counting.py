@@ -55,7 +55,7 @@ class LayerCount:
 
 
 @dataclass
-class Complexity:
+class CountResult:
     """A whole net's count: per-layer rows, totals, and the independent `sum(p.numel())` check."""
 
     layers: list[LayerCount] = field(default_factory=list)
@@ -133,11 +133,11 @@ def layer_nonzero_mult_adds(module: nn.Module, output: torch.Tensor, dense: int,
     return dense
 
 
-def count(net: nn.Module, input_shape: tuple[int, ...]) -> Complexity:
+def count(net: nn.Module, input_shape: tuple[int, ...]) -> CountResult:
     """Count `net` on one sample of `input_shape` (C, H, W); the net's mode and weights are left as they were."""
     notes = dict.fromkeys(note for m in net.modules() if (note := getattr(m, "count_note", None)))
     masks = {m.module: m.weight_mask for m in net.modules() if isinstance(m, SparseWeights)}
-    result = Complexity(sanity_params=sum(p.numel() for p in net.parameters()), notes=list(notes))
+    result = CountResult(sanity_params=sum(p.numel() for p in net.parameters()), notes=list(notes))
     handles, seen = [], set()
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -183,7 +183,7 @@ def count(net: nn.Module, input_shape: tuple[int, ...]) -> Complexity:
     return result
 
 
-def count_model(model: nn.Module, datamodule: object = None, input_shape: tuple[int, ...] | None = None) -> Complexity:
+def count_model(model: nn.Module, datamodule: object = None, input_shape: tuple[int, ...] | None = None) -> CountResult:
     """Count a trained model's `net` (or the model itself) on `input_shape`, by default the datamodule's."""
     shape = input_shape or getattr(datamodule, "input_shape", None)
     if shape is None:

@@ -14,7 +14,7 @@ from jsonargparse import ArgumentParser
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
-from lightning_modules.counting import Complexity, count_model
+from lightning_modules.counting import CountResult, count_model
 from lightning_modules.errors import ConfigError, require
 from lightning_modules.run.checkpoints import load_net
 from lightning_modules.run.files import atomic_save
@@ -109,7 +109,7 @@ class ResearchTrainer(pl.Trainer):
 
     def count(
         self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None, per_layer: bool = False
-    ) -> Complexity:
+    ) -> CountResult:
         """Print the parameters and mult-adds of the model's net for one sample of the datamodule's input.
 
         Args:
