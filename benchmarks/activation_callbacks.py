@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from callbacks import ActivationStats, DeadUnits  # noqa: E402
 from datamodules import MNIST  # noqa: E402
 from lightning_modules import Classifier  # noqa: E402
-from lightning_modules.run.trainer import net_from_config  # noqa: E402
+from lightning_modules.run.config_files import net_from_config  # noqa: E402
 
 NETS = {
     "mnist_vgg (Adam)": ROOT / "configs" / "dead_units" / "mnist_vgg_adam.yaml",

@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from datamodules import MNIST  # noqa: E402
 from lightning_modules import LearnedSize  # noqa: E402
 from lightning_modules.nets import MLP  # noqa: E402
-from lightning_modules.run.trainer import quiet_lightning  # noqa: E402
 from lightning_modules.studies.seed_stack import SeedStack  # noqa: E402
+from lightning_modules.studies.trials import quiet_lightning  # noqa: E402
 
 EPOCHS, WIDTH = 3, 256
 adam = partial(torch.optim.Adam, lr=1e-3)

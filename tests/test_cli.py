@@ -15,7 +15,7 @@ from datamodules import Digits
 from lightning_modules import Classifier, LossExplodedError, NonFiniteLossError
 from lightning_modules.nets import DepthCNN
 from lightning_modules.run.cli import main, run_name, variant_paths
-from lightning_modules.run.trainer import net_from_config
+from lightning_modules.run.config_files import net_from_config
 from tests.conftest import (
     CONFIGS,
     QUIET,
@@ -319,7 +319,7 @@ def test_a_search_over_variants_is_named_for_its_file_and_finds_them_beside_it_f
     ],
 )
 def test_run_name_is_the_config_path_under_configs(path, name):
-    from lightning_modules.run.trainer import config_name
+    from lightning_modules.run.config_files import config_name
 
     assert config_name(path) == name
 

@@ -14,7 +14,7 @@ from lightning_modules import Classifier, ConfigError, Student
 from lightning_modules.distillation import distillation_loss, teacher_hint
 from lightning_modules.layers.attention_transfer import AttentionTransfer, attention_loss, attention_map
 from lightning_modules.nets import WideResNet
-from lightning_modules.run.trainer import bare_trainer
+from lightning_modules.studies.trials import bare_trainer
 from tests.conftest import CONFIGS, ROOT
 
 SGD = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)

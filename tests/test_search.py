@@ -11,9 +11,8 @@ import torch
 from datamodules import Digits
 from lightning_modules import Classifier
 from lightning_modules.nets import DepthCNN
-from lightning_modules.run.trainer import bare_trainer
-from lightning_modules.studies.search import is_trainable, plot_errors, search_depth, write_results
-from lightning_modules.studies.trials import DepthTrial
+from lightning_modules.studies.search import DepthTrial, is_trainable, plot_errors, search_depth, write_results
+from lightning_modules.studies.trials import bare_trainer
 
 
 def stub(boundary: int, calls: list | None = None):

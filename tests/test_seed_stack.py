@@ -7,8 +7,8 @@ import torch
 from datamodules import MNIST
 from lightning_modules import LearnedSize
 from lightning_modules.nets import MLP
-from lightning_modules.run.trainer import bare_trainer
 from lightning_modules.studies.seed_stack import SeedStack
+from lightning_modules.studies.trials import bare_trainer
 from tests.conftest import make_mnist
 
 

@@ -10,7 +10,7 @@ from lightning_modules import Classifier
 from lightning_modules.counting import count
 from lightning_modules.layers import KWinners, KWinners2d, SparseWeights
 from lightning_modules.nets import SparseCNN
-from lightning_modules.run.trainer import net_from_config
+from lightning_modules.run.config_files import net_from_config
 from tests.conftest import CONFIGS, TinyImages, cli
 
 KW = CONFIGS / "kwinners"

@@ -86,7 +86,7 @@ def test_sweep_defaults_to_the_config_net_and_logs_to_wandb_offline(in_tmp, monk
     trainer.loggers[-1].experiment.finish()  # as at the end of the process: the study's run written out
     runs = {p.stem.split("-", 1)[1]: p.read_bytes() for p in in_tmp.glob("wandb/offline-run-*/*.wandb")}
     assert len(runs) == 1 + len(rows) and study in runs  # the study's run, and one per (point, seed)
-    assert all(f"{trainer.run_name}-{study}".encode() in data for data in runs.values())  # in the study's group
+    assert all(f"{trainer.run.name}-{study}".encode() in data for data in runs.values())  # in the study's group
     assert sum(b"the config net seed=1" in data for data in runs.values()) == 1
 
 

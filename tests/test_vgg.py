@@ -8,7 +8,7 @@ import yaml
 from torch import nn
 
 from lightning_modules.nets import VGG
-from lightning_modules.run.trainer import net_from_config
+from lightning_modules.run.config_files import net_from_config
 from tests.conftest import CONFIGS
 
 NETS = sorted((CONFIGS / "dead_units" / "nets").glob("*.yaml"))

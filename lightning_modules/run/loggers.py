@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import netrc
 import os
-import secrets
+import shutil
 import socket
-import string
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from lightning_fabric.loggers.logger import rank_zero_experiment
@@ -21,7 +21,10 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from lightning_modules.run.console import say
-from lightning_modules.run.run_folder import trim_metrics, wandb_run_id
+from lightning_modules.run.run_folder import trim_metrics
+
+if TYPE_CHECKING:
+    from lightning_modules.run.run_state import Run
 
 
 class ContinuedWriter(ExperimentWriter):
@@ -79,40 +82,29 @@ def wandb_offline_reason(timeout: float = 2.0) -> str | None:
 
 
 def default_loggers(
-    name: str,
-    save_dir: str,
-    project: str,
-    wandb: bool = True,
-    folder: Path | None = None,
-    resume: tuple[int, int] | None = None,
-    study: bool = False,
+    run: Run, project: str, wandb: bool = True, resume: tuple[int, int] | None = None, study: bool = False
 ) -> list[Logger]:
-    """CSV logger into `save_dir/name/version_N` (or into `folder`, an existing run's), then W&B (offline when
-    it has to be; the folder's own W&B run when it recorded one). `resume`: the epoch and global step of
-    the checkpoint that `folder`'s run resumes from. A `study`'s run opens a W&B group for its trials' runs."""
-    if folder is not None:  # name "" puts the version folder directly under save_dir
-        csv_logger = RunCSVLogger(save_dir=str(folder.parent), name="", version=folder.name, resume=resume)
+    """CSV logger into `run.root/run.name/version_N` (or into the folder the run continues), then W&B (offline when
+    it has to be) under the run's W&B id. `resume`: the epoch and global step of the checkpoint the continued
+    folder's metrics go on after. A `study`'s run opens a W&B group for its trials' runs."""
+    if run.folder is not None:  # name "" puts the version folder directly under save_dir
+        csv_logger = RunCSVLogger(save_dir=str(run.folder.parent), name="", version=run.folder.name, resume=resume)
     else:
-        csv_logger = RunCSVLogger(save_dir=save_dir, name=name)
+        csv_logger = RunCSVLogger(save_dir=str(run.root), name=run.name)
     loggers: list[Logger] = [csv_logger]
     if wandb:
         reason = wandb_offline_reason()
         if reason:
             os.environ["WANDB_MODE"] = "offline"  # inherited by DDP worker processes
-        run_id = wandb_run_id(folder)
-        resumes, run_id = run_id is not None, run_id or new_run_id()
-        grouped = {"group": f"{name}-{run_id}", "job_type": "study"} if study else {}
+        grouped = {"group": f"{run.name}-{run.wandb_id}", "job_type": "study"} if study else {}
+        where = str(Path.cwd())  # absolute: W&B resolves "." against the first run's directory in a process
         loggers.append(
             RunWandbLogger(
-                reason, resumes=resumes, id=run_id, project=project, name=name, save_dir=str(Path.cwd()), **grouped
+                reason, resumes=run.resumes_wandb, id=run.wandb_id, project=project, name=run.name, save_dir=where,
+                **grouped,
             )
-        )
+        )  # fmt: skip
     return loggers
-
-
-def new_run_id() -> str:
-    """A W&B run id (8 characters of [a-z0-9], as W&B makes them), known before W&B starts."""
-    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 class PendingRun:
@@ -184,6 +176,29 @@ class RunWandbLogger(WandbLogger):
         if self.started:
             self.wait()
         super().finalize(status)
+
+    def discard(self) -> None:
+        """Finish and remove this run's W&B run, started for a run that failed before it trained: an offline run's
+        folder is deleted; an online one on the server when it can be reached (else it stays, marked failed)."""
+        if not self.started:
+            return
+        run = self.wait()
+        folder = Path(run.dir).parent
+        run.finish(exit_code=1)
+        if run.settings.mode in ("offline", "dryrun"):
+            shutil.rmtree(folder, ignore_errors=True)
+            for link in folder.parent.iterdir():  # latest-run, debug.log, ...: W&B's links into the removed run
+                if link.is_symlink() and not link.exists():
+                    link.unlink()
+            if not any(folder.parent.iterdir()):
+                folder.parent.rmdir()
+            return
+        try:
+            import wandb
+
+            wandb.Api().run(f"{run.entity}/{run.project}/{run.id}").delete()
+        except Exception:  # noqa: BLE001 (best effort: the run stays, marked failed)
+            pass
 
     def announce(self) -> None:
         """One line: the run (resumed or new) and where it logs; an online run's link follows once it has started."""

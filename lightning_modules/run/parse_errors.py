@@ -1,5 +1,6 @@
-"""jsonargparse's errors in the user's terms: the setting, the value given and what it takes, or the unknown class
-and the closest existing ones, in one line instead of a dump of every type a union could have held."""
+"""Errors in the settings, in the user's terms and on one line: jsonargparse's (the setting, the value given and
+what it takes, or the unknown class and the closest existing ones, instead of a dump of every type a union could
+have held; the closest valid keys to a misspelt one) and Lightning's refusals of a trainer setting."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import difflib
 import importlib
 import inspect
 import re
+import sys
+
+from pytorch_lightning.cli import LightningArgumentParser
 
 UNKNOWN_CLASS = re.compile(
     r"Problem with given class_path '(?P<path>[\w.]+)':\s*\n\s*"
@@ -90,3 +94,42 @@ def type_name(text: str) -> str:
     return {"NoneType": "null", "int": "an int", "float": "a float", "bool": "a bool", "str": "a string"}.get(
         short, f"a {short}"
     )
+
+
+def did_you_mean(message: str, keys: list[str]) -> str:
+    """`; did you mean --trainer.max_epochs?` for the first unknown key a parser error names (empty if none close)."""
+    names = re.findall(r"--([\w.]+)|(?:[Kk]ey|option) ['\"]([\w.]+)['\"]", message)
+    for name in (a or b for a, b in names):
+        close = difflib.get_close_matches(name, keys, n=2, cutoff=0.75)
+        if close and name not in keys:
+            return "; did you mean " + " or ".join(f"--{c}" for c in close) + "?"
+    return ""
+
+
+class ShortErrorParser(LightningArgumentParser):
+    """Parse errors as the error first and short, with the closest valid keys; the usage is left to --help."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        subparsers = (
+            getattr(getattr(parser, "_subcommands_action", None), "choices", None) or {}
+        )  # see library_internals
+        keys = [a.dest for p in (parser, *subparsers.values()) for a in p._actions if a.dest not in (None, "help")]
+        lines = [line for line in message.strip().splitlines() if line.strip()]
+        short = plain(message) or " ".join(line.strip() for line in lines[:6]) + (" ..." if len(lines) > 6 else "")
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {short}{did_you_mean(message, keys)}\n({prog} --help lists every option)\n")
+        self.exit(2)
+
+
+def trainer_problem(error: Exception, accelerator: object) -> str:
+    """Lightning's refusal of a trainer setting in the user's terms: a GPU asked for where none is visible, or its
+    own message on one line."""
+    if str(accelerator) in ("gpu", "cuda") and "backend" in str(error).lower():
+        return (
+            f"--trainer.accelerator {accelerator}: no GPU is visible here (torch.cuda.is_available() is False); "
+            f"train on the CPU with --trainer.accelerator cpu"
+        )
+    return "trainer: " + " ".join(str(error).split())

@@ -8,15 +8,24 @@ The noise score is the number of correct answers summed over all levels, a = 0 i
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 
+from lightning_modules.errors import ConfigError, require
+from lightning_modules.run.checkpoints import load_net
+from lightning_modules.run.config_files import net_from_config
 from lightning_modules.run.files import atomic_savefig, atomic_write, atomic_write_csv
+from lightning_modules.studies.study import Study
+from lightning_modules.studies.trials import portable
 
 NOISE_LEVELS = tuple(round(0.05 * i, 2) for i in range(11))
+FILES = {"csv": "noise.csv", "md": "noise.md", "plot": "noise.png"}
 
 
 @dataclass
@@ -69,7 +78,7 @@ def checkpoint_label(path: Path) -> str:
 def write_noise_results(results: list[NoiseResult], folder: Path) -> dict[str, Path]:
     """noise.csv (a row per model and level), noise.md (accuracy per level and the noise score), noise.png."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": folder / "noise.csv", "md": folder / "noise.md", "plot": folder / "noise.png"}
+    paths = {kind: folder / name for kind, name in FILES.items()}
     rows = (
         {"model": r.model, "noise": level, "accuracy": r.accuracy(level), "correct": c, "total": r.total}
         for r in results
@@ -108,3 +117,55 @@ def plot_noise(results: list[NoiseResult], path: Path) -> None:
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
+
+
+def run_noise(
+    study: Study,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    checkpoints: list[str] | str | None,
+    levels: list[float] | None,
+    split: str,
+    noise_seed: int,
+) -> list[NoiseResult]:
+    """The `noise` subcommand (its arguments are documented on the Trainer's method): each checkpoint evaluated with
+    its own run's net at every level; then noise.csv, noise.md, the plot and the W&B table."""
+    study.require_one_process("it evaluates on one device")
+    require("fraction", **{f"levels[{i}]": level for i, level in enumerate(levels or ())})
+    paths = [checkpoints] if isinstance(checkpoints, str) else list(checkpoints or [])
+    if not paths:
+        raise ConfigError("noise needs --checkpoints: one or more checkpoints of trained models")
+    if not callable(getattr(datamodule, "noise_dataloader", None)):
+        raise ConfigError(f"noise needs a datamodule with noise_dataloader; {type(datamodule).__name__} has none")
+    levels = tuple(levels) if levels is not None else NOISE_LEVELS
+    datamodule.trainer = study.trainer
+    datamodule.setup("test")
+    device = study.trainer.strategy.root_device
+    results = []
+    for path in map(Path, paths):
+        config = path.parent.parent / "config.yaml"  # the checkpoint's own run's net, else this config's
+        net = net_from_config(config) if config.is_file() else copy.deepcopy(model.net)
+        load_net(net, path)
+        evaluated = copy.deepcopy(portable(model))  # without the trainer and the CLI the model refers to
+        evaluated.net = net
+        evaluated.setup("test")
+        evaluated.to(device).eval()
+        loaders = functools.partial(noisy_loader, datamodule, split, noise_seed)
+        result = evaluate_noise(evaluated, loaders, levels, checkpoint_label(path), device)
+        accuracies = ", ".join(f"{level:g}: {result.accuracy(level):.4f}" for level in levels)
+        print(f"noise {result.model}: {accuracies}; noise score {result.noise_score:,}", flush=True)
+        results.append(result)
+    written = write_noise_results(results, study.folder)
+    print(written["md"].read_text())
+    print(f"noise results: {written['csv']}, {written['md']}, {written['plot']}")
+    rows = [
+        {"model": r.model, **{f"acc@{a:g}": r.accuracy(a) for a in levels}, "noise_score": r.noise_score}
+        for r in results
+    ]
+    study.report(tables={"noise/results": rows}, images={"noise/accuracy_vs_noise": written["plot"]})
+    return results
+
+
+def noisy_loader(datamodule: pl.LightningDataModule, split: str, seed: int, level: float):
+    """The datamodule's `split` at noise `level`, seeded alike for every model."""
+    return datamodule.noise_dataloader(split, level, seed)

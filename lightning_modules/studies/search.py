@@ -9,15 +9,27 @@ and a restarted search reuses those already there.
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from torch import nn
+
+from lightning_modules.errors import ConfigError, DivergenceError, require
+from lightning_modules.run.config_files import config_name, net_from_config
 from lightning_modules.run.files import atomic_savefig, atomic_write, atomic_write_csv
 from lightning_modules.studies.launchers import Failed, LocalLauncher, RayLauncher
+from lightning_modules.studies.study import Study, StudyFiles
+from lightning_modules.studies.trials import TrialRuns, bare_trainer, portable, quiet_lightning, worker_device
 
+FILES = StudyFiles(progress="results.csv", final="results.md")
+PLOT = "error_vs_depth.png"
 TrainFn = Callable[[int, int], tuple[float, float]]  # (depth, seed) -> (train error, validation error)
 Request = tuple[int, int, str]  # a trial a probe needs: (depth, seed, phase)
 
@@ -235,7 +247,7 @@ def write_results(results: list[SearchResult], max_error: float, folder: Path) -
     """Write results.csv, results.md (per-trial table and per-variant summary) and error_vs_depth.png."""
     folder.mkdir(parents=True, exist_ok=True)
     trials = [t for r in results for t in r.trials]
-    paths = {"csv": folder / "results.csv", "md": folder / "results.md", "plot": folder / "error_vs_depth.png"}
+    paths = {"csv": folder / FILES.progress, "md": folder / FILES.final, "plot": folder / PLOT}
     write_trials(trials, paths["csv"])
     lines = [
         f"Trainable: mean validation error over seeds below {max_error:.0%}.",
@@ -293,3 +305,138 @@ def plot_errors(results: list[SearchResult], max_error: float, path: Path):
     atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
     return fig
+
+
+@dataclass
+class DepthTrial:
+    """The depth search's trials: `trial(variant, depth, seed)` trains that variant's net rebuilt at `depth`
+    from `seed`, as `fit --seed_everything seed` would, and returns (train error, validation error), NaN
+    when the loss diverged. One object for every variant, so a launcher sends the data once."""
+
+    nets: dict[str, nn.Module]
+    template: pl.LightningModule
+    datamodule: pl.LightningDataModule
+    epochs: int
+    steps: int | None = None
+    precision: str | int | None = None
+    device: str | None = None  # "cpu" or "cuda:N"; None: the worker's GPU when it was given one, else the CPU
+    runs: TrialRuns | None = None
+
+    def __call__(self, variant: str, depth: int, seed: int) -> tuple[float, float]:
+        """(training error, validation error) of the trained net, both measured after its last step in evaluation
+        mode (the training error over the whole training split, not the running mean of its last batches)."""
+        pl.seed_everything(seed, verbose=False)
+        model = copy.deepcopy(self.template)
+        model.net = self.nets[variant].at_depth(depth)
+        device = worker_device(self.device)
+        run = None
+        if self.runs is not None:
+            config = {"variant": variant, "depth": depth, "seed": seed, "epochs": self.epochs, "steps": self.steps}
+            run = self.runs.start(f"{variant} k={depth} seed={seed}", config)
+        with quiet_lightning():
+            trainer = bare_trainer(
+                -1 if self.steps else self.epochs,
+                max_steps=self.steps or -1,
+                accelerator="gpu" if device.type == "cuda" else "cpu",
+                devices=[device.index or 0] if device.type == "cuda" else 1,
+                precision=self.precision,
+                logger=WandbLogger(experiment=run) if run is not None else False,
+            )
+            errors = None
+            try:
+                trainer.fit(model, datamodule=self.datamodule)
+                if self.steps:  # a step budget can end inside an epoch, after its last validation
+                    trainer.validate(model, datamodule=self.datamodule, verbose=False)
+                val_err = float(trainer.callback_metrics["val/err"])
+                errors = error_rate(trainer, model, self.datamodule.eval_dataloader("train")), val_err
+            except DivergenceError:  # NaN, infinite or exploded loss: counted as diverged
+                errors = math.nan, math.nan
+            finally:
+                if run is not None:  # a crashed trial's run is marked failed
+                    if errors is not None:
+                        run.summary.update({"train_err": errors[0], "val_err": errors[1]})
+                    run.finish(exit_code=0 if errors is not None else 1)
+        return errors
+
+
+def error_rate(trainer: pl.Trainer, model: pl.LightningModule, loader) -> float:
+    """The fraction of a loader's samples that a trained model gets wrong, in evaluation mode, at the trainer's
+    precision and on its device."""
+    wrong = torch.zeros((), dtype=torch.long, device=model.device)
+    total = 0
+    model.eval()
+    with torch.no_grad(), trainer.precision_plugin.forward_context():
+        for x, y in loader:
+            x, y = x.to(model.device), y.to(model.device)
+            wrong += (model(x).argmax(dim=1) != y).sum()
+            total += len(y)
+    return int(wrong) / max(total, 1)
+
+
+def run_search(
+    study: Study,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    upper: int | None,
+    seeds: int,
+    epochs: int,
+    max_error: float,
+    variants: dict[str, int] | None,
+    launcher: str,
+    ray_address: str | None,
+    cpus_per_trial: float,
+    trials_per_gpu: int,
+) -> list[SearchResult]:
+    """The `search` subcommand (its arguments are documented on the Trainer's method): every variant's search, its
+    trials on the launcher, recorded as they finish; then results.csv, results.md, the plot and the W&B tables."""
+    study.require_one_process("each trial trains on one device; --launcher ray trains trials in parallel")
+    study.refuse_unhonoured(honoured=("precision", "max_steps"))
+    if not callable(getattr(datamodule, "eval_dataloader", None)):  # each trial's error on its training split
+        raise ConfigError(f"search needs one of the in-memory datamodules; {type(datamodule).__name__} is not")
+    require("positive", seeds=seeds, epochs=epochs, cpus_per_trial=cpus_per_trial)
+    require("probability", max_error=max_error)
+    require("non_negative", trials_per_gpu=trials_per_gpu)
+    for name, bound in [("upper", upper), *(variants or {}).items()]:
+        if bound is not None and bound < 3:
+            raise ConfigError(
+                f"{name}: the search's upper bound must be at least 3 (the shallowest depth), got {bound}"
+            )
+    if variants:
+        jobs = [(config_name(path), net_from_config(path), bound) for path, bound in variants.items()]
+    elif upper is not None:
+        jobs = [(study.run_name, model.net, upper)]
+    else:
+        raise ConfigError("search needs --upper (the largest depth to try) or --variants")
+    for _, net, _ in jobs:
+        if not hasattr(net, "at_depth"):
+            raise ConfigError(f"{type(net).__name__} has no at_depth(k): the search must rebuild it at other depths")
+    first_seed = pl.seed_everything(verbose=False)  # the run's seed (seed_everything in the config)
+    trainer = study.trainer
+    steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+    length = f"{steps} steps" if steps else f"{epochs} epochs"
+    log = TrialLog(study.folder / FILES.progress)  # a killed search's trials
+    if log.trials:
+        print(f"search: {len(log.trials)} trial(s) already in {log.path}, not trained again")
+    with study.trials(datamodule, launcher, ray_address, cpus_per_trial, trials_per_gpu) as (runner, where):
+        nets = {name: net for name, net, _ in jobs}
+        trial = DepthTrial(nets, portable(model), epochs=epochs, steps=steps, precision=trainer.precision,
+                           runs=study.trial_runs(), **where)  # fmt: skip
+        plans = {}
+        for name, _, bound in jobs:
+            print(f"search {name}: k in 3..{bound}, {seeds} seed(s) per depth, {length}, "
+                  f"trainable below {max_error:.0%}")  # fmt: skip
+            plans[name] = search_plan(bound, seeds, max_error, first_seed, name)
+        results = run_searches(
+            plans, trial, runner, log, lambda r: print(f"search {r.variant}: {describe(r, max_error)}", flush=True)
+        )
+    paths = write_results(results, max_error, study.folder)
+    print(paths["md"].read_text())
+    print(f"search results: {paths['csv']}, {paths['md']}, {paths['plot']}")
+    deepest = [
+        {"variant": r.variant, "upper": r.upper, "deepest": r.deepest, "confirmed": r.confirmed} for r in results
+    ]
+    study.report(
+        tables={"search/trials": [asdict(t) for r in results for t in r.trials], "search/deepest": deepest},
+        images={"search/error_vs_depth": paths["plot"]},
+    )
+    return results

@@ -10,19 +10,15 @@ import contextlib
 import copy
 import functools
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
-from torch import nn
 
 from datamodules.tensor_data import moved_splits
-from lightning_modules.errors import DivergenceError
 from lightning_modules.run.loggers import RunWandbLogger
-from lightning_modules.studies.sweep import run_group
 
 
 def bare_trainer(max_epochs: int, **kwargs) -> pl.Trainer:
@@ -133,104 +129,3 @@ def _parsed_factory(value) -> bool:
 def worker_device(device: str | None) -> torch.device:
     """The device a trial was given, or (None) the worker's GPU when Ray gave it one, else the CPU."""
     return torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
-
-
-@dataclass
-class DepthTrial:
-    """The depth search's trials: `trial(variant, depth, seed)` trains that variant's net rebuilt at `depth`
-    from `seed`, as `fit --seed_everything seed` would, and returns (train error, validation error), NaN
-    when the loss diverged. One object for every variant, so a launcher sends the data once."""
-
-    nets: dict[str, nn.Module]
-    template: pl.LightningModule
-    datamodule: pl.LightningDataModule
-    epochs: int
-    steps: int | None = None
-    precision: str | int | None = None
-    device: str | None = None  # "cpu" or "cuda:N"; None: the worker's GPU when it was given one, else the CPU
-    runs: TrialRuns | None = None
-
-    def __call__(self, variant: str, depth: int, seed: int) -> tuple[float, float]:
-        """(training error, validation error) of the trained net, both measured after its last step in evaluation
-        mode (the training error over the whole training split, not the running mean of its last batches)."""
-        pl.seed_everything(seed, verbose=False)
-        model = copy.deepcopy(self.template)
-        model.net = self.nets[variant].at_depth(depth)
-        device = worker_device(self.device)
-        run = None
-        if self.runs is not None:
-            config = {"variant": variant, "depth": depth, "seed": seed, "epochs": self.epochs, "steps": self.steps}
-            run = self.runs.start(f"{variant} k={depth} seed={seed}", config)
-        with quiet_lightning():
-            trainer = bare_trainer(
-                -1 if self.steps else self.epochs,
-                max_steps=self.steps or -1,
-                accelerator="gpu" if device.type == "cuda" else "cpu",
-                devices=[device.index or 0] if device.type == "cuda" else 1,
-                precision=self.precision,
-                logger=WandbLogger(experiment=run) if run is not None else False,
-            )
-            errors = None
-            try:
-                trainer.fit(model, datamodule=self.datamodule)
-                if self.steps:  # a step budget can end inside an epoch, after its last validation
-                    trainer.validate(model, datamodule=self.datamodule, verbose=False)
-                val_err = float(trainer.callback_metrics["val/err"])
-                errors = error_rate(trainer, model, self.datamodule.eval_dataloader("train")), val_err
-            except DivergenceError:  # NaN, infinite or exploded loss: counted as diverged
-                errors = math.nan, math.nan
-            finally:
-                if run is not None:  # a crashed trial's run is marked failed
-                    if errors is not None:
-                        run.summary.update({"train_err": errors[0], "val_err": errors[1]})
-                    run.finish(exit_code=0 if errors is not None else 1)
-        return errors
-
-
-def error_rate(trainer: pl.Trainer, model: pl.LightningModule, loader) -> float:
-    """The fraction of a loader's samples that a trained model gets wrong, in evaluation mode, at the trainer's
-    precision and on its device."""
-    wrong = torch.zeros((), dtype=torch.long, device=model.device)
-    total = 0
-    model.eval()
-    with torch.no_grad(), trainer.precision_plugin.forward_context():
-        for x, y in loader:
-            x, y = x.to(model.device), y.to(model.device)
-            wrong += (model(x).argmax(dim=1) != y).sum()
-            total += len(y)
-    return int(wrong) / max(total, 1)
-
-
-@dataclass
-class StackTrial:
-    """One stack of a sweep: `trial(points, seeds)` trains those same-shaped grid points for every seed as one
-    SeedStack on a set-up in-memory datamodule and returns `run_group`'s (rows, history, variances)."""
-
-    model: pl.LightningModule  # a Classifier-like module: its net is the template, its optimizer the recipe
-    datamodule: pl.LightningDataModule
-    epochs: int
-    pca_samples: int = 2048
-    pca_k: tuple[int, ...] = (1, 10, 50)
-    zero_tol: float = 0.0
-    device: str | None = None
-
-    def __call__(self, points: list[dict], seeds: list[int]) -> tuple[list[dict], list[dict], list[torch.Tensor]]:
-        device = worker_device(self.device)
-        data = self.datamodule
-        if next(iter(data.splits.values())).images.device != device:
-            data = portable(data, device)
-        rows, history, variances = run_group(
-            self.model.net,
-            points,
-            seeds,
-            data,
-            self.epochs,
-            self.model.build_optimizer,
-            self.model.scheduler_factory,
-            getattr(self.model, "penalty", 0.0),
-            device,
-            self.pca_samples,
-            self.pca_k,
-            self.zero_tol,
-        )
-        return rows, history, [v.cpu() for v in variances]
