@@ -11,7 +11,8 @@ import torch
 from datamodules import Digits
 from lightning_modules import Classifier
 from lightning_modules.nets import DepthCNN
-from lightning_modules.studies.search import DepthTrial, is_trainable, plot_errors, search_depth, write_results
+from lightning_modules.studies.depth_search import TrialLog, describe, is_trainable, search_depth
+from lightning_modules.studies.search import DepthTrial, plot_errors, write_results
 from lightning_modules.studies.trials import bare_trainer
 
 
@@ -76,8 +77,6 @@ def test_reports_have_every_trial(tmp_path):
 
 
 def test_a_restarted_search_trains_only_the_trials_its_log_lacks(tmp_path):
-    from lightning_modules.studies.search import TrialLog
-
     path = tmp_path / "results.csv"
     first_calls, whole = [], search_depth(stub(84), upper=120, seeds=2)
     log = TrialLog(path)
@@ -99,16 +98,12 @@ def test_a_restarted_search_trains_only_the_trials_its_log_lacks(tmp_path):
 
 
 def test_describe_says_when_no_depth_trains():
-    from lightning_modules.studies.search import describe
-
     none = search_depth(stub(0), upper=24, seeds=2)
     assert describe(none, 0.2) == "no depth trainable: k = 3 has val err 0.90 (trainable: below 0.20)"
     assert describe(search_depth(stub(12), upper=24), 0.2) == "deepest trainable k = 12 (confirmed)"
 
 
 def test_a_trial_that_crashes_twice_is_reported_failed_and_retried_by_a_restart(tmp_path, capsys):
-    from lightning_modules.studies.search import TrialLog, describe
-
     crashes = []
 
     def crashing_at_6(depth, seed):
