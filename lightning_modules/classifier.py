@@ -96,13 +96,36 @@ class Classifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.as_input(x))
 
+    # `<split>/loss` logs the loss optimised (task + extra); False: the task loss alone (LearnedSize's, comparable
+    # with a net that has no extra terms)
+    total_is_loss = True
+
+    def task_loss(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of the task itself: cross-entropy (a student mixes in its teacher's soft targets)."""
+        return F.cross_entropy(logits, y)
+
+    def extra_loss(
+        self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, split: str
+    ) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
+        """What a subclass adds to the task loss in `split` (a size penalty, attention transfer), and the values it
+        logs per batch under names of its split's metrics (`<split>/<name>`). None here."""
+        return 0.0, {}
+
     def step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        """One batch of a split: the loss (task + extra), and every metric of the split updated on the device."""
         x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        x = self.as_input(x)
+        logits = self.net(x)
+        task = self.task_loss(x, logits, y)
+        extra, logged = self.extra_loss(x, logits, y, split)
+        loss = task + extra
         metrics = getattr(self, f"{split}_metrics")
         metrics["acc"].update(logits.detach(), y)
-        metrics["loss"].update(loss.detach(), weight=len(y))
+        metrics["loss"].update((loss if self.total_is_loss else task).detach(), weight=len(y))
+        if "task" in metrics:
+            metrics["task"].update(task.detach(), weight=len(y))
+        for name, value in logged.items():
+            metrics[name].update(value.detach(), weight=len(y))
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -124,25 +124,22 @@ class Student(Compressed):
         self.teacher.eval()
         return self
 
-    def step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
-        x, y = batch
-        x = self.as_input(x)
-        logits = self.net(x)
+    def task_loss(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy, or with `kd_alpha` mixed with the teacher's soft targets; the teacher's forward pass (under
+        no_grad) also fills the attention-transfer taps for `extra_loss`."""
         with torch.no_grad():
             teacher_logits = self.teacher(x)
-        transfer = self.attention.losses()
         task = F.cross_entropy(logits, y)
         if self.kd_alpha:
             soft = distillation_loss(logits, teacher_logits, self.kd_temperature)
             task = (1 - self.kd_alpha) * task + self.kd_alpha * soft
-        loss = task + self.beta * torch.stack(list(transfer.values())).sum()
-        metrics = getattr(self, f"{split}_metrics")
-        metrics["acc"].update(logits.detach(), y)
-        metrics["loss"].update(loss.detach(), weight=len(y))
-        metrics["task"].update(task.detach(), weight=len(y))
-        for key, value in zip(self.tap_keys, transfer.values(), strict=True):
-            metrics[key].update(value.detach(), weight=len(y))
-        return loss
+        return task
+
+    def extra_loss(self, x, logits, y, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """beta times the attention-transfer losses summed over the taps; each tap's loss logged (`at_g1`, ...)."""
+        transfer = self.attention.losses()
+        logged = dict(zip(self.tap_keys, transfer.values(), strict=True))
+        return self.beta * torch.stack(list(transfer.values())).sum(), logged
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Leave the frozen teacher out: it is reloaded from `teacher_checkpoint`."""

@@ -9,7 +9,6 @@ and `size/<layer>` (x0, or the live units).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -64,17 +63,14 @@ class LearnedSize(Classifier):
     def prunes(self) -> bool:
         return self.prune_every_n_epochs is not None and getattr(self.net, "layer", None) == "sparsifier"
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        task = F.cross_entropy(logits, y)
+    total_is_loss = False  # `train/loss` is the cross-entropy alone, comparable with a static net's
+
+    def extra_loss(self, x, logits, y, split: str) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
+        """Training adds lambda times the net's size penalty, logged as `train/penalty`."""
+        if split != "train":
+            return 0.0, {}
         penalty = self.penalty * self.net.penalty()
-        self.train_metrics["acc"].update(logits.detach(), y)
-        self.train_metrics["loss"].update(task.detach(), weight=len(y))
-        self.train_metrics["penalty"].update(penalty.detach(), weight=len(y))
-        loss = task + penalty
-        self.watch_loss(loss)
-        return loss
+        return penalty, {"penalty": penalty}
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()

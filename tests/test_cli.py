@@ -14,7 +14,7 @@ from jsonargparse import Namespace
 from datamodules import Digits
 from lightning_modules import Classifier, LossExplodedError, NonFiniteLossError
 from lightning_modules.nets import DepthCNN
-from lightning_modules.run.cli import main, run_name, variant_paths
+from lightning_modules.run.cli import ResearchCLI, main, run_name, variant_paths
 from lightning_modules.run.config_files import net_from_config
 from tests.conftest import (
     CONFIGS,
@@ -528,3 +528,42 @@ def test_a_misspelt_class_or_a_value_of_the_wrong_type_is_said_in_the_users_term
     error = cli_error("fit", "--config", CONFIGS / "quickstart.yaml", *args, "--wandb", "false", capsys=capsys)
     first, second = error.strip().splitlines()
     assert first.startswith(f"error: {expected}") and "Union" not in error and second.endswith("lists every option)")
+
+
+CLASSIFIER_SETTINGS = {  # every Classifier setting but net/optimizer/scheduler, at a value other than its default
+    "num_classes": ("12", 12),
+    "channels_last": ("false", False),
+    "finite_check_every": ("7", 7),
+    "param_groups": ("{'*.bias': {weight_decay: 0.0}}", {"*.bias": {"weight_decay": 0.0}}),
+    "max_loss_ratio": ("50", 50.0),
+    "max_loss": ("1e6", 1e6),
+    "on_divergence": ("warn", "warn"),
+}
+
+
+@pytest.mark.parametrize(
+    "config, module",
+    [
+        ("quickstart.yaml", "lightning_modules.Classifier"),
+        ("compression/mnist_teacher.yaml", "lightning_modules.Compressed"),
+        ("compression/mnist_student.yaml", "lightning_modules.Student"),
+        ("network_size/flexible.yaml", "lightning_modules.LearnedSize"),
+    ],
+    ids=lambda v: v.rsplit(".", 1)[-1] if v.startswith("lightning") else None,
+)
+def test_every_lightning_module_takes_every_classifier_setting_from_the_command_line(config, module):
+    """One signature: the divergence guard that the divergence error tells users to set works on every module."""
+    args = ["--config", str(CONFIGS / config), "--model.class_path", module, "--wandb", "false"]
+    for key, (text, _) in CLASSIFIER_SETTINGS.items():
+        args += [f"--model.init_args.{key}", text]
+    model = ResearchCLI(args=args, run=False).model
+    assert type(model).__name__ == module.rsplit(".", 1)[-1]
+    assert Classifier.__init__.__code__.co_varnames[1 : 1 + 3 + len(CLASSIFIER_SETTINGS)] == (
+        "net",
+        "optimizer",
+        "scheduler",
+        *CLASSIFIER_SETTINGS,
+    )  # fmt: skip (a new Classifier setting must be added above)
+    assert model.hparams["num_classes"] == 12 and model.channels_last is False and model.finite_check_every == 7
+    assert model.param_groups == {"*.bias": {"weight_decay": 0.0}}
+    assert (model.max_loss_ratio, model.max_loss, model.on_divergence) == (50.0, 1e6, "warn")
