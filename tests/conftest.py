@@ -212,6 +212,18 @@ def data_args(config: Path, root: Path) -> list[str]:
     return small_splits(root)
 
 
+def small_net_args(config: Path) -> list[str]:
+    """For a config of a full-size Wide-ResNet (36M or 69M parameters, a GPU job): the same net at its smallest, so
+    the config's fit runs in a second. Students are shrunk by `teacher_args`."""
+    model = yaml.safe_load(config.read_text()).get("model", {})
+    net = (model.get("init_args") or {}).get("net") or {}
+    kind = net.get("class_path", "") if isinstance(net, dict) else ""
+    if "Student" in model.get("class_path", "") or not kind.endswith(("WideResNet", "WideResNetImageNet")):
+        return []
+    small = {"depth": 10, "width": 1} if kind.endswith("WideResNet") else {"width": 1}
+    return [arg for key, value in small.items() for arg in (f"--model.init_args.net.init_args.{key}", str(value))]
+
+
 def small_splits(root: Path) -> list[str]:
     """The arguments that point an MNIST or CIFAR-10 config at tiny files, with a validation split they can hold."""
     return ["--data.data_dir", str(root), "--data.download", "false", "--data.val_size", "16"]

@@ -99,6 +99,7 @@ def test_modes_split_input_channels_evenly():
     assert split_modes(640) == (20, 32) and split_modes(16) == (4, 4) and split_modes(7) == (1, 7)
 
 
+@pytest.mark.subprocess
 def test_importing_the_project_changes_no_global_torch_state():
     probe = """
 import importlib, pkgutil, torch

@@ -12,10 +12,12 @@ import pytest
 
 from tests.conftest import CONFIGS, ROOT
 
+TWO_BATCHES = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"]
 LIBRARY_LINES = ("GPU available", "TPU available", "Tip:", "LeafSpec", "log_every_n_steps", "Seed set", "wandb:")
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_fit_without_a_wandb_key_logs_offline_and_prints_the_projects_lines_only(tmp_path):
     """No key, no WANDB_MODE: W&B logs offline and says so in its one line; Lightning's and W&B's own lines
     are not printed; the callbacks' media reach the offline run."""
@@ -23,7 +25,7 @@ def test_a_fit_without_a_wandb_key_logs_offline_and_prints_the_projects_lines_on
     env.update(HOME=str(tmp_path), PYTHONPATH=str(ROOT))
     command = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(CONFIGS / "quickstart.yaml")]
     command += ["--trainer.callbacks+=callbacks.ActivationStats", "--trainer.max_epochs", "1"]
-    command += ["--trainer.enable_progress_bar", "false"]
+    command += ["--trainer.enable_progress_bar", "false", *TWO_BATCHES]  # every asserted line comes in two batches
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
@@ -79,6 +81,7 @@ print("wandb imported:", "wandb" in sys.modules)
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_commands_that_train_nothing_start_neither_wandb_nor_data_and_print_only_their_lines(tmp_path):
     """--help, --print_config, count and config errors, in one process: their exit codes and lines; none imports
     W&B or touches the data; only `--verbose true` lets Lightning's own lines through."""
@@ -123,13 +126,15 @@ LIBRARY_WARNINGS = """
 import sys
 from lightning_modules.run.cli import main
 quick = ["--config", sys.argv[1], "--wandb", "false", "--trainer.enable_progress_bar", "false"]
-main(["fit", *quick, "--trainer.max_epochs", "1", "--trainer.precision", "bf16-mixed"])
-main(["validate", *quick, "--ckpt_path", "runs/quickstart/version_0/checkpoints/last.ckpt"])
+two = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"]
+main(["fit", *quick, *two, "--trainer.max_epochs", "1", "--trainer.precision", "bf16-mixed"])
+main(["validate", *quick, "--trainer.limit_val_batches", "2", "--ckpt_path", "runs/quickstart/version_0/checkpoints/last.ckpt"])
 main(["search", *quick, "--upper", "3", "--epochs", "1"])
 """
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_lightnings_warnings_about_itself_stay_off_the_console(tmp_path):
     """A bf16-mixed fit (the model summary), a validate from another run's checkpoint (its dirpath) and a search
     trial of 19 batches (the logging interval): none of Lightning's remarks reaches the user."""

@@ -51,6 +51,7 @@ def media(run: Path) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_ddp_fit_with_wandb_and_the_callbacks_finishes_and_counts_as_one_process(in_tmp, launch):
     """The README's DDP command, defaults on: 2 epochs with validation, checkpoints, DeadUnits (the quickstart's)
     and ActivationStats. It used to hang at set-up: rank 0 alone read `trainer.log_dir`, a broadcast."""
@@ -110,6 +111,7 @@ def test_ddp_fit_with_wandb_and_the_callbacks_finishes_and_counts_as_one_process
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_ddp_validate_and_test_with_wandb_finish_and_equal_one_process(in_tmp, launch):
     """`validate` and `test` of a checkpoint on 2 ranks, W&B and the callbacks on: each ends, in a run folder and
     a W&B run of its own, with the metrics and dead units one process gets over the same (unpadded) split."""
@@ -134,6 +136,7 @@ def test_ddp_validate_and_test_with_wandb_finish_and_equal_one_process(in_tmp, l
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_ddp_student_attention_transfer_equals_one_process_on_the_same_batch(in_tmp):
     """A student trains 3 steps on 2 ranks, W&B on; its validation AT losses (per-device maps, averaged over ranks
     by the metrics) equal one process's on the same 16 images with the same weights. (Training steps differ:

@@ -101,6 +101,7 @@ def at_total(metrics: dict[str, float]) -> float:
     return sum(v for k, v in metrics.items() if k.startswith("train/at_g"))
 
 
+@pytest.mark.slow
 def test_attention_transfer_loss_falls_and_the_teacher_stays_frozen(teacher_checkpoint):
     saved = torch.load(teacher_checkpoint, weights_only=True)["state_dict"]
     student, log = train_student(teacher_checkpoint, beta=1e3)

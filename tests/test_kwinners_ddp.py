@@ -61,6 +61,7 @@ def rank_main(rank: int, world: int, folder: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_duty_cycles_equal_one_process_over_the_global_batches(tmp_path):
     mp.spawn(rank_main, args=(2, str(tmp_path)), nprocs=2, join=True)
     single = small_net()

@@ -40,6 +40,7 @@ def test_first_epoch_batch_size_and_boost_decay_per_epoch(in_tmp):
         assert layer.samples_seen.item() == 3 * 80
 
 
+@pytest.mark.slow
 def test_a_resumed_run_equals_an_uninterrupted_one(in_tmp):
     data = make_mnist(in_tmp / "data")
     whole = fit_sparse(data, "--trainer.max_epochs", "3").lightning_module.state_dict()
@@ -55,6 +56,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(in_tmp):
         assert torch.equal(state[name], value), name  # duty cycles, counters, boost, weights and masks alike
 
 
+@pytest.mark.slow
 def test_noise_subcommand_scores_each_checkpoint(in_tmp, capsys):
     runs = [fit_quickstart("--seed_everything", str(s)) for s in (0, 1)]
     checkpoints = [str(Path(t.log_dir) / "checkpoints" / "last.ckpt") for t in runs]

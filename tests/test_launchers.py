@@ -87,6 +87,7 @@ def test_without_ray_the_ray_launcher_says_how_to_install_it(monkeypatch, in_tmp
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_ray_runs_trials_at_once_retries_a_dead_worker_and_reports_a_second_failure(ray_instance, tmp_path):
     attempts = attempt_counter(tmp_path / "log")
 
@@ -141,6 +142,7 @@ def rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_search_of_two_variants_on_ray_gives_the_local_tables_and_one_wandb_run_per_trial(
     ray_instance, tmp_path, monkeypatch, capsys
 ):
@@ -182,11 +184,13 @@ def test_a_search_of_two_variants_on_ray_gives_the_local_tables_and_one_wandb_ru
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_sweep_on_ray_gives_the_local_tables(ray_instance, tmp_path, monkeypatch):
     data = make_mnist(tmp_path / "data", n_train=120)
     args = ["sweep", "--config", CONFIGS / "network_size" / "flexible.yaml", "--data.data_dir", data]
     args += ["--data.download", "false", "--data.val_size", "24", "--data.batch_size", "16", *QUIET, "--name", "s"]
     args += ["--config", CONFIGS / "network_size" / "sweep_widths.yaml", "--seeds", "2", "--epochs", "1"]
+    args += ["--grids", "[{layer: [static], width: [16, 32]}]"]  # two stacks, as the config's twelve would be
     local = run_in(tmp_path / "local", monkeypatch, *args)
     on_ray = run_in(tmp_path / "ray", monkeypatch, *args, "--launcher", "ray")
     for table in ("runs.csv", "history.csv", "runs.md"):

@@ -66,6 +66,7 @@ def fit(folder: Path, devices: int, strategy: str = "auto") -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_ddp_ranks_draw_their_own_augmentations_and_dropout_masks_from_equal_weights(tmp_path):
     ranks = fit(tmp_path, devices=2, strategy="ddp_spawn")
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])

@@ -12,10 +12,13 @@ from lightning_modules.nets import MLP
 from lightning_modules.studies.seed_stack import SeedStack
 from tests.conftest import CONFIGS, QUIET, SHARED_MNIST, cli
 
-pytestmark = pytest.mark.skipif(
-    not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
-    reason=f"the real MNIST 10k split is not at {SHARED_MNIST}",
-)
+pytestmark = [
+    pytest.mark.real_data,
+    pytest.mark.skipif(
+        not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+        reason=f"the real MNIST 10k split is not at {SHARED_MNIST}",
+    ),
+]
 
 
 def test_the_10k_split_loads_as_8000_train_2000_val():

@@ -41,16 +41,24 @@ def files_of(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.slow
-def test_a_run_killed_mid_epoch_resumes_in_its_own_folder_as_if_never_killed(tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    whole.mkdir(), killed.mkdir()
-    runs = [
-        start_train(*QUICK, *QUIET_BAR, cwd=whole),
-        start_train(*QUICK, *QUIET_BAR, "--trainer.callbacks+=tests.killer.KillAt", cwd=killed),
-    ]
-    (code, out), (killed_code, killed_out) = finish(runs[0]), finish(runs[1])
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The quickstart's 3 epochs, never stopped (W&B offline): what the killed, requeued and resumed runs must
+    end as. Trained once for this module's tests."""
+    whole = tmp_path_factory.mktemp("whole")
+    code, out = finish(start_train(*QUICK, *QUIET_BAR, cwd=whole))
     assert code == 0, out[-3000:]
+    return whole / "runs" / "quickstart" / "version_0"
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_a_run_killed_mid_epoch_resumes_in_its_own_folder_as_if_never_killed(tmp_path, uninterrupted):
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    killed_code, killed_out = finish(
+        start_train(*QUICK, *QUIET_BAR, "--trainer.callbacks+=tests.killer.KillAt", cwd=killed)
+    )
     assert killed_code == -signal.SIGKILL, killed_out[-3000:]  # killed in epoch 1, after last.ckpt of epoch 0
     folder = killed / "runs" / "quickstart" / "version_0"
     assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
@@ -60,14 +68,13 @@ def test_a_run_killed_mid_epoch_resumes_in_its_own_folder_as_if_never_killed(tmp
     assert code == 0, out[-3000:]
     assert "resuming runs/quickstart/version_0 at step 19" in out
     assert [p.name for p in (killed / "runs" / "quickstart").iterdir()] == ["version_0"]  # no version_1
-    reference = whole / "runs" / "quickstart" / "version_0"
-    assert files_of(folder) == files_of(reference)  # the same checkpoints, dead-unit files, config, metrics
-    resumed, uninterrupted = metric_rows(folder), metric_rows(reference)
-    assert [(r["epoch"], r["step"]) for r in resumed] == [(r["epoch"], r["step"]) for r in uninterrupted]
+    assert files_of(folder) == files_of(uninterrupted)  # the same checkpoints, dead-unit files, config, metrics
+    resumed, whole = metric_rows(folder), metric_rows(uninterrupted)
+    assert [(r["epoch"], r["step"]) for r in resumed] == [(r["epoch"], r["step"]) for r in whole]
     assert len(resumed) == 6  # two rows (val, train) for each of 3 epochs: none twice, none missing
     raw = (folder / "metrics.csv").read_bytes()
     assert raw.count(b"\n") == raw.count(b"\r\n") == 7  # one line ending throughout, as Lightning writes it
-    for got, want in zip(resumed, uninterrupted, strict=True):
+    for got, want in zip(resumed, whole, strict=True):
         for key, value in want.items():
             assert (float(got[key]) if got[key] else None) == pytest.approx(float(value) if value else None), key
     assert (folder / "wandb_run_id").read_text() == run_id  # the same W&B run, continued
@@ -127,6 +134,7 @@ def trials_of(folder: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_killed_search_restarted_with_the_same_command_continues_from_its_results(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     whole.mkdir(), killed.mkdir()
@@ -169,18 +177,18 @@ SLURM_JOB = {  # what SLURM sets for a one-task batch job
 
 
 @pytest.mark.slow
-def test_a_slurm_job_requeued_on_its_signal_resumes_by_itself_as_if_never_stopped(tmp_path):
+@pytest.mark.subprocess
+def test_a_slurm_job_requeued_on_its_signal_resumes_by_itself_as_if_never_stopped(tmp_path, uninterrupted):
     """SLURM's time-limit signal mid-epoch: the run saves requeue.ckpt in its folder, calls `scontrol requeue`
     (a stand-in that records it) and ends; the same command in the requeued job (same job id, no --ckpt_path)
     resumes there. Not tested: a real SLURM cluster, srun, several nodes."""
-    whole, job = tmp_path / "whole", tmp_path / "job"
-    whole.mkdir(), job.mkdir()
+    job = tmp_path / "job"
+    job.mkdir()
     (tmp_path / "bin").mkdir()
     scontrol = tmp_path / "bin" / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     scontrol.chmod(0o755)
     slurm = {**SLURM_JOB, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
-    reference = start_train(*QUICK, *QUIET_BAR, "--wandb", "false", cwd=whole)
     signalled = start_train(
         *QUICK, *QUIET_BAR, "--wandb", "false", "--trainer.callbacks+=tests.killer.SignalAt", cwd=job, env=slurm
     )
@@ -196,11 +204,9 @@ def test_a_slurm_job_requeued_on_its_signal_resumes_by_itself_as_if_never_stoppe
     assert code == 0, out[-3000:]
     assert "SLURM: job 4242 was requeued; resuming from runs/quickstart/version_0/checkpoints/requeue.ckpt" in out
     assert [p.name for p in (job / "runs" / "quickstart").iterdir()] == ["version_0"]
-    code, reference_out = finish(reference)
-    assert code == 0, reference_out[-3000:]
-    resumed, uninterrupted = metric_rows(folder), metric_rows(whole / "runs" / "quickstart" / "version_0")
-    assert [(r["epoch"], r["step"]) for r in resumed] == [(r["epoch"], r["step"]) for r in uninterrupted]
-    for got, want in zip(resumed, uninterrupted, strict=True):  # the train metrics of the split epoch too
+    resumed, whole = metric_rows(folder), metric_rows(uninterrupted)  # W&B plays no part in the metrics
+    assert [(r["epoch"], r["step"]) for r in resumed] == [(r["epoch"], r["step"]) for r in whole]
+    for got, want in zip(resumed, whole, strict=True):  # the train metrics of the split epoch too
         for key, value in want.items():
             assert (float(got[key]) if got[key] else None) == pytest.approx(float(value) if value else None), key
 
