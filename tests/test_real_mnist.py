@@ -103,7 +103,7 @@ def test_sparsifier_final_size_falls_as_the_penalty_rises():
 
 @pytest.mark.slow
 def test_sparse_cnn2_is_more_robust_to_noise_than_dense(in_tmp):
-    """The direction that held in every seed of the README's runs (10 and 15 epochs, and 2 and 3 epochs):
+    """The direction that held in every seed of docs/results/kwinners.md's runs (10 and 15 epochs, and 2 and 3 epochs):
     the paper's sparse CNN-2 scores higher under noise than the dense one. Here 2 epochs of each, seed 0."""
     data = ["--config", CONFIGS / "presets" / "mnist_10k.yaml", "--data.data_dir", SHARED_MNIST]
     checkpoints = []
