@@ -3,5 +3,6 @@
 from callbacks.activation_stats import ActivationStats
 from callbacks.complexity import Complexity
 from callbacks.dead_units import DeadUnits
+from callbacks.training_dynamics import TrainingDynamics
 
-__all__ = ["ActivationStats", "Complexity", "DeadUnits"]
+__all__ = ["ActivationStats", "Complexity", "DeadUnits", "TrainingDynamics"]

@@ -55,6 +55,11 @@ def select_layers(net: nn.Module, types: tuple[str, ...] | None, names: tuple[st
             continue
         if any(fnmatch.fnmatchcase(qualified, p) or fnmatch.fnmatchcase(layer_name(qualified), p) for p in names):
             chosen[qualified] = module
+    return report_names(chosen)
+
+
+def report_names(chosen: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Modules by path, renamed by `layer_name` where that names no other of them (else they keep their path)."""
     short = Counter(layer_name(qualified) for qualified in chosen)
     return {layer_name(q) if short[layer_name(q)] == 1 else q: module for q, module in chosen.items()}
 
@@ -94,6 +99,13 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """Elementwise maximum over ranks, in place (a no-op in one process)."""
     if distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Elementwise sum over ranks, in place (a no-op in one process)."""
+    if distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 

@@ -27,6 +27,7 @@ from lightning_modules.run.console import say
 from lightning_modules.run.files import atomic_save
 from lightning_modules.run.run_folder import run_folder
 from lightning_modules.statistics.moments import MomentAccumulator, Moments
+from lightning_modules.statistics.unit_health import effective_rank, srank
 from lightning_modules.statistics.unit_statistics import pca_summary, variance_summary
 
 
@@ -48,6 +49,7 @@ class ActivationStats(ActivationObserver):
         pca_samples: int = 2048,
         pca_k: tuple[int, ...] = (1, 10, 50),
         zero_tol: float = 0.0,
+        feature_rank: bool = True,
         **kwargs,
     ):
         """
@@ -57,6 +59,8 @@ class ActivationStats(ActivationObserver):
                 per sample for linear layers, one at a random position per sample for convs.
             pca_k: report the mean reconstruction distance with the top-k components for these k.
             zero_tol: a unit whose variance is <= this counts as zero-variance.
+            feature_rank: the effective rank and srank (delta 0.01) of each layer's output over the same number of
+                samples as the PCA (conv: averaged over positions): both fall when units die or collapse together.
             **kwargs: which layers, over which data, how often: see `ActivationObserver`.
         """
         require("positive", pca_samples=pca_samples, **{f"pca_k[{i}]": k for i, k in enumerate(pca_k)})
@@ -66,6 +70,9 @@ class ActivationStats(ActivationObserver):
         self.accumulators: dict[str, MomentAccumulator] = {}
         self.rows: dict[str, list[torch.Tensor]] = {}
         self.row_counts: dict[str, int] = {}
+        self.feature_rank = feature_rank
+        self.features: dict[str, list[torch.Tensor]] = {}  # per layer: outputs pooled over positions, capped
+        self.feature_counts: dict[str, int] = {}
         self.positions: torch.Generator | None = None
         self.summaries: dict[str, dict[str, float]] = {}
         self.means: dict[str, np.ndarray] = {}  # per unit, of the last observation (for notebooks and tests)
@@ -78,10 +85,17 @@ class ActivationStats(ActivationObserver):
 
     def start(self) -> None:
         self.accumulators, self.rows, self.row_counts = {}, {}, {}
+        self.features, self.feature_counts = {}, {}
         self.positions: torch.Generator | None = None  # its own generator: training's random stream stays untouched
 
     def observe(self, name: str, output: torch.Tensor) -> None:
         self.accumulators.setdefault(name, MomentAccumulator()).update(output)
+        room = self._rows_per_rank() - self.feature_counts.get(name, 0)
+        if self.feature_rank and room > 0:
+            pooled = output[:room].float()
+            pooled = pooled.mean(dim=tuple(range(2, pooled.dim()))) if pooled.dim() > 2 else pooled.clone()
+            self.features.setdefault(name, []).append(pooled)
+            self.feature_counts[name] = self.feature_counts.get(name, 0) + len(pooled)
 
     def observe_input(self, name: str, x: torch.Tensor) -> None:
         room = self._rows_per_rank() - self.row_counts.get(name, 0)
@@ -113,9 +127,10 @@ class ActivationStats(ActivationObserver):
                 merged[name] = part if name not in merged else merged[name].merge(part)
         return merged
 
-    def _gathered_rows(self, name: str) -> torch.Tensor:
-        """This layer's pre-activation sample from every rank (ranks may hold different counts)."""
-        rows = torch.cat(self.rows[name])
+    def _gathered_rows(self, name: str, kept: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """This layer's sample of pre-activations (or of what `kept` holds) from every rank (ranks may hold different
+        counts)."""
+        rows = torch.cat((self.rows if kept is None else kept)[name])
         if not distributed():
             return rows
         padded = torch.zeros(self._rows_per_rank(), rows.shape[1], device=rows.device, dtype=rows.dtype)
@@ -139,6 +154,9 @@ class ActivationStats(ActivationObserver):
             if self.pca and name in self.rows:
                 explained[name], pca = pca_summary(self._gathered_rows(name), self.pca_k)
                 self.summaries[name].update(pca)
+            if self.feature_rank and name in self.features:
+                features = self._gathered_rows(name, self.features)
+                self.summaries[name].update(erank=effective_rank(features), srank=float(srank(features)))
         folder = run_folder(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
             self.report(trainer, folder, moments, variances, explained)
@@ -218,6 +236,8 @@ class ActivationStats(ActivationObserver):
         ("gammas_theta2", "theta"),
         ("pca_ev1", "PCA ev1"),
         ("pca_k90", "k90"),
+        ("erank", "erank"),
+        ("srank", "srank"),
     )
 
     def table(self, title: str, variances: dict[str, np.ndarray]) -> str:

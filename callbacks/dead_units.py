@@ -17,14 +17,24 @@ from torch import nn
 from callbacks.activation_observer import (
     ActivationObserver,
     all_reduce_max,
+    all_reduce_sum,
     layer_name,
     network_of,
     wandb_loggers,
 )
-from callbacks.figures import BackgroundFigures, dead_units_figure
+from callbacks.figures import BackgroundFigures, dead_units_figure, dormant_share_figure
+from lightning_modules.errors import require
+from lightning_modules.layers.kwinners import KWinnersBase
 from lightning_modules.run.console import say
 from lightning_modules.run.files import atomic_save
 from lightning_modules.run.run_folder import run_folder
+from lightning_modules.statistics.unit_health import (
+    blocked_count,
+    dormant_scores,
+    dormant_share,
+    duty_cycle_entropy,
+    mean_abs_per_unit,
+)
 
 
 def consumer_keyed(
@@ -59,41 +69,90 @@ def consumer_keyed(
 
 
 class DeadUnits(ActivationObserver):
-    """Counts dead units per monitored layer at every validation epoch; logs `dead/<layer>` and `dead/total`.
+    """The health of units per monitored layer at every validation epoch: dead counts (`dead/<layer>`,
+    `dead/total`), tau-dormant shares (`dormant/tau<t>/<layer>`), the gradient-blocking share of tanh, ELU and ReLU
+    layers (`blocking/<layer>`), k-winners' duty-cycle entropy (`duty_entropy/<layer>` beside
+    `duty_entropy_max/<layer>`), and the units that died and revived since the previous check
+    (`health/<layer>/died`, `.../revived`, at `health_tau`).
 
     Also: a W&B table and a per-layer bar chart (`dead_units.png` in the run folder), a printed table,
-    optionally the original study's consumer-keyed dict, and each unit's peak activation over the split
-    (`dead_units/step<N>.pt`, per layer; how far from dead a unit is), loadable with weights_only=True.
+    optionally the original study's consumer-keyed dict, each unit's peak activation over the split
+    (`dead_units/step<N>.pt`, per layer; how far from dead a unit is), the unit-health record
+    (`unit_health.pt`: per layer, the steps checked, every unit's dormant score and whether it was dormant at
+    each), and `dormant_share.png` (the dormant share against step, per layer, also on W&B); all loadable with
+    weights_only=True.
     """
 
     def __init__(
         self,
         threshold: float = 0.0,
         consumer_keys: bool = False,
+        dormant_taus: tuple[float, ...] = (0.0, 0.025, 0.1),
+        health_tau: float = 0.025,
+        blocking_eps: float | None = 0.05,
         **kwargs,
     ):
         """
         Args:
             threshold: a unit is dead when its activation is <= this for every sample (and position).
             consumer_keys: also print the original's format: per consuming layer, (dead inputs, inputs).
+            dormant_taus: report the share of units whose dormant score s_i = E|h_i| / (layer mean of E|h|) is
+                at or below each of these (Sokar et al., 2023; 0 is the dead share of a ReLU layer).
+            health_tau: the tau at which the unit-health record says which units are dormant, and counts the
+                units that died (became dormant) and revived since the previous check.
+            blocking_eps: report the share of entries whose activation slope |phi'(z)| is at or below this
+                (tanh, ELU and ReLU layers: where the gradient is blocked); None: not measured.
             **kwargs: which layers, over which data, how often: see `ActivationObserver`.
         """
+        require("non_negative", health_tau=health_tau, blocking_eps=blocking_eps,
+                **{f"dormant_taus[{i}]": t for i, t in enumerate(dormant_taus)})  # fmt: skip
         super().__init__(**kwargs)
         self.threshold, self.consumer_keys = threshold, consumer_keys
+        self.dormant_taus, self.health_tau, self.blocking_eps = tuple(dormant_taus), health_tau, blocking_eps
         self.maxima: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # per layer: per-unit sum of |h| (a sample's mean over positions)
+        self.samples: dict[str, int] = {}
+        self.blocked: dict[str, torch.Tensor] = {}  # per layer: [entries whose slope blocks the gradient, entries]
         self.counts: dict[str, tuple[int, int]] = {}
         self.peaks: dict[str, torch.Tensor] = {}  # per unit, of the last observation
+        self.scores: dict[str, torch.Tensor] = {}  # per unit dormant score, of the last observation
+        self.health: dict[str, dict[str, list]] = {}  # per layer: the steps checked, scores and dormant masks
         self.figures = BackgroundFigures()
 
+    @property
+    def wants_inputs(self) -> bool:
+        return self.blocking_eps is not None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(split=self.split, names=self.names)
+
+    def state_dict(self) -> dict:
+        """The unit-health record, so a resumed run counts died and revived units against the check before the
+        interruption and its `unit_health.pt` keeps every check."""
+        return {"health": self.health}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.health = state_dict.get("health", {})
+
     def start(self) -> None:
-        self.maxima = {}
+        self.maxima, self.sums, self.samples, self.blocked = {}, {}, {}, {}
 
     def observe(self, name: str, output: torch.Tensor) -> None:
+        mean_abs = mean_abs_per_unit(output)  # (N, units), before `output` is reduced to its maxima
+        self.sums[name] = self.sums[name] + mean_abs.sum(0) if name in self.sums else mean_abs.sum(0)
+        self.samples[name] = self.samples.get(name, 0) + len(output)
         if output.dim() > 2:  # positions first, then samples: twice as fast as one amax on channels_last maps
             output = output.amax(dim=tuple(range(2, output.dim())))
         batch_max = output.amax(dim=0).float() if output.dim() > 1 else output.float()
         previous = self.maxima.get(name)
         self.maxima[name] = batch_max if previous is None else torch.maximum(previous, batch_max)
+
+    def observe_input(self, name: str, z: torch.Tensor) -> None:
+        blocked = blocked_count(self.layers[name], z, self.blocking_eps)
+        if blocked is not None:
+            counted = torch.stack([blocked.float(), torch.tensor(float(z.numel()), device=z.device)])
+            self.blocked[name] = self.blocked[name] + counted if name in self.blocked else counted
 
     def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = [name for name in self.layers if name in self.maxima]
@@ -102,6 +161,7 @@ class DeadUnits(ActivationObserver):
         sizes = [len(self.maxima[name]) for name in names]
         maxima = all_reduce_max(torch.cat([self.maxima[name] for name in names]))  # one collective, all layers
         self.peaks = {name: peak.clone() for name, peak in zip(names, maxima.cpu().split(sizes), strict=True)}
+        self.measure_health(trainer, pl_module, names, sizes)
         dead = [int(peak.le(self.threshold).sum()) for peak in self.peaks.values()]
         self.counts = {name: (d, t) for name, d, t in zip(names, dead, sizes, strict=True)}
         total_dead, total = sum(dead), sum(sizes)
@@ -111,6 +171,43 @@ class DeadUnits(ActivationObserver):
         folder = run_folder(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
             self.report(trainer, pl_module, folder, total_dead, total)
+
+    def measure_health(self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str], sizes: list[int]):
+        """Dormant scores and shares, blocking shares, duty-cycle entropies and the died/revived counts of this
+        observation, in `self.health_scalars`; the per-unit sums are summed over ranks in one collective, so every
+        rank holds the same values (each sample counted once, as the dead counts are)."""
+        blocked = [self.blocked.get(name, torch.zeros(2, device=self.sums[name].device)) for name in names]
+        counts = torch.tensor([float(self.samples[name]) for name in names], device=self.sums[names[0]].device)
+        packed = all_reduce_sum(torch.cat([*(self.sums[name].float() for name in names), counts, *blocked]))
+        sums, rest = packed[: sum(sizes)].cpu().split(sizes), packed[sum(sizes) :].cpu()
+        samples, blocked = rest[: len(names)], rest[len(names) :].view(-1, 2)
+        scalars: dict[str, float] = {}
+        everyone = []
+        for i, name in enumerate(names):
+            scores = dormant_scores(sums[i].double() / samples[i].clamp(min=1))
+            self.scores[name] = scores
+            everyone.append(scores)
+            for tau in self.dormant_taus:
+                scalars[f"dormant/tau{tau:g}/{name}"] = dormant_share(scores, tau)
+            if blocked[i, 1] > 0:
+                scalars[f"blocking/{name}"] = float(blocked[i, 0] / blocked[i, 1])
+            module = self.layers[name]
+            if isinstance(module, KWinnersBase):
+                scalars[f"duty_entropy/{name}"], scalars[f"duty_entropy_max/{name}"] = duty_cycle_entropy(
+                    module.duty_cycle, module.percent_on
+                )
+            record = self.health.setdefault(name, {"steps": [], "scores": [], "dormant": []})
+            dormant = scores <= self.health_tau
+            if record["dormant"]:
+                before = record["dormant"][-1]
+                scalars[f"health/{name}/died"] = float((dormant & ~before).sum())
+                scalars[f"health/{name}/revived"] = float((~dormant & before).sum())
+            record["steps"].append(trainer.global_step)
+            record["scores"].append(scores.float())
+            record["dormant"].append(dormant)
+        for tau in self.dormant_taus:  # the share of all monitored units (each layer's own scores)
+            scalars[f"dormant/tau{tau:g}/total"] = dormant_share(torch.cat(everyone), tau)
+        self.health_scalars = scalars
 
     def report(self, trainer, pl_module, folder: Path | None, total_dead: int, total: int) -> None:
         title = f"dead units ({self.split}, epoch {trainer.current_epoch}, step {trainer.global_step})"
@@ -127,6 +224,19 @@ class DeadUnits(ActivationObserver):
             return
         atomic_save(self.peaks, folder / "dead_units" / f"step{trainer.global_step:07d}.pt")
         loggers, step = wandb_loggers(trainer), trainer.global_step
+        for logger in trainer.loggers:  # straight to the loggers: dozens of keys through LightningModule.log are slow
+            logger.log_metrics(self.health_scalars, step=step)
+        atomic_save(
+            {name: {key: torch.stack(values) if key != "steps" else torch.tensor(values) for key, values in record.items()}
+             for name, record in self.health.items()},
+            folder / "unit_health.pt",
+        )  # fmt: skip
+        shares = {name: (record["steps"], [float(d.float().mean()) for d in record["dormant"]])
+                  for name, record in self.health.items()}  # fmt: skip
+        share_title = f"dormant share (tau {self.health_tau:g}, {self.split})"
+        self.figures.submit(
+            functools.partial(self.draw_shares, shares, share_title, folder / "dormant_share.png", loggers, step)
+        )
         for logger in loggers:
             table = [[name, d, t, d / t] for name, d, t in rows]
             logger.log_table("dead/table", columns=["layer", "dead", "units", "fraction"], data=table, step=step)
@@ -138,6 +248,13 @@ class DeadUnits(ActivationObserver):
         dead_units_figure(rows, title, path)
         for logger in loggers:
             logger.log_image("dead/per_layer", [str(path)], step=step)
+
+    @staticmethod
+    def draw_shares(shares: dict, title: str, path: Path, loggers: list, step: int) -> None:
+        """The dormant share against step per layer, in the run folder and W&B (runs on the figure thread)."""
+        dormant_share_figure(shares, title, path)
+        for logger in loggers:
+            logger.log_image("dormant/share_vs_step", [str(path)], step=step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)

@@ -65,6 +65,22 @@ def dead_units_figure(rows: list[tuple[str, int, int]], title: str, path: Path) 
     return path
 
 
+def dormant_share_figure(shares: dict[str, tuple[list[int], list[float]]], title: str, path: Path) -> Path:
+    """The share of dormant units against step, one line per layer (from the unit-health record)."""
+    figure = _figure(7, 4)
+    ax = figure.add_subplot()
+    for name, (steps, share) in shares.items():
+        ax.plot(steps, share, marker="o", markersize=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of units dormant")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    figure.subplots_adjust(left=0.1, right=0.97, top=0.9, bottom=0.13)
+    atomic_savefig(figure, path)
+    return path
+
+
 def log_variance_density(
     variances: np.ndarray, bins: int | np.ndarray = 30, zero_tol: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, int]:

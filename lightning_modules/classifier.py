@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_modules.errors import LossExplodedError, NonFiniteLossError, require
 from lightning_modules.layers.kwinners import KWinnersBase
 from lightning_modules.layers.sparse_weights import RezeroAfterStep
+from lightning_modules.recycling import Recycler, Recycling
 from lightning_modules.run.console import say
 from lightning_modules.run.rank_seeds import seed_this_rank
 
@@ -37,6 +38,7 @@ class Classifier(pl.LightningModule):
         max_loss_ratio: float | None = 1000.0,
         max_loss: float | None = None,
         on_divergence: Literal["stop", "warn"] = "stop",
+        recycle: Recycling | None = None,
     ):
         """
         Args:
@@ -56,12 +58,18 @@ class Classifier(pl.LightningModule):
             max_loss: the loss diverged when a step's loss exceeds this bound (None: no bound).
             on_divergence: `stop` the run with an error (the search counts the trial as diverged) or `warn`
                 once and train on. A NaN or infinite loss always stops.
+            recycle: recycle dormant units (ReDo) every `every_n_steps` optimizer steps: units whose dormant score is
+                at or below `tau` get fresh incoming weights from the net's own init, with zero outgoing weights
+                (the output unchanged) and their optimizer state reset; logs `recycle/<layer>/recycled` and
+                `.../dormant_again`. For nets with recyclable units (MLP, VGG, DepthCNN); off by default.
         """
         require(
             "positive", num_classes=num_classes, finite_check_every=finite_check_every, max_loss_ratio=max_loss_ratio
         )
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "teacher", "optimizer", "scheduler"])  # modules live in the state dict
+        self.save_hyperparameters(
+            ignore=["net", "teacher", "optimizer", "scheduler", "recycle"]
+        )  # modules live in the state dict
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -69,6 +77,7 @@ class Classifier(pl.LightningModule):
         self.finite_check_every = finite_check_every
         self.param_groups = {pattern: dict(options) for pattern, options in (param_groups or {}).items()}
         self.max_loss_ratio, self.max_loss, self.on_divergence = max_loss_ratio, max_loss, on_divergence
+        self.recycle, self.recycler = recycle, None
         for split in ("train", "val", "test"):  # one set of metrics per split: train_metrics, val_metrics, ...
             setattr(
                 self,
@@ -88,6 +97,13 @@ class Classifier(pl.LightningModule):
     def on_fit_start(self) -> None:
         # the net is built alike on every rank; from here each rank augments and drops out on its own stream
         seed_this_rank(self.global_rank, self.trainer.world_size)
+        if self.recycle is not None and self.recycler is None:
+            self.recycler = Recycler(self.recycle, self.net)
+
+    def on_fit_end(self) -> None:
+        if self.recycler is not None:
+            self.recycler.remove()
+            self.recycler = None
 
     def as_input(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of inputs in the memory order the net's weights use."""
@@ -149,6 +165,11 @@ class Classifier(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % self.finite_check_every == 0:
             self.check_finite()
+        if self.recycler is not None:
+            report = self.recycler.step(self.global_step, self.trainer.optimizers[0])
+            if report and self.trainer.is_global_zero:
+                for logger in self.loggers:  # straight to the loggers, at the event's step
+                    logger.log_metrics(report, step=self.global_step)
 
     def check_finite(self) -> None:
         """Raise NonFiniteLossError if any rank saw a non-finite loss since the start of training, and
@@ -274,4 +295,7 @@ def param_groups(
         if param.requires_grad:
             pattern = next((p for p in options if fnmatchcase(name, p)), None)
             groups.setdefault(pattern, []).append(param)
-    return [{"params": params, **options.get(pattern, {})} for pattern, params in groups.items()]
+    # each group named for its pattern (`base`: the optimizer's own settings), as the learning-rate logs show it
+    return [
+        {"params": params, "name": pattern or "base", **options.get(pattern, {})} for pattern, params in groups.items()
+    ]

@@ -542,6 +542,7 @@ CLASSIFIER_SETTINGS = {  # every Classifier setting but net/optimizer/scheduler,
     "max_loss_ratio": ("50", 50.0),
     "max_loss": ("1e6", 1e6),
     "on_divergence": ("warn", "warn"),
+    "recycle": ("{every_n_steps: 40, tau: 0.05}", None),
 }
 
 
@@ -571,3 +572,4 @@ def test_every_lightning_module_takes_every_classifier_setting_from_the_command_
     assert model.hparams["num_classes"] == 12 and model.channels_last is False and model.finite_check_every == 7
     assert model.param_groups == {"*.bias": {"weight_decay": 0.0}}
     assert (model.max_loss_ratio, model.max_loss, model.on_divergence) == (50.0, 1e6, "warn")
+    assert (model.recycle.every_n_steps, model.recycle.tau) == (40, 0.05)

@@ -100,6 +100,18 @@ def test_ddp_fit_with_wandb_and_the_callbacks_finishes_and_counts_as_one_process
         assert torch.equal(ddp_peaks[name], single_peaks[name]), name
     assert float(rows[-1]["dead/total"]) == single["dead/total"].item()
 
+    # dormant scores: per-unit sums added over ranks, the same as one process's to float32 rounding
+    ddp_health = torch.load(folder / "unit_health.pt", weights_only=True)
+    single_health = torch.load(single_folder / "unit_health.pt", weights_only=True)
+    assert ddp_health.keys() == single_health.keys() == ddp_peaks.keys()
+    for name, record in ddp_health.items():
+        assert len(record["steps"]) == 2  # one observation per validation epoch
+        assert torch.allclose(record["scores"][-1], single_health[name]["scores"][-1], rtol=1e-5, atol=1e-7), name
+    # training dynamics (the quickstart's TrainingDynamics): logged once per step by rank 0, with every layer
+    dynamics = [r for r in metric_rows(folder) if r.get("grad_norm/total")]
+    assert dynamics and all(float(r["grad_norm/total"]) > 0 for r in dynamics)
+    assert len({r["step"] for r in dynamics}) == len(dynamics)
+
     # activation moments merged over ranks: the same counts, means and variances as one process
     ddp_stats, single_stats = saved(folder, "activation_stats"), saved(single_folder, "activation_stats")
     assert ddp_stats["features.0"]["count"] == 301 * 28 * 28  # every position of every image, once

@@ -122,7 +122,17 @@ def test_a_layer_pattern_that_matches_nothing_is_one_clear_line(in_tmp):
     from lightning_modules.run.cli import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.callbacks.names", "[conv9_*]", *QUIET])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "quickstart.yaml"),
+                "--trainer.callbacks+=callbacks.DeadUnits",
+                "--trainer.callbacks.names",
+                "[conv9_*]",
+                *QUIET,
+            ]
+        )
     assert str(exit_.value.code).startswith("error: DeadUnits: no module of types") and "conv9_*" in str(
         exit_.value.code
     )

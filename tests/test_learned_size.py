@@ -40,7 +40,11 @@ def test_param_groups_take_the_first_matching_pattern():
     net = MLP(8, "flexible", start_size=4)
     named = [(f"net.{n}", p) for n, p in net.named_parameters()]
     groups = param_groups(named, {"*.x0": {"lr": 0.5}, "*.bias": {"weight_decay": 0.0}, "*": {"weight_decay": 1e-3}})
-    by_option = {tuple(sorted((k, v) for k, v in g.items() if k != "params")): g["params"] for g in groups}
+    by_option = {
+        tuple(sorted((k, v) for k, v in g.items() if k not in ("params", "name"))): g["params"] for g in groups
+    }
+    # named for their pattern, in the order their first parameter is met (x0 is the net's first)
+    assert [g["name"] for g in groups] == ["*.x0", "*", "*.bias"]
     assert by_option[(("lr", 0.5),)] == [net.hidden.x0]
     assert {id(p) for p in by_option[(("weight_decay", 0.0),)]} == {id(net.hidden.linear.bias), id(net.out.bias)}
     assert {id(p) for p in by_option[(("weight_decay", 1e-3),)]} == {id(net.hidden.linear.weight), id(net.out.weight)}

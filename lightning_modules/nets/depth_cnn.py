@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightning_modules.errors import require
+from lightning_modules.layers.recycling import Draw, UnitGroup, chain_units, normal_draw, uniform_draw
 
 ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}
 
@@ -93,19 +94,49 @@ class DepthCNN(nn.Module):
         self.head = nn.Linear(c_in * size * size, num_classes)
         self.reset_conv_parameters(init_std)
 
+    def conv_std(self, conv: nn.Conv2d) -> float:
+        """The std of a conv's N(0, std^2) init: `init_std`, or sqrt(1 / (9 C)) with C its fan-in or fan-out channels."""
+        init_std = self.settings["init_std"]
+        if not isinstance(init_std, str):
+            return float(init_std)
+        fan = {"fan_in": conv.in_channels, "fan_out": conv.out_channels}.get(init_std)
+        if fan is None:
+            raise ValueError(f"init_std must be a number, 'fan_in' or 'fan_out', got {init_std!r}")
+        return math.sqrt(1.0 / (9 * fan))
+
     def reset_conv_parameters(self, init_std: float | str) -> None:
         for module in self.features.modules():
             if isinstance(module, nn.Conv2d):
-                fan = (
-                    {"fan_in": module.in_channels, "fan_out": module.out_channels}.get(init_std)
-                    if isinstance(init_std, str)
-                    else None
-                )
-                if isinstance(init_std, str) and fan is None:
-                    raise ValueError(f"init_std must be a number, 'fan_in' or 'fan_out', got {init_std!r}")
-                std = math.sqrt(1.0 / (9 * fan)) if fan is not None else float(init_std)
-                nn.init.normal_(module.weight, 0.0, std)
+                nn.init.normal_(module.weight, 0.0, self.conv_std(module))
                 nn.init.zeros_(module.bias)
+
+    def init_draw(self, layer: nn.Conv2d | nn.Linear) -> Draw:
+        """The distribution a layer's weights start from: N(0, std^2) for a conv; PyTorch's default for the head."""
+        if isinstance(layer, nn.Conv2d):
+            return normal_draw(self.conv_std(layer))
+        return uniform_draw(1 / math.sqrt(layer.in_features))
+
+    def recyclable_units(self) -> dict[str, UnitGroup | str]:
+        """Each block's units (channels) for recycling (layers.recycling), with the net's own N(0, std^2) init. In a
+        plain net a channel's outgoing weights are the next conv's input channel (the head's block of 9 columns
+        after the last pool). In a residual net every block adds its channels into the stream, which has no
+        weights to zero: a block is silenced at its batch norm instead, and without one it cannot be recycled."""
+        if not self.settings["residual"]:
+            leaves = [(f"features.{name}", m) for name, m in self.features.named_modules() if not list(m.children())]
+            return chain_units([*leaves, ("head", self.head)], self.init_draw)
+        groups: dict[str, UnitGroup | str] = {}
+        for i, block in enumerate(self.features):
+            if isinstance(block, DepthBlock):
+                name = f"features.{i}"
+                if not isinstance(block.norm, nn.BatchNorm2d):
+                    groups[name] = (
+                        "a residual block without batch norm adds its channels into the stream through no weight: "
+                        "recycling one would change what the net computes"
+                    )
+                    continue
+                draw = self.init_draw(block.conv)
+                groups[name] = UnitGroup(name, block.conv, draw, block.act, block.norm, silence_by_norm=True)
+        return groups
 
     def at_depth(self, depth: int) -> DepthCNN:
         """A freshly initialised net with the same settings at another depth (used by `search`)."""

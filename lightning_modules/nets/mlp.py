@@ -6,6 +6,7 @@ liveness per unit); all three have `linear` and `act` parts, so observers and th
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from lightning_modules.errors import require
 from lightning_modules.layers import FlexibleLinear, SparsifierLinear
 from lightning_modules.layers.activations import activation as make_activation
+from lightning_modules.layers.recycling import UnitGroup, chain_units, uniform_draw
 
 LAYERS = ("static", "flexible", "sparsifier")
 
@@ -105,6 +107,14 @@ class MLP(nn.Module):
         if self.layer == "static":
             return {"hidden": torch.tensor(float(self.width))}
         return {"hidden": self.hidden.size().float()}
+
+    def recyclable_units(self) -> dict[str, UnitGroup | str]:
+        """The hidden layer's units for recycling (layers.recycling): a static layer's, with PyTorch's default init;
+        a flexible or sparsifier layer learns its own size, which recycling would fight."""
+        if self.layer != "static":
+            return {"hidden": f"a {self.layer} layer learns its own size: recycling its units would fight its penalty"}
+        leaves = [("hidden.linear", self.hidden.linear), ("hidden.act", self.hidden.act), ("out", self.out)]
+        return chain_units(leaves, lambda m: uniform_draw(1 / math.sqrt(m.weight.shape[1])))
 
     @torch.no_grad()
     def prune(self, optimizer: torch.optim.Optimizer | None = None, keep: torch.Tensor | None = None) -> int:

@@ -12,6 +12,7 @@ Blocks are named after their entry (`conv1_1`, `fc6`), so per-layer reports read
 
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from typing import Literal
@@ -19,6 +20,7 @@ from typing import Literal
 from torch import nn
 
 from lightning_modules.errors import require
+from lightning_modules.layers.recycling import Draw, UnitGroup, chain_units, normal_draw, uniform_draw
 
 LayerSpec = tuple[str, tuple[int | None, float | None]]
 
@@ -113,6 +115,20 @@ class VGG(nn.Sequential):
         super().__init__(layers)
         self.init = init
         self.reset_parameters()
+
+    def recyclable_units(self) -> dict[str, UnitGroup]:
+        """Each conv and fc block's units for recycling (layers.recycling), with the net's own init: a conv channel's
+        outgoing weights are the next conv's input channel, or the block of columns it becomes after the flatten."""
+        leaves = [(name, m) for name, m in self.named_modules() if not list(m.children())]
+        return chain_units(leaves, self.init_draw)
+
+    def init_draw(self, module: nn.Conv2d | nn.Linear) -> Draw:
+        """The distribution `reset_parameters` draws a layer's weights from."""
+        fan_in = module.weight[0].numel()
+        if self.init == "torch":  # PyTorch's default: kaiming_uniform with a = sqrt(5), bound 1 / sqrt(fan_in)
+            return uniform_draw(1 / math.sqrt(fan_in))
+        fan = fan_in if self.init == "fan_in" else module.weight.shape[0] * module.weight[0, 0].numel()
+        return normal_draw(math.sqrt(2 / fan))
 
     def reset_parameters(self) -> None:
         if self.init not in ("fan_in", "fan_out", "torch"):

@@ -54,6 +54,8 @@ class EpochRecord:
     val_loss: list[float]
     val_acc: list[float]
     sizes: dict[str, list[float]] = field(default_factory=dict)
+    grad_norm: list[float] = field(default_factory=list)  # of all parameters, at the epoch's last step (before it)
+    weight_norm: list[float] = field(default_factory=list)  # of all parameters, at the epoch's end
 
 
 @dataclass
@@ -185,6 +187,8 @@ class SeedStack:
                     grads, (_, (task, added, correct)) = step(self.params, self.buffers, x, y, lams)
                 for name in trained:
                     self.params[name].grad = grads[name]
+                if b == len(loader) - 1:  # the training-dynamics signals per member, once an epoch (no sync per step)
+                    grad_norm = member_norms(grads[name] for name in trained)
                 opt.step()
                 n = y.shape[1]
                 sums += torch.stack([task * n, added * n, correct, torch.full_like(task, n)]).double()
@@ -200,6 +204,8 @@ class SeedStack:
                 val_loss.tolist(),
                 val_acc.tolist(),
                 {name: size.float().cpu().tolist() for name, size in self.sizes().items()},
+                grad_norm.cpu().tolist(),
+                member_norms(p.detach() for p in self.params.values()).cpu().tolist(),
             )
             records.append(record)
             if on_epoch is not None:
@@ -244,6 +250,11 @@ class SeedStack:
         if peaks is None:
             raise ValueError("the loader yielded no batches")
         return HiddenStatistics(peaks, [a.moments() for a in accumulators], torch.cat(rows, 1))
+
+
+def member_norms(stacked: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm over all these stacked tensors of each member (the leading dimension): (members,)."""
+    return torch.stack([t.float().reshape(len(t), -1).pow(2).sum(1) for t in stacked]).sum(0).sqrt()
 
 
 def one_pass(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

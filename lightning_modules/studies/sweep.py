@@ -121,6 +121,8 @@ def run_group(
                 "penalty_loss": r.penalty[i],
                 "train_acc": r.train_acc[i],
                 "val_acc": r.val_acc[i],
+                "grad_norm": r.grad_norm[i],  # the training-dynamics signals, per member (TrainingDynamics'
+                "weight_norm": r.weight_norm[i],  # grad_norm/total and the weights' norm, once an epoch)
             }
             for r in records
         ]

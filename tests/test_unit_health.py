@@ -1,0 +1,130 @@
+"""Unit health (spec 06) on hand-built inputs: dormant scores and shares, gradient blocking, duty-cycle entropy,
+feature rank, and the died/revived record of DeadUnits; each expected value computed here by hand."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from callbacks import ActivationStats, DeadUnits
+from lightning_modules import Classifier
+from lightning_modules.layers import KWinners
+from lightning_modules.statistics.unit_health import (
+    blocked_count,
+    dormant_scores,
+    dormant_share,
+    duty_cycle_entropy,
+    effective_rank,
+    mean_abs_per_unit,
+    srank,
+)
+from tests.conftest import TinyImages, probe_images, probe_net
+
+
+def test_dormant_scores_divide_each_units_mean_magnitude_by_the_layers():
+    scores = dormant_scores(torch.tensor([0.0, 0.1, 1.9, 2.0]))  # layer mean 1.0
+    assert torch.allclose(scores, torch.tensor([0.0, 0.1, 1.9, 2.0]))
+    assert dormant_share(scores, 0.0) == 0.25 and dormant_share(scores, 0.1) == 0.5
+    assert dormant_share(scores, 0.025) == 0.25
+    assert torch.equal(dormant_scores(torch.zeros(3)), torch.zeros(3))  # a silent layer: every unit dormant
+    # a conv unit is a channel: |h| averaged over positions per sample, signs ignored
+    h = torch.tensor([[[[1.0, -3.0]], [[0.0, 0.0]]]])  # (1 sample, 2 channels, 1 x 2)
+    assert torch.equal(mean_abs_per_unit(h), torch.tensor([[2.0, 0.0]]))
+
+
+def test_gradient_blocking_is_where_the_activations_slope_is_below_eps():
+    tanh_z = torch.tensor([0.0, 1.0, 2.17, 2.2, -3.0])  # |tanh'| <= 0.05 from |z| = 2.18 on
+    assert blocked_count(nn.Tanh(), tanh_z) == 2
+    elu_z = torch.tensor([-3.1, -2.9, 0.5])  # exp(-3.1) = 0.045, exp(-2.9) = 0.055
+    assert blocked_count(nn.ELU(), elu_z) == 1
+    relu_z = torch.tensor([-1.0, 0.0, 2.0])  # the off share, z <= 0
+    assert blocked_count(nn.ReLU(), relu_z) == 2
+    assert blocked_count(nn.Identity(), relu_z) is None
+
+
+def test_duty_cycle_entropy_is_the_mean_binary_entropy_beside_its_maximum():
+    assert duty_cycle_entropy(torch.tensor([0.5, 0.5]), 0.5) == pytest.approx((1.0, 1.0))
+    assert duty_cycle_entropy(torch.tensor([1.0, 0.0]), 0.5) == pytest.approx((0.0, 1.0))  # two units take all
+    h = -(0.1 * math.log2(0.1) + 0.9 * math.log2(0.9))
+    assert duty_cycle_entropy(torch.full((10,), 0.1), 0.1) == pytest.approx((h, h))
+
+
+def test_effective_rank_and_srank_from_the_singular_values():
+    assert effective_rank(torch.eye(4)) == pytest.approx(4.0)
+    assert effective_rank(torch.outer(torch.ones(5), torch.tensor([1.0, 2.0, 3.0]))) == pytest.approx(1.0)
+    features = torch.diag(torch.tensor([10.0, 1.0, 0.05]))  # sum 11.05; 99% of it is 10.94: two values
+    assert srank(features, delta=0.01) == 2 and srank(features, delta=0.2) == 1
+    p = torch.tensor([10.0, 1.0, 0.05]) / 11.05
+    assert effective_rank(features) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+
+
+def by_hand_scores() -> torch.Tensor:
+    """The probe net's conv units (ReLU(w x + b), w = 1, -1, 1, 1 and b = 0, 0, -2, -0.9 on x / 255), their mean
+    magnitude over positions and images, over the layer's mean: the dormant scores the callback must find."""
+    x = probe_images().float() / 255
+    w, b = torch.tensor([1.0, -1.0, 1.0, 1.0]), torch.tensor([0.0, 0.0, -2.0, -0.9])
+    h = torch.relu(w.view(1, 4, 1, 1) * x + b.view(1, 4, 1, 1))
+    means = h.mean(dim=(2, 3)).mean(0)
+    return means / means.mean()
+
+
+def observe_test_split(callback: DeadUnits) -> pl.Trainer:
+    trainer = pl.Trainer(logger=False, callbacks=[callback], enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(Classifier(probe_net(), channels_last=False), datamodule=TinyImages(probe_images(), batch_size=4))
+    return trainer
+
+
+def test_dead_units_reports_the_dormant_shares_and_blocking_it_measured():
+    callback = DeadUnits(split="test", dormant_taus=(0.0, 0.025, 0.5), health_tau=0.5)
+    observe_test_split(callback)
+    expected = by_hand_scores()
+    assert torch.allclose(callback.scores["features"].float(), expected, atol=1e-6)
+    shares = callback.health_scalars
+    for tau in (0.0, 0.025, 0.5):
+        assert shares[f"dormant/tau{tau:g}/features"] == pytest.approx(float((expected <= tau).float().mean()))
+    assert shares["dormant/tau0/features"] == 0.5  # units 1 and 2 are dead: dormant at tau 0
+    # blocking of the ReLU: the share of pre-activation entries at or below 0
+    x = probe_images().float() / 255
+    z = torch.tensor([1.0, -1.0, 1.0, 1.0]).view(1, 4, 1, 1) * x + torch.tensor([0.0, 0.0, -2.0, -0.9]).view(1, 4, 1, 1)
+    assert shares["blocking/features"] == pytest.approx(float((z <= 0).float().mean()))
+
+
+def test_the_health_record_counts_units_that_died_and_revived_between_checks(tmp_path):
+    callback = DeadUnits(dormant_taus=(0.0,), health_tau=0.0)
+    callback.layers = {"hidden": nn.ReLU()}
+    for step, sums in ((10, [0.0, 1.0, 1.0, 0.0]), (20, [1.0, 0.0, 1.0, 0.0])):
+        callback.sums, callback.samples, callback.blocked = {"hidden": torch.tensor(sums)}, {"hidden": 4}, {}
+        callback.measure_health(SimpleNamespace(global_step=step), None, ["hidden"], [4])
+    assert callback.health_scalars["health/hidden/died"] == 1.0  # unit 1
+    assert callback.health_scalars["health/hidden/revived"] == 1.0  # unit 0
+    record = callback.health["hidden"]
+    assert record["steps"] == [10, 20] and [d.tolist() for d in record["dormant"]] == [
+        [True, False, False, True],
+        [False, True, False, True],
+    ]
+
+
+def test_kwinners_duty_cycles_entropy_is_logged_beside_its_maximum():
+    callback = DeadUnits(split="test", types=("KWinners",))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 10), KWinners(10, percent_on=0.3))
+    with torch.no_grad():
+        net[2].duty_cycle.copy_(torch.tensor([0.3] * 10))
+    trainer = pl.Trainer(logger=False, callbacks=[callback], enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(Classifier(net, channels_last=False), datamodule=TinyImages(probe_images(), batch_size=4))
+    h = -(0.3 * math.log2(0.3) + 0.7 * math.log2(0.7))
+    assert callback.health_scalars["duty_entropy/2"] == pytest.approx(h)
+    assert callback.health_scalars["duty_entropy_max/2"] == pytest.approx(h)
+
+
+def test_activation_stats_reports_the_feature_rank_of_each_layer():
+    callback = ActivationStats(split="test", pca=False)
+    observe_test_split(callback)
+    x = probe_images().float() / 255
+    w, b = torch.tensor([1.0, -1.0, 1.0, 1.0]), torch.tensor([0.0, 0.0, -2.0, -0.9])
+    pooled = torch.relu(w.view(1, 4, 1, 1) * x + b.view(1, 4, 1, 1)).mean(dim=(2, 3))  # (10 images, 4 channels)
+    summary = callback.summaries["features"]
+    assert summary["erank"] == pytest.approx(effective_rank(pooled), rel=1e-5)
+    assert summary["srank"] == srank(pooled) and summary["srank"] <= 2  # two dead channels: rank 2 at most
