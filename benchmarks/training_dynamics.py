@@ -3,18 +3,18 @@
 Two of the configs that have it on: the quickstart (ResNet k = 9 on the embedded digits, SGD, batch 64) and
 the dead-unit study's MNIST VGG net (Adam, batch 128, the official MNIST test file split 8,000 / 1,000 /
 1,000). The callback works in the training steps only, so the epochs timed are training epochs (no
-validation); the VGG epochs are cut to `--vgg_batches` batches to keep the run short. Each round fits every
-mode once, round-robin, so a drift of the shared machine's speed hits all alike; a mode's overhead is the
-median over rounds of (its median epoch / the same round's median epoch without the callback) - 1.
+validation). On a shared machine whole fits drift against each other by more than the few percent measured
+here, so each interval is measured inside one fit: the callback is active on odd epochs only (its interval
+counted in optimizer steps as usual, so an active epoch holds the measured steps that fall in it), and the
+overhead is the trimmed mean of the active epochs over that of the others, minus 1.
 
-    python benchmarks/training_dynamics.py [--data ../shared/datasets/mnist-10k] [--rounds 4]
+    python benchmarks/training_dynamics.py [--data ../shared/datasets/mnist-10k] [--pairs 12]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -32,88 +32,94 @@ from datamodules import MNIST, Digits  # noqa: E402
 from lightning_modules import Classifier  # noqa: E402
 from lightning_modules.run.config_files import net_from_config  # noqa: E402
 
-MODES = {"none": None, "every 50": 50, "every 10": 10, "every 1": 1}
+INTERVALS = (50, 10, 1)
 
 
-class EpochTimer(pl.Callback):
-    """Wall time of each training epoch."""
+class Alternating(TrainingDynamics):
+    """TrainingDynamics active on odd epochs only, each epoch timed."""
 
-    def __init__(self):
-        self.times: list[float] = []
+    def __init__(self, every_n_steps: int):
+        super().__init__(every_n_steps=every_n_steps)
+        self.times: dict[bool, list[float]] = {True: [], False: []}
         self.start = 0.0
+
+    def active(self, trainer) -> bool:
+        return trainer.current_epoch % 2 == 1
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.times.append(time.perf_counter() - self.start)
+        if trainer.current_epoch > 0:  # the first epoch warms up
+            self.times[self.active(trainer)].append(time.perf_counter() - self.start)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.active(trainer):
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.active(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
-def quickstart() -> tuple[Classifier, pl.LightningDataModule, int | None]:
+def trimmed_mean(values: list[float], share: float = 0.2) -> float:
+    """The mean without the `share` lowest and highest values (a busy neighbour's spikes)."""
+    cut = int(len(values) * share)
+    kept = sorted(values)[cut : len(values) - cut]
+    return sum(kept) / len(kept)
+
+
+def quickstart() -> tuple[Classifier, pl.LightningDataModule]:
     net = net_from_config(ROOT / "configs" / "quickstart.yaml")
     model = Classifier(net, optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
-    return model, Digits(batch_size=64), None
+    return model, Digits(batch_size=64)
 
 
-def mnist_vgg(data: Path, batches: int) -> tuple[Classifier, pl.LightningDataModule, int | None]:
+def mnist_vgg(data: Path) -> tuple[Classifier, pl.LightningDataModule]:
     net = net_from_config(ROOT / "configs" / "dead_units" / "mnist_vgg_adam.yaml")
     model = Classifier(net, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
     datamodule = MNIST(str(data), test_file_only=True, val_size=1000, test_size=1000, batch_size=128)
-    return model, datamodule, batches
+    return model, datamodule
 
 
-def fit(build, every: int | None, epochs: int) -> list[float]:
-    """Training-epoch times of one fit; the first epoch warms up and is left out."""
+def fit(build, every: int, pairs: int) -> Alternating:
+    """One fit of 1 + 2 * pairs training epochs, the callback active on the odd ones."""
     pl.seed_everything(0, verbose=False)
-    model, datamodule, batches = build()
-    timer = EpochTimer()
-    callbacks = [timer] if every is None else [TrainingDynamics(every_n_steps=every), timer]
+    model, datamodule = build()
+    callback = Alternating(every)
     with tempfile.TemporaryDirectory() as folder:
         trainer = pl.Trainer(
-            max_epochs=epochs,
-            limit_train_batches=batches,
+            max_epochs=1 + 2 * pairs,
             limit_val_batches=0,
             logger=CSVLogger(folder),
-            callbacks=callbacks,
+            callbacks=[callback],
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
         )
         trainer.fit(model, datamodule=datamodule)
-    return timer.times[1:]
+    return callback
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "mnist-10k")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=6, help="epochs per fit, the first left out")
-    parser.add_argument("--vgg_batches", type=int, default=40, help="training batches per MNIST VGG epoch")
+    parser.add_argument("--pairs", type=int, default=12, help="pairs of epochs (without, with) per interval")
     args = parser.parse_args()
-    nets = {"quickstart (ResNet k=9, digits)": quickstart}
+    nets = {"quickstart (ResNet k=9, digits)": (quickstart, args.pairs * 3)}  # its epochs are short: more of them
     if (args.data / "t10k-images-idx3-ubyte").exists() or (args.data / "t10k-images-idx3-ubyte.gz").exists():
-        nets["mnist_vgg (Adam, MNIST)"] = lambda: mnist_vgg(args.data, args.vgg_batches)
+        nets["mnist_vgg (Adam, MNIST)"] = (lambda: mnist_vgg(args.data), args.pairs)
     else:
         print(f"no MNIST test file in {args.data}: the MNIST VGG net is left out", flush=True)
     results = {}
-    for net, build in nets.items():
-        epochs: dict[str, list[float]] = {mode: [] for mode in MODES}
-        ratios: dict[str, list[float]] = {mode: [] for mode in MODES if mode != "none"}
-        for _ in range(args.rounds):
-            this_round = {mode: statistics.median(fit(build, every, args.epochs)) for mode, every in MODES.items()}
-            for mode, seconds in this_round.items():
-                epochs[mode].append(seconds)
-                if mode != "none":
-                    ratios[mode].append(seconds / this_round["none"])
-        results[net] = {"epoch_s": round(statistics.median(epochs["none"]), 3)}
-        for mode, values in ratios.items():
-            overhead = statistics.median(values) - 1
-            spread = (min(values) - 1, max(values) - 1)
-            results[net][mode] = {"overhead": round(overhead, 4), "range": [round(v, 4) for v in spread]}
+    for net, (build, pairs) in nets.items():
+        results[net] = {}
+        for every in INTERVALS:
+            times = fit(build, every, pairs).times
+            off, on = trimmed_mean(times[False]), trimmed_mean(times[True])
+            results[net][f"every {every}"] = {"epoch_s": round(off, 3), "overhead": round(on / off - 1, 4)}
             print(
-                f"{net:34s} {mode:9s} epoch {results[net]['epoch_s']:6.3f} s, overhead {overhead:+.1%} "
-                f"(rounds {spread[0]:+.1%} .. {spread[1]:+.1%})",
-                flush=True,
+                f"{net:34s} every {every:<3d} epoch {off:6.3f} s, with it {on:6.3f} s: {on / off - 1:+.1%}", flush=True
             )
     print(json.dumps(results, indent=1))
 

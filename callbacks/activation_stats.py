@@ -19,6 +19,8 @@ from callbacks.activation_observer import (
     ActivationObserver,
     all_gather_rows,
     distributed,
+    log_now,
+    logged_step,
     wandb_loggers,
 )
 from callbacks.figures import variance_histograms
@@ -27,7 +29,7 @@ from lightning_modules.run.console import say
 from lightning_modules.run.files import atomic_save
 from lightning_modules.run.run_folder import run_folder
 from lightning_modules.statistics.moments import MomentAccumulator, Moments
-from lightning_modules.statistics.unit_health import effective_rank, srank
+from lightning_modules.statistics.unit_health import effective_rank, singular_values, srank
 from lightning_modules.statistics.unit_statistics import pca_summary, variance_summary
 
 
@@ -155,8 +157,8 @@ class ActivationStats(ActivationObserver):
                 explained[name], pca = pca_summary(self._gathered_rows(name), self.pca_k)
                 self.summaries[name].update(pca)
             if self.feature_rank and name in self.features:
-                features = self._gathered_rows(name, self.features)
-                self.summaries[name].update(erank=effective_rank(features), srank=float(srank(features)))
+                sigma = singular_values(self._gathered_rows(name, self.features))
+                self.summaries[name].update(erank=effective_rank(sigma=sigma), srank=float(srank(sigma=sigma)))
         folder = run_folder(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
             self.report(trainer, folder, moments, variances, explained)
@@ -166,11 +168,10 @@ class ActivationStats(ActivationObserver):
         if self.print_table:
             say(self.table(title, variances))
         # straight to the loggers: a hundred keys through LightningModule.log cost 0.3 s an epoch
-        scalars = {
-            f"act/{name}/{key}": value for name, summary in self.summaries.items() for key, value in summary.items()
-        }
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=trainer.global_step)
+        log_now(
+            trainer,
+            {f"act/{n}/{key}": value for n, summary in self.summaries.items() for key, value in summary.items()},
+        )
         if folder is None:
             return
         atomic_save(
@@ -196,14 +197,14 @@ class ActivationStats(ActivationObserver):
                         for name, var in variances.items()
                         if (var > self.zero_tol).any()
                     },
-                    step=trainer.global_step,
+                    step=logged_step(trainer),
                 )
                 if explained:
                     logger.log_table(
                         "act/pca_explained",
                         columns=["layer", "component", "explained_ratio"],
                         data=[[n, i + 1, float(r)] for n, ratios in explained.items() for i, r in enumerate(ratios)],
-                        step=trainer.global_step,
+                        step=logged_step(trainer),
                     )
         self.title = title
         if trainer.state.fn != "fit":
@@ -218,7 +219,7 @@ class ActivationStats(ActivationObserver):
         """The histograms of the last observation: a PNG in the run folder and an image in W&B."""
         image = variance_histograms(self.variances, self.title, folder / "activation_variance.png")
         for logger in wandb_loggers(trainer):
-            logger.log_image("act/variance_histograms", [str(image)], step=trainer.global_step)
+            logger.log_image("act/variance_histograms", [str(image)], step=logged_step(trainer))
 
     COLUMNS = (
         ("var_sum", "var sum"),

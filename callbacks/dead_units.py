@@ -19,6 +19,8 @@ from callbacks.activation_observer import (
     all_reduce_max,
     all_reduce_sum,
     layer_name,
+    log_now,
+    logged_step,
     network_of,
     wandb_loggers,
 )
@@ -33,7 +35,7 @@ from lightning_modules.statistics.unit_health import (
     dormant_scores,
     dormant_share,
     duty_cycle_entropy,
-    mean_abs_per_unit,
+    summed_abs_per_unit,
 )
 
 
@@ -112,16 +114,13 @@ class DeadUnits(ActivationObserver):
         self.maxima: dict[str, torch.Tensor] = {}
         self.sums: dict[str, torch.Tensor] = {}  # per layer: per-unit sum of |h| (a sample's mean over positions)
         self.samples: dict[str, int] = {}
-        self.blocked: dict[str, torch.Tensor] = {}  # per layer: [entries whose slope blocks the gradient, entries]
+        self.blocked: dict[str, torch.Tensor] = {}  # per layer: entries whose slope blocks the gradient (device)
+        self.entries: dict[str, int] = {}  # per layer: entries counted for blocking
         self.counts: dict[str, tuple[int, int]] = {}
         self.peaks: dict[str, torch.Tensor] = {}  # per unit, of the last observation
         self.scores: dict[str, torch.Tensor] = {}  # per unit dormant score, of the last observation
         self.health: dict[str, dict[str, list]] = {}  # per layer: the steps checked, scores and dormant masks
         self.figures = BackgroundFigures()
-
-    @property
-    def wants_inputs(self) -> bool:
-        return self.blocking_eps is not None
 
     @property
     def state_key(self) -> str:
@@ -136,23 +135,22 @@ class DeadUnits(ActivationObserver):
         self.health = state_dict.get("health", {})
 
     def start(self) -> None:
-        self.maxima, self.sums, self.samples, self.blocked = {}, {}, {}, {}
+        self.maxima, self.sums, self.samples, self.blocked, self.entries = {}, {}, {}, {}, {}
 
     def observe(self, name: str, output: torch.Tensor) -> None:
-        mean_abs = mean_abs_per_unit(output)  # (N, units), before `output` is reduced to its maxima
-        self.sums[name] = self.sums[name] + mean_abs.sum(0) if name in self.sums else mean_abs.sum(0)
+        summed = summed_abs_per_unit(output)  # per unit, before `output` is reduced to its maxima
+        self.sums[name] = self.sums[name] + summed if name in self.sums else summed
         self.samples[name] = self.samples.get(name, 0) + len(output)
+        if self.blocking_eps is not None:
+            blocked = blocked_count(self.layers[name], output, self.blocking_eps)
+            if blocked is not None:  # entries counted on the device, their number on the host: no sync
+                self.blocked[name] = self.blocked[name] + blocked if name in self.blocked else blocked
+                self.entries[name] = self.entries.get(name, 0) + output.numel()
         if output.dim() > 2:  # positions first, then samples: twice as fast as one amax on channels_last maps
             output = output.amax(dim=tuple(range(2, output.dim())))
         batch_max = output.amax(dim=0).float() if output.dim() > 1 else output.float()
         previous = self.maxima.get(name)
         self.maxima[name] = batch_max if previous is None else torch.maximum(previous, batch_max)
-
-    def observe_input(self, name: str, z: torch.Tensor) -> None:
-        blocked = blocked_count(self.layers[name], z, self.blocking_eps)
-        if blocked is not None:
-            counted = torch.stack([blocked.float(), torch.tensor(float(z.numel()), device=z.device)])
-            self.blocked[name] = self.blocked[name] + counted if name in self.blocked else counted
 
     def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = [name for name in self.layers if name in self.maxima]
@@ -176,8 +174,13 @@ class DeadUnits(ActivationObserver):
         """Dormant scores and shares, blocking shares, duty-cycle entropies and the died/revived counts of this
         observation, in `self.health_scalars`; the per-unit sums are summed over ranks in one collective, so every
         rank holds the same values (each sample counted once, as the dead counts are)."""
-        blocked = [self.blocked.get(name, torch.zeros(2, device=self.sums[name].device)) for name in names]
-        counts = torch.tensor([float(self.samples[name]) for name in names], device=self.sums[names[0]].device)
+        device = self.sums[names[0]].device
+        blocked = [
+            torch.stack([self.blocked[name].float(), torch.tensor(float(self.entries[name]), device=device)])
+            if name in self.blocked else torch.zeros(2, device=device)
+            for name in names
+        ]  # fmt: skip
+        counts = torch.tensor([float(self.samples[name]) for name in names], device=device)
         packed = all_reduce_sum(torch.cat([*(self.sums[name].float() for name in names), counts, *blocked]))
         sums, rest = packed[: sum(sizes)].cpu().split(sizes), packed[sum(sizes) :].cpu()
         samples, blocked = rest[: len(names)], rest[len(names) :].view(-1, 2)
@@ -223,20 +226,15 @@ class DeadUnits(ActivationObserver):
         if folder is None:
             return
         atomic_save(self.peaks, folder / "dead_units" / f"step{trainer.global_step:07d}.pt")
-        loggers, step = wandb_loggers(trainer), trainer.global_step
-        for logger in trainer.loggers:  # straight to the loggers: dozens of keys through LightningModule.log are slow
-            logger.log_metrics(self.health_scalars, step=step)
+        loggers, step = wandb_loggers(trainer), logged_step(trainer)
+        log_now(trainer, self.health_scalars)
         atomic_save(
             {name: {key: torch.stack(values) if key != "steps" else torch.tensor(values) for key, values in record.items()}
              for name, record in self.health.items()},
             folder / "unit_health.pt",
         )  # fmt: skip
-        shares = {name: (record["steps"], [float(d.float().mean()) for d in record["dormant"]])
-                  for name, record in self.health.items()}  # fmt: skip
-        share_title = f"dormant share (tau {self.health_tau:g}, {self.split})"
-        self.figures.submit(
-            functools.partial(self.draw_shares, shares, share_title, folder / "dormant_share.png", loggers, step)
-        )
+        if trainer.state.fn != "fit":  # during fit the shares are on the dashboard as lines; the plot comes at its end
+            self.submit_shares(trainer, folder)
         for logger in loggers:
             table = [[name, d, t, d / t] for name, d, t in rows]
             logger.log_table("dead/table", columns=["layer", "dead", "units", "fraction"], data=table, step=step)
@@ -248,6 +246,19 @@ class DeadUnits(ActivationObserver):
         dead_units_figure(rows, title, path)
         for logger in loggers:
             logger.log_image("dead/per_layer", [str(path)], step=step)
+
+    def submit_shares(self, trainer: pl.Trainer, folder: Path) -> None:
+        """The dormant-share plot of the record so far, drawn on the figure thread."""
+        shares = {name: (record["steps"], [float(d.float().mean()) for d in record["dormant"]])
+                  for name, record in self.health.items()}  # fmt: skip
+        title = f"dormant share (tau {self.health_tau:g}, {self.split})"
+        path, loggers, step = folder / "dormant_share.png", wandb_loggers(trainer), logged_step(trainer)
+        self.figures.submit(functools.partial(self.draw_shares, shares, title, path, loggers, step))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        folder = run_folder(trainer)  # on every rank (a collective under DDP)
+        if trainer.is_global_zero and folder is not None and self.health:
+            self.submit_shares(trainer, folder)
 
     @staticmethod
     def draw_shares(shares: dict, title: str, path: Path, loggers: list, step: int) -> None:

@@ -91,6 +91,6 @@ class TrainingDynamics(pl.Callback):
             values[f"update_ratio/{name}"] = (module.weight.detach().float() - before).norm() / before.norm()
         step, self._step, self._values, self._before = self._step, None, {}, {}
         host = torch.stack([v.float() for v in values.values()]).cpu()  # one transfer for all of them
-        numbers = dict(zip(values, host.tolist(), strict=True))
-        for logger in trainer.loggers:
+        numbers = dict(zip(values, host.tolist(), strict=True), epoch=trainer.current_epoch)
+        for logger in trainer.loggers:  # at the index of the step measured, as Lightning logs a training step's
             logger.log_metrics(numbers, step=step)

@@ -77,7 +77,7 @@ class Classifier(pl.LightningModule):
         self.finite_check_every = finite_check_every
         self.param_groups = {pattern: dict(options) for pattern, options in (param_groups or {}).items()}
         self.max_loss_ratio, self.max_loss, self.on_divergence = max_loss_ratio, max_loss, on_divergence
-        self.recycle, self.recycler = recycle, None
+        self.recycle, self.recycler, self.saved_recycling = recycle, None, None
         for split in ("train", "val", "test"):  # one set of metrics per split: train_metrics, val_metrics, ...
             setattr(
                 self,
@@ -97,13 +97,15 @@ class Classifier(pl.LightningModule):
     def on_fit_start(self) -> None:
         # the net is built alike on every rank; from here each rank augments and drops out on its own stream
         seed_this_rank(self.global_rank, self.trainer.world_size)
-        if self.recycle is not None and self.recycler is None:
-            self.recycler = Recycler(self.recycle, self.net)
+        if self.recycle is not None:  # a checkpoint's events, else those of an earlier fit of this module
+            state = self.saved_recycling or (self.recycler.state_dict() if self.recycler is not None else None)
+            self.recycler, self.saved_recycling = Recycler(self.recycle, self.net), None
+            if state is not None:
+                self.recycler.load_state_dict(state)
 
     def on_fit_end(self) -> None:
-        if self.recycler is not None:
+        if self.recycler is not None:  # its hooks go; its events stay for a checkpoint saved after the fit
             self.recycler.remove()
-            self.recycler = None
 
     def as_input(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of inputs in the memory order the net's weights use."""
@@ -206,10 +208,13 @@ class Classifier(pl.LightningModule):
         loop = self.trainer.fit_loop.epoch_loop.batch_progress.current
         if self.trainer.training and 0 < loop.completed < self.trainer.num_training_batches:  # mid-epoch
             checkpoint["train_metric_states"] = self.metric_states("train")
+        if self.recycler is not None:
+            checkpoint["recycling"] = self.recycler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.first_loss.fill_(checkpoint.get("first_loss", math.nan))
         self.saved_train_states = checkpoint.get("train_metric_states")
+        self.saved_recycling = checkpoint.get("recycling")
 
     def metric_states(self, split: str) -> dict[str, dict[str, torch.Tensor]]:
         """The epoch-so-far sums of a split's metrics, summed over ranks: a mid-epoch checkpoint's share of the

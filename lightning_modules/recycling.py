@@ -22,7 +22,7 @@ from torch import nn
 
 from lightning_modules.errors import ConfigError, require
 from lightning_modules.layers.recycling import recycle
-from lightning_modules.statistics.unit_health import dormant_scores, mean_abs_per_unit
+from lightning_modules.statistics.unit_health import dormant_scores, summed_abs_per_unit
 
 
 @dataclass
@@ -55,14 +55,14 @@ class Recycler:
             name: collections.deque(maxlen=settings.score_batches) for name in chosen
         }
         self.previous: dict[str, torch.Tensor] = {}  # the units each layer recycled at the last event
+        self.events: list[dict] = []  # every event: its step and the units each layer recycled
         self.last_event = 0
         self.handles = [group.activation.register_forward_hook(self._hook(name)) for name, group in chosen.items()]
 
     def _hook(self, name: str):
         def record(module: nn.Module, inputs, output: torch.Tensor) -> None:
             if module.training and isinstance(output, torch.Tensor):  # training batches only, on the device
-                mean_abs = mean_abs_per_unit(output.detach())
-                self.batches[name].append((mean_abs.sum(0), len(output)))
+                self.batches[name].append((summed_abs_per_unit(output.detach()), len(output)))
 
         return record
 
@@ -95,7 +95,17 @@ class Recycler:
                 report[f"recycle/{name}/dormant_again"] = float(again)
             self.previous[name] = units
             self.batches[name].clear()
+        self.events.append({"step": global_step, "units": dict(self.previous)})
         return report
+
+    def state_dict(self) -> dict:
+        """The events so far (kept in checkpoints: a resumed run reports `dormant_again` against the event before
+        the interruption). The scores gathered since the last event are not kept: after a resume the next event
+        scores the batches since the resume."""
+        return {"events": self.events, "last_event": self.last_event, "previous": self.previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.events, self.last_event, self.previous = state["events"], state["last_event"], state["previous"]
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -167,3 +167,19 @@ def test_ddp_student_attention_transfer_equals_one_process_on_the_same_batch(in_
     for key in ("val/at_g1", "val/at_g2", "val/at_g3", "val/task", "val/loss"):
         assert ddp[key] == pytest.approx(single[key].item(), rel=1e-5), key
     assert ddp["val/at_g3"] > 0 and ddp["train/at_g3"] > 0
+
+
+def test_a_run_leaves_no_process_group_behind(in_tmp):
+    """`train.py` destroys the DDP process group when the run ends: a gloo group left to interpreter shutdown
+    aborted a rank now and then ("terminate called without an active exception") after a fit that succeeded."""
+    from lightning_modules.run.cli import main
+
+    dist = torch.distributed
+    dist.init_process_group("gloo", store=dist.FileStore(str(in_tmp / "store"), 1), rank=0, world_size=1)
+    try:
+        main(["fit", "--config", str(QUICKSTART), "--trainer.fast_dev_run", "1", "--trainer.strategy", "ddp",
+              "--trainer.accelerator", "cpu", "--trainer.devices", "1", *QUIET])  # fmt: skip
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

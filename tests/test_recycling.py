@@ -168,3 +168,47 @@ def test_ddp_ranks_recycle_alike_and_end_with_equal_nets(tmp_path):
     ranks = fit_recycling(tmp_path, devices=2, strategy="ddp_spawn")
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
+
+
+class Logged(pl.loggers.Logger):
+    """Keeps what is logged, by step."""
+
+    name, version = "logged", 0
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[int, dict[str, float]] = {}
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.setdefault(step, {}).update(metrics)
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_a_checkpoint_keeps_the_events_and_a_resumed_run_reports_against_them(tmp_path):
+    def fit(max_steps: int, ckpt_path=None) -> tuple[pl.Trainer, Logged]:
+        pl.seed_everything(4, verbose=False)
+        model = Classifier(MLP(12, in_features=16), channels_last=False, recycle=Recycling(every_n_steps=2, tau=0.5))
+        logged = Logged()
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=max_steps, logger=logged, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(model, datamodule=TinyImages(probe_images(), batch_size=1), ckpt_path=ckpt_path)
+        return trainer, logged
+
+    first, _ = fit(4)
+    first.save_checkpoint(tmp_path / "four.ckpt")
+    saved = torch.load(tmp_path / "four.ckpt", weights_only=True)["recycling"]
+    assert [e["step"] for e in saved["events"]] == [2, 4] and saved["last_event"] == 4
+    assert all(len(e["units"]["hidden"]) > 0 for e in saved["events"])  # tau 0.5: some units recycled each time
+
+    resumed, logged = fit(8, ckpt_path=tmp_path / "four.ckpt")
+    events = resumed.lightning_module.recycler.events
+    assert [e["step"] for e in events] == [2, 4, 6, 8]
+    assert [e["units"]["hidden"].tolist() for e in events[:2]] == [
+        e["units"]["hidden"].tolist() for e in saved["events"]
+    ]
+    # the first event after the resume reports how many of step 4's units are dormant again
+    assert "recycle/hidden/dormant_again" in logged.rows[6] and "recycle/hidden/recycled" in logged.rows[6]

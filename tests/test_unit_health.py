@@ -1,12 +1,15 @@
 """Unit health (spec 06) on hand-built inputs: dormant scores and shares, gradient blocking, duty-cycle entropy,
 feature rank, and the died/revived record of DeadUnits; each expected value computed here by hand."""
 
+import csv
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from callbacks import ActivationStats, DeadUnits
@@ -18,10 +21,11 @@ from lightning_modules.statistics.unit_health import (
     dormant_share,
     duty_cycle_entropy,
     effective_rank,
-    mean_abs_per_unit,
+    singular_values,
     srank,
+    summed_abs_per_unit,
 )
-from tests.conftest import TinyImages, probe_images, probe_net
+from tests.conftest import CONFIGS, QUIET, TinyImages, cli, data_args, probe_images, probe_net
 
 
 def test_dormant_scores_divide_each_units_mean_magnitude_by_the_layers():
@@ -30,19 +34,23 @@ def test_dormant_scores_divide_each_units_mean_magnitude_by_the_layers():
     assert dormant_share(scores, 0.0) == 0.25 and dormant_share(scores, 0.1) == 0.5
     assert dormant_share(scores, 0.025) == 0.25
     assert torch.equal(dormant_scores(torch.zeros(3)), torch.zeros(3))  # a silent layer: every unit dormant
-    # a conv unit is a channel: |h| averaged over positions per sample, signs ignored
-    h = torch.tensor([[[[1.0, -3.0]], [[0.0, 0.0]]]])  # (1 sample, 2 channels, 1 x 2)
-    assert torch.equal(mean_abs_per_unit(h), torch.tensor([[2.0, 0.0]]))
+    # a conv unit is a channel: |h| averaged over positions per sample, signs ignored, summed over samples
+    h = torch.tensor([[[[1.0, -3.0]], [[0.0, 0.0]]], [[[0.5, 0.5]], [[-1.0, 0.0]]]])  # (2 samples, 2 channels, 1 x 2)
+    assert torch.equal(summed_abs_per_unit(h), torch.tensor([2.0 + 0.5, 0.0 + 0.5]))
+    assert torch.equal(summed_abs_per_unit(h.flatten(2)[:, :, 0]), torch.tensor([1.5, 1.0]))  # linear units
 
 
 def test_gradient_blocking_is_where_the_activations_slope_is_below_eps():
+    """Counted from the outputs h = phi(z), at pre-activations z chosen on both sides of each boundary."""
     tanh_z = torch.tensor([0.0, 1.0, 2.17, 2.2, -3.0])  # |tanh'| <= 0.05 from |z| = 2.18 on
-    assert blocked_count(nn.Tanh(), tanh_z) == 2
+    assert blocked_count(nn.Tanh(), torch.tanh(tanh_z)) == 2
     elu_z = torch.tensor([-3.1, -2.9, 0.5])  # exp(-3.1) = 0.045, exp(-2.9) = 0.055
-    assert blocked_count(nn.ELU(), elu_z) == 1
+    assert blocked_count(nn.ELU(), F.elu(elu_z)) == 1
+    assert blocked_count(nn.ELU(alpha=2.0), F.elu(torch.tensor([-3.8, -3.6]), alpha=2.0)) == 1  # 2 exp(z) <= 0.05
     relu_z = torch.tensor([-1.0, 0.0, 2.0])  # the off share, z <= 0
-    assert blocked_count(nn.ReLU(), relu_z) == 2
+    assert blocked_count(nn.ReLU(), F.relu(relu_z)) == 2
     assert blocked_count(nn.Identity(), relu_z) is None
+    assert blocked_count(nn.Tanh(), torch.tanh(tanh_z), eps=1.0) == 5  # no slope exceeds 1
 
 
 def test_duty_cycle_entropy_is_the_mean_binary_entropy_beside_its_maximum():
@@ -59,6 +67,9 @@ def test_effective_rank_and_srank_from_the_singular_values():
     assert srank(features, delta=0.01) == 2 and srank(features, delta=0.2) == 1
     p = torch.tensor([10.0, 1.0, 0.05]) / 11.05
     assert effective_rank(features) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+    wide = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))  # fewer samples than units, and more
+    for matrix in (wide, wide.T):
+        assert torch.allclose(singular_values(matrix), torch.linalg.svdvals(matrix.double()), atol=1e-10)
 
 
 def by_hand_scores() -> torch.Tensor:
@@ -128,3 +139,34 @@ def test_activation_stats_reports_the_feature_rank_of_each_layer():
     summary = callback.summaries["features"]
     assert summary["erank"] == pytest.approx(effective_rank(pooled), rel=1e-5)
     assert summary["srank"] == srank(pooled) and summary["srank"] <= 2  # two dead channels: rank 2 at most
+
+
+def test_one_switch_shows_where_a_tanh_depth_net_saturates(in_tmp):
+    """`--trainer.callbacks+=callbacks.DeadUnits` on the depth study's tanh net: every tanh layer is observed and
+    reports its gradient-blocking and dormant shares (tanh is one of the default types)."""
+    config = CONFIGS / "depth" / "tanh.yaml"
+    callbacks = cli(
+        "fit", "--config", config, *data_args(config, in_tmp / "data"), "--model.init_args.net.init_args.depth", "6",
+        "--trainer.callbacks+=callbacks.DeadUnits", "--trainer.fast_dev_run", "true", "--data.batch_size", "8", *QUIET,
+    ).trainer.callbacks  # fmt: skip
+    (dead,) = [c for c in callbacks if isinstance(c, DeadUnits)]
+    assert len(dead.layers) == 6 and all(type(m).__name__ == "Tanh" for m in dead.layers.values())
+    for name in dead.layers:
+        assert 0 <= dead.health_scalars[f"blocking/{name}"] <= 1
+        assert 0 <= dead.health_scalars[f"dormant/tau0.1/{name}"] <= 1
+
+
+def test_the_callbacks_log_at_the_step_and_epoch_of_the_epochs_own_metrics(in_tmp):
+    """A callback's keys go straight to the loggers, at the step Lightning's `self.log` uses for the epoch's
+    metrics (the last step taken), so a CSV row or a W&B x-value pairs them with `dead/total` and `val/acc`."""
+    trainer = cli(
+        "fit", "--config", CONFIGS / "quickstart.yaml", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
+        "--trainer.callbacks+=callbacks.ActivationStats", "--trainer.callbacks.pca", "false", *QUIET,
+    ).trainer  # fmt: skip
+    rows = list(csv.DictReader((Path(trainer.log_dir) / "metrics.csv").open()))
+    steps_of = {key: [(r["step"], r["epoch"]) for r in rows if r.get(key)] for key in
+                ("val/acc", "dead/total", "dormant/tau0/total", "health/features.0/died", "act/features.0/var_sum")}  # fmt: skip
+    assert steps_of["val/acc"] == [("2", "0"), ("5", "1")]  # after steps 0-2 and 3-5
+    assert steps_of["dead/total"] == steps_of["dormant/tau0/total"] == steps_of["act/features.0/var_sum"]
+    assert steps_of["dead/total"] == steps_of["val/acc"] and steps_of["health/features.0/died"] == [("5", "1")]
+    assert (Path(trainer.log_dir) / "dormant_share.png").is_file()  # drawn at the end of fit

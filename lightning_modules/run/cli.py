@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
 import yaml
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -287,3 +288,13 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     except Requeued:
         sys.exit(0)  # SLURM runs the job again, which resumes from the requeue checkpoint
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy the DDP process group while the interpreter is whole. Lightning does so at exit for NCCL only; a
+    gloo group left to interpreter shutdown now and then aborts a rank ("terminate called without an active
+    exception") after a run that succeeded."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

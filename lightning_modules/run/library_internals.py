@@ -64,6 +64,13 @@ def _log_interval_assigned() -> bool:
     return getattr(trainer, "_log_every_n_steps", None) == 7
 
 
+def _batches_that_stepped() -> bool:
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    return isinstance(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None), int)
+
+
 def _numpy_reconstruct() -> bool:
     import numpy as np
 
@@ -120,6 +127,13 @@ INTERNALS = (
         "run/trainer.py ResearchTrainer.log_every_n_steps: Lightning assigns the interval as an attribute, which the "
         "property keeps as _log_every_n_steps and shortens to the epoch",
         _log_interval_assigned,
+    ),
+    Internal(
+        "pytorch-lightning",
+        "2.6.6",
+        "pytorch_lightning:Trainer.fit_loop.epoch_loop._batches_that_stepped",
+        "callbacks/activation_observer.py logged_step: the activation callbacks log at the step self.log uses",
+        _batches_that_stepped,
     ),
     Internal(
         "torchmetrics",
