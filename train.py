@@ -1,4 +1,4 @@
-"""Entry point: `python train.py fit|validate|test|count|search --config configs/X.yaml`."""
+"""Entry point: `python train.py fit|validate|test|count|propagate|search|sweep|noise --config configs/X.yaml`."""
 
 from lightning_modules.run.cli import main
 

@@ -1,4 +1,4 @@
-"""The depth-series net: the seven variants' shapes, parameter counts, init and residual wiring."""
+"""The depth-series net: the variants' shapes, parameter counts, init and residual wiring."""
 
 import math
 
@@ -30,8 +30,10 @@ def variant_net(name: str, depth: int) -> DepthCNN:
     return DepthCNN(**{**settings, "depth": depth})
 
 
-def test_there_are_seven_variants():
-    assert len(VARIANTS) == 7
+def test_the_spec_s_seven_variants_and_the_delta_orthogonal_one_have_configs():
+    from lightning_modules.studies.search import ORIGINAL_DEPTHS
+
+    assert len(ORIGINAL_DEPTHS) == 7 and sorted([*ORIGINAL_DEPTHS, "tanh_delta_orthogonal"]) == VARIANTS
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -72,7 +72,13 @@ def test_reports_have_every_trial(tmp_path):
     assert len(rows) == sum(len(r.trials) for r in results)
     assert {r["variant"] for r in rows} == {"a", "b"}
     text = paths["md"].read_text()
-    assert "| a | 24 | 9 | yes |" in text and "| b | 12 | 3 | yes |" in text
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    summary = {cells[0]: cells for cells in rows if len(cells) == 9}  # the per-variant table (trials: 8 columns)
+    # variant, bound, predicted (none: a binary search), deepest, original (none for these names), confirmed,
+    # trials taken, a binary search's, and (none) from a prediction
+    a_trials, b_trials = (str(len(r.trials)) for r in results)
+    assert summary["a"] == ["a", "24", "", "9", "", "yes", a_trials, a_trials, ""]
+    assert summary["b"] == ["b", "12", "", "3", "", "yes", b_trials, b_trials, ""]
     assert paths["plot"].stat().st_size > 1000
 
 

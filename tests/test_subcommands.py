@@ -53,3 +53,14 @@ def test_count_search_and_sweep_run_with_wandb_on(in_tmp, capsys):
         study_id = logged_to_wandb(study)
         trials = [p for p in Path("wandb").glob("offline-run-*") if not p.name.endswith(study_id)]
         assert trials  # and each trial (or stacked seed) a run of its own, beside the study's
+
+
+@pytest.mark.slow
+def test_propagate_runs_with_wandb_on_and_logs_its_tables_and_plots(in_tmp):
+    propagate = cli("propagate", "--config", QUICKSTART, "--depths", "[6]", "--seeds", "1", "--pairs", "4").trainer
+    run_id = logged_to_wandb(propagate)
+    (run,) = Path("wandb").glob(f"offline-run-*-{run_id}")
+    logged = {p.name for p in (run / "files" / "media").rglob("*.*")}
+    for key in ("propagate/predicted", "propagate/depth_scales", "propagate/quickstart"):
+        assert any(name.startswith(key.rsplit("/", 1)[-1] + "_") for name in logged), (key, sorted(logged))
+    assert (Path(propagate.log_dir) / "propagation.md").is_file()

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from lightning_modules.errors import require
+from lightning_modules.layers.delta_orthogonal import delta_orthogonal_conv, init_bias
 from lightning_modules.layers.recycling import Draw, UnitGroup, chain_units, normal_draw, uniform_draw
+from lightning_modules.statistics.mean_field import critical_sigma_w2
 
 ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}
 
@@ -49,6 +51,9 @@ class DepthCNN(nn.Module):
         batch_norm: bool = False,
         residual: bool = False,
         init_std: float | Literal["fan_in", "fan_out"] = "fan_in",
+        init: Literal["normal", "delta_orthogonal"] = "normal",
+        gain: float | Literal["critical"] = 1.0,
+        bias_std: float = 0.0,
         widths: tuple[int, int, int] = (4, 8, 16),
         in_channels: int = 1,
         input_size: int = 28,
@@ -61,12 +66,27 @@ class DepthCNN(nn.Module):
             batch_norm: BatchNorm2d between conv and activation.
             residual: add the block input to every conv block but the first of each stage.
             init_std: conv weight std: a number (the spec's 0.05), or `fan_in` = sqrt(1/(9 C_in)),
-                `fan_out` = sqrt(1/(9 C_out)). Conv biases start at zero.
+                `fan_out` = sqrt(1/(9 C_out)). Used by the `normal` init.
+            init: `normal` (N(0, init_std^2) weights) or `delta_orthogonal` (spec 06: zero kernels but an
+                orthogonal centre tap times `gain`; `init_std` then plays no part).
+            gain: the delta-orthogonal centre tap's gain (mean-field sigma_w = gain), or `critical`: the gain at
+                which chi_1 = 1 for this activation and `bias_std` (tanh: 1 at bias_std 0, where the signal
+                still fades as a power law; 1.46 at bias_std 0.38, where q* is about 1).
+            bias_std: conv biases start N(0, bias_std^2) (mean-field sigma_b); 0: zero.
             widths: channels of the three stages.
             in_channels: image channels.
             input_size: image height and width (square).
             num_classes: logits.
         """
+        require("non_negative", bias_std=bias_std)
+        if init not in ("normal", "delta_orthogonal"):
+            raise ValueError(f"init must be 'normal' or 'delta_orthogonal', got {init!r}")
+        if init == "normal" and gain != 1.0:
+            raise ValueError("gain is the delta-orthogonal init's: with init 'normal' set init_std instead")
+        if gain == "critical":
+            gain = math.sqrt(critical_sigma_w2(bias_std**2, activation))
+        elif isinstance(gain, str) or gain <= 0:
+            raise ValueError(f"gain must be a positive number or 'critical', got {gain!r}")
         require("positive", in_channels=in_channels, input_size=input_size, num_classes=num_classes,
                 **{f"widths[{i}]": w for i, w in enumerate(widths)})  # fmt: skip
         super().__init__()
@@ -78,6 +98,9 @@ class DepthCNN(nn.Module):
             batch_norm=batch_norm,
             residual=residual,
             init_std=init_std,
+            init=init,
+            gain=gain,
+            bias_std=bias_std,
             widths=tuple(widths),
             in_channels=in_channels,
             input_size=input_size,
@@ -105,10 +128,21 @@ class DepthCNN(nn.Module):
         return math.sqrt(1.0 / (9 * fan))
 
     def reset_conv_parameters(self, init_std: float | str) -> None:
+        settings = self.settings
         for module in self.features.modules():
             if isinstance(module, nn.Conv2d):
+                if settings["init"] == "delta_orthogonal":
+                    delta_orthogonal_conv(module, settings["gain"], settings["bias_std"])
+                    continue
                 nn.init.normal_(module.weight, 0.0, self.conv_std(module))
-                nn.init.zeros_(module.bias)
+                init_bias(module, settings["bias_std"])
+
+    def weight_variance(self, conv: nn.Conv2d) -> float:
+        """Mean-field theory's sigma_w^2 of a conv at initialisation: 9 C_in std^2 for N(0, std^2) weights (Xiao et
+        al., 2018), gain^2 for the delta-orthogonal init."""
+        if self.settings["init"] == "delta_orthogonal":
+            return float(self.settings["gain"]) ** 2
+        return 9 * conv.in_channels * self.conv_std(conv) ** 2
 
     def init_draw(self, layer: nn.Conv2d | nn.Linear) -> Draw:
         """The distribution a layer's weights start from: N(0, std^2) for a conv; PyTorch's default for the head."""
@@ -121,6 +155,9 @@ class DepthCNN(nn.Module):
         plain net a channel's outgoing weights are the next conv's input channel (the head's block of 9 columns
         after the last pool). In a residual net every block adds its channels into the stream, which has no
         weights to zero: a block is silenced at its batch norm instead, and without one it cannot be recycled."""
+        if self.settings["init"] == "delta_orthogonal":
+            why = "a delta-orthogonal kernel is orthogonal across units: one unit cannot be drawn again alone"
+            return {f"features.{i}": why for i, block in enumerate(self.features) if isinstance(block, DepthBlock)}
         if not self.settings["residual"]:
             leaves = [(f"features.{name}", m) for name, m in self.features.named_modules() if not list(m.children())]
             return chain_units([*leaves, ("head", self.head)], self.init_draw)

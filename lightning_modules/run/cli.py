@@ -58,7 +58,7 @@ class RunConfig(SaveConfigCallback):
 
 
 class ResearchCLI(LightningCLI):
-    """`python train.py fit|validate|test|count|search|sweep|noise --config C`."""
+    """`python train.py fit|validate|test|count|propagate|search|sweep|noise --config C`."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("trainer_class", ResearchTrainer)
@@ -84,6 +84,7 @@ class ResearchCLI(LightningCLI):
             "validate": {*lightning["validate"], "verbose"},
             "test": {*lightning["test"], "verbose"},
             "count": {"model", "datamodule"},
+            "propagate": {"model", "datamodule"},
             "search": {"model", "datamodule"},
             "sweep": {"model", "datamodule"},
             "noise": {"model", "datamodule"},
@@ -228,7 +229,8 @@ class ResearchCLI(LightningCLI):
             if isinstance(callback, RunConfig):
                 callback.setup(self.trainer, self.model, stage=self.subcommand)
 
-    before_search = before_sweep = before_noise = save_study_config  # LightningCLI's before_<subcommand> hooks
+    # LightningCLI's before_<subcommand> hooks
+    before_search = before_sweep = before_noise = before_propagate = save_study_config
 
 
 def check_trainer(trainer) -> None:

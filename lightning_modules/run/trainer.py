@@ -1,4 +1,5 @@
-"""The Trainer of this framework: Lightning's, plus the subcommands `count`, `search`, `sweep` and `noise`.
+"""The Trainer of this framework: Lightning's, plus the subcommands `count`, `propagate`, `search`, `sweep` and
+`noise`.
 
 LightningCLI registers a subcommand from a Trainer method: its signature is the command line, its docstring the
 help. So the methods are here and each is a few lines; a study's body is its module under `studies/`.
@@ -15,6 +16,7 @@ import pytorch_lightning as pl
 from lightning_modules.counting import CountResult, count_model
 from lightning_modules.run.run_state import Run
 from lightning_modules.studies.noise import NoiseResult, run_noise
+from lightning_modules.studies.propagate import Prediction, run_propagate
 from lightning_modules.studies.search import SearchResult, run_search
 from lightning_modules.studies.study import Study
 from lightning_modules.studies.sweep import run_sweep
@@ -52,6 +54,34 @@ class ResearchTrainer(pl.Trainer):
             print(result.table())
         return result
 
+    def propagate(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        depths: list[int] | None = None,
+        seeds: int = 3,
+        pairs: int = 32,
+        variants: dict[str, int] | None = None,
+    ) -> list[Prediction]:
+        """Measure signal propagation through the untrained net at each depth and predict its deepest trainable depth.
+
+        At every block of the net rebuilt at each depth (`at_depth`, seeded as `fit` would), over pairs of
+        training images: the length q^l, the pair correlation c^l and the loss's gradient norm (float64, training
+        mode); the fitted depth scales xi_c and xi_grad; the prediction 6 min(xi_c, xi_grad) from the deepest
+        depth, with its range over seeds; for plain nets the mean-field values beside them. Writes
+        propagation.csv, depth_scales.csv, mean_field.csv, propagation.md and propagation_<variant>.png into the
+        run folder and logs the tables and plots to W&B. Nothing is trained.
+
+        Args:
+            depths: depths k to measure (multiples of 3, at least 6; default 12, 24, 48, 96).
+            seeds: initialisations per depth, from the run's seed on.
+            pairs: input pairs per net (2 * pairs training images).
+            variants: instead of the model's own net, probe each of these configs' `model.net` (the values,
+                the search's upper bounds, are not used here), e.g. configs/depth/search_all.yaml.
+        """
+        args = dict(depths=depths, seeds=seeds, pairs=pairs, variants=variants)
+        return self._study("propagate", run_propagate, model, datamodule, **args)
+
     def search(
         self,
         model: pl.LightningModule,
@@ -65,6 +95,8 @@ class ResearchTrainer(pl.Trainer):
         ray_address: str | None = None,
         cpus_per_trial: float = 1,
         trials_per_gpu: int = 1,
+        bracket: Literal["binary", "predicted"] = "binary",
+        probe_depth: int = 96,
     ) -> list[SearchResult]:
         """Binary-search the deepest trainable depth k of the model's net, then confirm the boundary.
 
@@ -85,8 +117,13 @@ class ResearchTrainer(pl.Trainer):
             ray_address: the Ray cluster to run on (`ray` launcher; default: a Ray instance started here).
             cpus_per_trial: CPUs each Ray trial asks for (and its torch threads).
             trials_per_gpu: Ray trials sharing one GPU when the cluster has GPUs; 0 trains on CPUs only.
+            bracket: `binary` (search [3, upper] from its middle) or `predicted`: first measure each net's signal
+                propagation at initialisation (as `propagate` does, 3 seeds at `probe_depth`) and start from the
+                depth it predicts, galloping outward to the boundary (a right prediction: 2 probes).
+            probe_depth: the depth at which `predicted` measures the untrained net.
         """
         args = dict(upper=upper, seeds=seeds, epochs=epochs, max_error=max_error, variants=variants)
+        args |= dict(bracket=bracket, probe_depth=probe_depth)
         launch = dict(launcher=launcher, ray_address=ray_address, cpus_per_trial=cpus_per_trial)
         return self._study("search", run_search, model, datamodule, **args, **launch, trials_per_gpu=trials_per_gpu)
 

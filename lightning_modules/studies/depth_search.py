@@ -44,6 +44,7 @@ class SearchResult:
     deepest: int  # 0 when not even k=3 trains
     confirmed: bool
     trials: list[Trial] = field(default_factory=list)
+    guess: int | None = None  # the depth the search started from (a prediction), None: plain binary search
 
 
 def is_trainable(val_errs: list[float], max_error: float) -> bool:
@@ -52,14 +53,23 @@ def is_trainable(val_errs: list[float], max_error: float) -> bool:
 
 
 def search_plan(
-    upper: int, seeds: int = 1, max_error: float = 0.2, first_seed: int = 0, variant: str = "net", step: int = 3
+    upper: int,
+    seeds: int = 1,
+    max_error: float = 0.2,
+    first_seed: int = 0,
+    variant: str = "net",
+    step: int = 3,
+    guess: int | None = None,
 ) -> Generator[list[Request], list[Trial], SearchResult]:
     """One variant's search as a sequence of probes: yields the (depth, seed, phase) trials a probe needs,
     which can train in parallel, and is sent them back trained, in that order; returns the result.
 
-    Binary search over m in [1, upper // step] for the largest trainable k = step * m. Confirmation then
-    trains the two consecutive depths around the boundary (k and k + step) again, in one probe, with
-    fresh seeds: the boundary is confirmed when k still trains and k + step still does not.
+    Binary search over m in [1, upper // step] for the largest trainable k = step * m. With a `guess` (a
+    predicted depth), the bracket is found first by galloping from it: the guess, then its neighbour
+    (deeper when the guess trains, shallower when not), then steps doubling away from it until the verdict
+    flips; a right guess costs two probes. Confirmation then trains the two consecutive depths around the
+    boundary (k and k + step) again, in one probe, with fresh seeds: the boundary is confirmed when k still
+    trains and k + step still does not.
     """
     if upper < step:
         raise ValueError(f"upper must be at least {step}, got {upper}")
@@ -72,18 +82,51 @@ def search_plan(
             trial.trainable = ok
         return ok
 
-    lo, hi = 0, upper // step + 1  # invariant: lo trainable (0 by convention), hi not (upper+1 by convention)
+    def probe(m: int) -> Generator[list[Request], list[Trial], bool]:
+        done = yield [(step * m, seed, "search") for seed in range(first_seed, first_seed + seeds)]
+        trials.extend(done)
+        return judged(done, step * m)
+
+    top = upper // step
+    lo, hi = 0, top + 1  # invariant: lo trainable (0 by convention), hi not (upper+1 by convention)
+    if guess is not None:  # gallop away from the guess until the verdict flips: that is the bracket
+        start = min(max(guess // step, 1), top)
+        trains = yield from probe(start)
+        lo, hi = (start, hi) if trains else (lo, start)
+        jump = 1
+        while hi - lo > 1:
+            m = lo + jump if trains else hi - jump
+            if not 1 <= m <= top:
+                break
+            if (yield from probe(m)) == trains:
+                lo, hi = (m, hi) if trains else (lo, m)
+                jump *= 2
+            else:
+                lo, hi = (lo, m) if trains else (m, hi)
+                break
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        done = yield [(step * mid, seed, "search") for seed in range(first_seed, first_seed + seeds)]
-        trials += done
-        lo, hi = (mid, hi) if judged(done, step * mid) else (lo, mid)
+        lo, hi = (mid, hi) if (yield from probe(mid)) else (lo, mid)
     confirm_seed = first_seed + seeds  # seeds the search did not use
     around = [m for m in (lo, lo + 1) if 1 <= m <= upper // step]
     done = yield [(step * m, seed, "confirm") for m in around for seed in range(confirm_seed, confirm_seed + seeds)]
     trials += done
     confirmed = all(judged(done, step * m) == (m == lo) for m in around)
-    return SearchResult(variant, upper, step * lo, confirmed, trials)
+    return SearchResult(variant, upper, step * lo, confirmed, trials, guess)
+
+
+def trials_needed(upper: int, deepest: int, seeds: int = 1, step: int = 3, guess: int | None = None) -> int:
+    """The trials a search would train if exactly the depths up to `deepest` trained (trainability monotone in
+    depth, confirmation agreeing): to compare a search with and without a guess on the same boundary."""
+    plan = search_plan(upper, seeds, step=step, guess=guess)
+    count, requests = 0, next(plan)
+    while True:
+        count += len(requests)
+        done = [Trial("net", d, s, 0.0, 0.0 if d <= deepest else 1.0, None, phase) for d, s, phase in requests]
+        try:
+            requests = plan.send(done)
+        except StopIteration:
+            return count
 
 
 def run_searches(

@@ -25,30 +25,54 @@ from lightning_modules.studies.depth_search import (
     run_searches,
     search_plan,
     trial_outcome,
+    trials_needed,
     write_trials,
 )
+from lightning_modules.studies.propagate import check_depths, probe, trainable_depth
 from lightning_modules.studies.study import Study, StudyFiles
 from lightning_modules.studies.trials import TrialRuns, bare_trainer, portable, quiet_lightning, worker_device
 
 FILES = StudyFiles(progress="results.csv", final="results.md")
+# the deepest trainable k the original notebook found (spec 01's table), by config name
+ORIGINAL_DEPTHS = {
+    "tanh": 3,
+    "tanh_init": 84,
+    "elu": 93,
+    "elu_bn": 156,
+    "resnet": 447,
+    "tanh_bn": 96,
+    "resnet_nobn": 12,
+}
 PLOT = "error_vs_depth.png"
 
 
-def write_results(results: list[SearchResult], max_error: float, folder: Path) -> dict[str, Path]:
-    """Write results.csv, results.md (per-trial table and per-variant summary) and error_vs_depth.png."""
+def write_results(
+    results: list[SearchResult], max_error: float, folder: Path, predictions: dict[str, str] | None = None
+) -> dict[str, Path]:
+    """Write results.csv, results.md (per-trial table and per-variant summary, with each variant's `predictions`
+    when the search started from them) and error_vs_depth.png."""
     folder.mkdir(parents=True, exist_ok=True)
     trials = [t for r in results for t in r.trials]
     paths = {"csv": folder / FILES.progress, "md": folder / FILES.final, "plot": folder / PLOT}
     write_trials(trials, paths["csv"])
     lines = [
-        f"Trainable: mean validation error over seeds below {max_error:.0%}.",
+        f"Trainable: mean validation error over seeds below {max_error:.0%}. Trials: those this search trained, and "
+        "those the other way (binary search, or starting from the prediction) would train for the same boundary.",
         "",
-        "| variant | search upper bound | max trainable k | confirmed |",
-        "| --- | ---: | ---: | --- |",
+        "| variant | search upper bound | predicted k | max trainable k | original k | confirmed | trials "
+        "| binary search | from prediction |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
-    lines += [
-        f"| {r.variant} | {r.upper} | {r.deepest or 'none'} | {'yes' if r.confirmed else 'no'} |" for r in results
-    ]
+    for r in results:
+        seeds = max(1, len({t.seed for t in r.trials if t.phase == "search"}))
+        predicted = (predictions or {}).get(r.variant, "")
+        binary = trials_needed(r.upper, r.deepest, seeds)
+        guided = trials_needed(r.upper, r.deepest, seeds, guess=r.guess) if r.guess is not None else ""
+        original = ORIGINAL_DEPTHS.get(r.variant.rsplit("/", 1)[-1], "")
+        lines.append(
+            f"| {r.variant} | {r.upper} | {predicted} | {r.deepest or 'none'} | {original} "
+            f"| {'yes' if r.confirmed else 'no'} | {len(r.trials)} | {binary} | {guided} |"
+        )
     lines += [
         "",
         "| variant | k | seed | train err | val err | trainable | phase | note |",
@@ -177,6 +201,8 @@ def run_search(
     ray_address: str | None,
     cpus_per_trial: float,
     trials_per_gpu: int,
+    bracket: str = "binary",
+    probe_depth: int = 96,
 ) -> list[SearchResult]:
     """The `search` subcommand (its arguments are documented on the Trainer's method): every variant's search, its
     trials on the launcher, recorded as they finish; then results.csv, results.md, the plot and the W&B tables."""
@@ -208,6 +234,21 @@ def run_search(
     log = TrialLog(study.folder / FILES.progress)  # a killed search's trials
     if log.trials:
         print(f"search: {len(log.trials)} trial(s) already in {log.path}, not trained again")
+    if bracket not in ("binary", "predicted"):
+        raise ConfigError(f"bracket must be 'binary' or 'predicted', got {bracket!r}")
+    guesses, predictions = {}, {}
+    if bracket == "predicted":  # the untrained nets' signal propagation, seconds per variant
+        check_depths([probe_depth])
+        datamodule.trainer = trainer
+        datamodule.setup("fit")
+        for name, net, bound in jobs:
+            seeds_ = list(range(first_seed, first_seed + 3))
+            prediction = probe(name, net, datamodule, [probe_depth], seeds_, 32, trainer.strategy.root_device)
+            low, high = prediction.spread
+            guesses[name] = trainable_depth(prediction.predicted)
+            predictions[name] = f"{prediction.predicted:.0f} ({low:.0f}..{high:.0f})"
+            print(f"search {name}: predicted deepest trainable k = {predictions[name]} at initialisation; "
+                  f"starting at k = {min(guesses[name], bound // 3 * 3)}")  # fmt: skip
     with study.trials(datamodule, launcher, ray_address, cpus_per_trial, trials_per_gpu) as (runner, where):
         nets = {name: net for name, net, _ in jobs}
         trial = DepthTrial(nets, portable(model), epochs=epochs, steps=steps, precision=trainer.precision,
@@ -216,16 +257,18 @@ def run_search(
         for name, _, bound in jobs:
             print(f"search {name}: k in 3..{bound}, {seeds} seed(s) per depth, {length}, "
                   f"trainable below {max_error:.0%}")  # fmt: skip
-            plans[name] = search_plan(bound, seeds, max_error, first_seed, name)
+            plans[name] = search_plan(bound, seeds, max_error, first_seed, name, guess=guesses.get(name))
         results = run_searches(
             plans, trial, runner, log, lambda r: print(f"search {r.variant}: {describe(r, max_error)}", flush=True)
         )
-    paths = write_results(results, max_error, study.folder)
+    paths = write_results(results, max_error, study.folder, predictions)
     print(paths["md"].read_text())
     print(f"search results: {paths['csv']}, {paths['md']}, {paths['plot']}")
     deepest = [
-        {"variant": r.variant, "upper": r.upper, "deepest": r.deepest, "confirmed": r.confirmed} for r in results
-    ]
+        {"variant": r.variant, "upper": r.upper, "predicted": predictions.get(r.variant, ""), "deepest": r.deepest,
+         "confirmed": r.confirmed, "trials": len(r.trials)}
+        for r in results
+    ]  # fmt: skip
     study.report(
         tables={"search/trials": [asdict(t) for r in results for t in r.trials], "search/deepest": deepest},
         images={"search/error_vs_depth": paths["plot"]},

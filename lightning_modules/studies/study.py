@@ -1,8 +1,9 @@
 """What every study does around its trainings: its run folder and files, the settings it refuses, where its trials
 train (a launcher, and the data placed for it), their W&B runs, and its tables and plots on W&B.
 
-A study is many trainings inside one `train.py` run (`search`, `sweep`, `noise`); its body lives in its own module
-and takes a `Study`. The Trainer's subcommand methods only hand their arguments over.
+A study is many trainings (or measurements, for `propagate`) inside one `train.py` run (`search`, `sweep`,
+`noise`, `propagate`); its body lives in its own module and takes a `Study`. The Trainer's subcommand methods
+only hand their arguments over.
 """
 
 from __future__ import annotations
