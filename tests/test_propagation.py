@@ -48,9 +48,8 @@ def test_critical_weight_variance_puts_chi_1_at_one_and_scales_diverge():
         sigma_w2 = critical_sigma_w2(sigma_b2, "tanh")
         values = mean_field(sigma_w2, sigma_b2, "tanh")
         assert values.chi_1 == pytest.approx(1, abs=1e-9) and values.xi_grad > 1e6
-        assert (
-            mean_field(0.9 * sigma_w2, sigma_b2, "tanh").chi_1 < 1 < mean_field(1.1 * sigma_w2, sigma_b2, "tanh").chi_1
-        )
+        below, above = (chi_1(fixed_length(s, sigma_b2, "tanh"), s, "tanh") for s in (0.9 * sigma_w2, 1.1 * sigma_w2))
+        assert below < 1 < above  # ordered below the edge, chaotic above
     chaotic = mean_field(2.5, 0.0, "tanh")  # an odd activation without bias: c* = 0 in the chaotic phase
     assert chaotic.chi_1 > 1 and abs(chaotic.c_star) < 1e-9 and chaotic.chi_c < 1
 

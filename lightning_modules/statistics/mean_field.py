@@ -169,7 +169,7 @@ def fixed_correlation(q: float, sigma_w2: float, sigma_b2: float, activation: st
     def gap(c: float) -> float:
         return correlation_map(c, q, sigma_w2, sigma_b2, activation) - c
 
-    grid = np.linspace(-1.0, 1 - 1e-6, 401)
+    grid = np.linspace(-1.0, 1 - 1e-6, 101)
     gaps = [gap(c) for c in grid]
     for i in range(len(grid) - 1, 0, -1):  # the crossing from above to below nearest 1
         if gaps[i - 1] >= -1e-14 and gaps[i] < 0:
