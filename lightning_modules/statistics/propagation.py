@@ -72,20 +72,21 @@ def measure(
     finally:
         for handle in handles:
             handle.remove()
-    q, c, grad, stage = [], [], [], []
+    rows, stage = [], []  # per point: (q, c, gradient norm) on the device, brought to the host once
     shape = None
     for z in seen:
         flat = z.detach().flatten(1)
         a, b = flat[0::2], flat[1::2]
         norms = (a.square().sum(1) * b.square().sum(1)).sqrt()
-        q.append(float(flat.square().mean()))
-        c.append(float(((a * b).sum(1) / norms.clamp_min(torch.finfo(dtype).tiny)).mean()))
-        grad.append(float(z.grad.norm()) if z.grad is not None else 0.0)
+        c = ((a * b).sum(1) / norms.clamp_min(torch.finfo(dtype).tiny)).mean()
+        grad = z.grad.norm() if z.grad is not None else torch.zeros((), dtype=dtype, device=z.device)
+        rows.append(torch.stack([flat.square().mean(), c, grad]))
         if z.shape[1:] != shape:
             stage.append(len(set(stage)))
             shape = z.shape[1:]
         else:
             stage.append(stage[-1])
+    q, c, grad = (list(column) for column in zip(*torch.stack(rows).tolist(), strict=True))
     return Profile(q, c, grad, stage)
 
 
