@@ -10,6 +10,7 @@ sigma_w^2 = k^2 C_in s^2.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -46,10 +47,20 @@ def _relu_slope(z):
 PHI = {"tanh": (_tanh, _tanh_slope), "elu": (_elu, _elu_slope), "relu": (_relu, _relu_slope)}
 
 
+@functools.cache
 def _gauss(n: int = NODES) -> tuple[np.ndarray, np.ndarray]:
-    """Nodes and weights for E[f(z)], z ~ N(0, 1): sum_i w_i f(x_i)."""
+    """Nodes and weights for E[f(z)], z ~ N(0, 1): sum_i w_i f(x_i) (computed once per n: the root finders call
+    the integrals hundreds of times)."""
     x, w = np.polynomial.hermite_e.hermegauss(n)
     return x, w / math.sqrt(2 * math.pi)
+
+
+@functools.cache
+def _gauss_2d(n: int = NODES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The product rule for E[f(z1, z2)], z1, z2 independent N(0, 1): nodes z1, z2 and weights on an n x n grid."""
+    x, w = _gauss(n)
+    z1, z2 = np.meshgrid(x, x, indexing="ij")
+    return z1, z2, np.outer(w, w)
 
 
 def gaussian_mean(f, n: int = NODES) -> float:
@@ -60,9 +71,7 @@ def gaussian_mean(f, n: int = NODES) -> float:
 
 def pair_mean(f, g, q: float, c: float, n: int = NODES) -> float:
     """E[f(u1) g(u2)] with u1 = sqrt(q) z1, u2 = sqrt(q) (c z1 + sqrt(1 - c^2) z2), z1, z2 independent N(0, 1)."""
-    x, w = _gauss(n)
-    z1, z2 = np.meshgrid(x, x, indexing="ij")
-    weights = np.outer(w, w)
+    z1, z2, weights = _gauss_2d(n)
     s = math.sqrt(q)
     u1 = s * z1
     u2 = s * (c * z1 + math.sqrt(max(1.0 - c * c, 0.0)) * z2)
@@ -125,11 +134,6 @@ class MeanField:
     xi_c: float
     xi_grad: float
 
-    @property
-    def predicted_depth(self) -> float:
-        """6 min(xi_c, xi_grad) layers (Schoenholz et al., 2017)."""
-        return 6 * min(self.xi_c, self.xi_grad)
-
 
 def depth_scale(slope: float) -> float:
     """-1 / log(slope): the layers over which a geometric factor `slope` changes a quantity by e (inf at 1)."""
@@ -155,16 +159,14 @@ def mean_field(sigma_w2: float, sigma_b2: float, activation: str) -> MeanField:
     if not math.isfinite(q):  # the length explodes: no fixed point, nothing survives
         return MeanField(sigma_w2, sigma_b2, q, math.nan, math.inf, math.inf, 0.0, 0.0)
     chi = chi_1(q, sigma_w2, activation)
-    c_star = fixed_correlation(q, sigma_w2, sigma_b2, activation)
+    c_star = 1.0 if chi <= 1 + 1e-9 else fixed_correlation(q, sigma_w2, sigma_b2, activation)  # ordered: c = 1 attracts
     chi_c = sigma_w2 * pair_mean(slope, slope, q, c_star)
     return MeanField(sigma_w2, sigma_b2, q, c_star, chi, chi_c, depth_scale(chi_c), depth_scale(chi))
 
 
 def fixed_correlation(q: float, sigma_w2: float, sigma_b2: float, activation: str) -> float:
-    """c*: 1 in the ordered phase and at its edge (chi_1 <= 1, where c = 1 attracts); in the chaotic phase the
-    attracting root below 1 of c' - c (0 for an odd activation without bias), found on a grid, then refined."""
-    if chi_1(q, sigma_w2, activation) <= 1 + 1e-9:
-        return 1.0
+    """c* in the chaotic phase (chi_1 > 1; in the ordered phase and at its edge c = 1 attracts): the attracting
+    root below 1 of c' - c (0 for an odd activation without bias), found on a grid, then refined."""
 
     def gap(c: float) -> float:
         return correlation_map(c, q, sigma_w2, sigma_b2, activation) - c

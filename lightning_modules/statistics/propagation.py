@@ -106,6 +106,11 @@ def decay_rate(values: list[float], stages: list[int]) -> float | None:
     return float(solution[-1])
 
 
+def predicted_depth(xi_c: float, xi_grad: float) -> float:
+    """The deepest trainable depth the depth scales predict: 6 min(xi_c, xi_grad) (Schoenholz et al., 2017)."""
+    return 6 * min(xi_c, xi_grad)
+
+
 @dataclass(frozen=True)
 class DepthScales:
     """The fitted depth scales (in layers; inf: no decay seen) and the trainable depth they predict."""
@@ -116,13 +121,14 @@ class DepthScales:
 
     @property
     def predicted_depth(self) -> float:
-        return 6 * min(self.xi_c, self.xi_grad)
+        return predicted_depth(self.xi_c, self.xi_grad)
 
 
 def depth_scales(profile: Profile) -> DepthScales:
     """xi_c from |c^l - c*| ~ exp(-l / xi_c), c* the mean of the last quarter of the layers and the fit over the
-    layers before them that are farther from c* than three standard deviations of that quarter; xi_grad from the squared gradient norm, |g^l|^2 ~ exp(-(L - l) / xi_grad) (growing or
-    shrinking: either way the signal is lost)."""
+    layers before them that are farther from c* than three standard deviations of that quarter; xi_grad from the
+    squared gradient norm, |g^l|^2 ~ exp(-(L - l) / xi_grad) (growing or shrinking: either way the signal is
+    lost)."""
     n = len(profile)
     tail = max(1, n // 4)
     c_star = float(np.mean(profile.c[n - tail :]))

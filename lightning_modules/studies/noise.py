@@ -138,8 +138,7 @@ def run_noise(
     if not callable(getattr(datamodule, "noise_dataloader", None)):
         raise ConfigError(f"noise needs a datamodule with noise_dataloader; {type(datamodule).__name__} has none")
     levels = tuple(levels) if levels is not None else NOISE_LEVELS
-    datamodule.trainer = study.trainer
-    datamodule.setup("test")
+    study.set_up(datamodule, "test")
     device = study.trainer.strategy.root_device
     results = []
     for path in map(Path, paths):

@@ -20,7 +20,14 @@ from lightning_modules.errors import ConfigError, require
 from lightning_modules.run.config_files import config_name, net_from_config
 from lightning_modules.run.files import atomic_savefig, atomic_write, atomic_write_csv
 from lightning_modules.statistics.mean_field import PHI, MeanField, mean_field
-from lightning_modules.statistics.propagation import Profile, decay_rate, depth_scales, measure
+from lightning_modules.statistics.propagation import (
+    DepthScales,
+    Profile,
+    decay_rate,
+    depth_scales,
+    measure,
+    predicted_depth,
+)
 from lightning_modules.studies.study import Study
 
 DEPTHS = (12, 24, 48, 96)
@@ -39,13 +46,11 @@ class Measured:
     depth: int
     seed: int
     profile: Profile
-    xi_c: float
-    xi_grad: float
-    c_star: float
+    scales: DepthScales
 
     @property
     def predicted(self) -> float:
-        return 6 * min(self.xi_c, self.xi_grad)
+        return self.scales.predicted_depth
 
 
 @dataclass
@@ -86,6 +91,11 @@ class Prediction:
         values = [m.predicted for m in self.at_deepest()]
         return min(values), max(values)
 
+    def describe(self) -> str:
+        """`81 (49..92)`: the prediction and its range over seeds."""
+        low, high = self.spread
+        return f"{self.predicted:.0f} ({low:.0f}..{high:.0f})"
+
     def theory_predicted(self) -> float | None:
         """6 min(xi_c, xi_grad) of mean-field theory, each scale's rate (1 / xi) averaged over the net's convs."""
         if not self.theory:
@@ -93,7 +103,7 @@ class Prediction:
         convs = sum(s.convs for s in self.theory)
         rate_c = sum(s.convs / s.values.xi_c if s.values.xi_c > 0 else math.inf for s in self.theory) / convs
         rate_g = sum(s.convs / s.values.xi_grad if s.values.xi_grad > 0 else math.inf for s in self.theory) / convs
-        return 6 * min(1 / rate_c if rate_c else math.inf, 1 / rate_g if rate_g else math.inf)
+        return predicted_depth(1 / rate_c if rate_c else math.inf, 1 / rate_g if rate_g else math.inf)
 
 
 def trainable_depth(predicted: float, step: int = 3) -> int:
@@ -159,8 +169,7 @@ def probe(
             deep = net.at_depth(depth).to(device)
             x, y = input_pairs(datamodule, pairs, seed)
             profile = measure(deep, x.to(device), y.to(device))
-            scales = depth_scales(profile)
-            result.measured.append(Measured(depth, seed, profile, scales.xi_c, scales.xi_grad, scales.c_star))
+            result.measured.append(Measured(depth, seed, profile, depth_scales(profile)))
     result.seconds = time.perf_counter() - start
     result.theory, result.why_no_theory = theory_of(net.at_depth(max(depths)))
     for stage in result.theory or []:
@@ -182,12 +191,18 @@ def measured_stage(measured: list[Measured], stage: int) -> dict[str, float]:
     return {key: statistics.median(v) for key, v in values.items()}
 
 
-def nets_of(study: Study, model: pl.LightningModule, variants: dict[str, int] | None) -> list[tuple[str, nn.Module]]:
-    """The nets to probe: each variant config's (named for its file), else the model's own."""
-    jobs = [(config_name(p), net_from_config(p)) for p in variants] if variants else [(study.run_name, model.net)]
-    for _, net in jobs:
+def depth_nets(
+    study: Study, model: pl.LightningModule, variants: dict[str, int] | None, upper: int | None = None
+) -> list[tuple[str, nn.Module, int | None]]:
+    """The nets a depth study rebuilds at other depths, with their search bounds: each variant config's (named for
+    its file), else the model's own (bound `upper`). Each must have `at_depth(k)`."""
+    if variants:
+        jobs = [(config_name(path), net_from_config(path), bound) for path, bound in variants.items()]
+    else:
+        jobs = [(study.run_name, model.net, upper)]
+    for _, net, _ in jobs:
         if not hasattr(net, "at_depth"):
-            raise ConfigError(f"{type(net).__name__} has no at_depth(k): propagate rebuilds the net at each depth")
+            raise ConfigError(f"{type(net).__name__} has no at_depth(k): {study.name} must rebuild it at other depths")
     return jobs
 
 
@@ -214,16 +229,13 @@ def run_propagate(
     if not callable(getattr(datamodule, "eval_dataloader", None)):
         raise ConfigError(f"propagate needs one of the in-memory datamodules; {type(datamodule).__name__} is not")
     depths = check_depths(list(depths or DEPTHS))
-    datamodule.trainer = study.trainer
-    datamodule.setup("fit")
+    study.set_up(datamodule, "fit")
     first_seed = pl.seed_everything(verbose=False)
     device = study.trainer.strategy.root_device
     results = []
-    for name, net in nets_of(study, model, variants):
+    for name, net, _ in depth_nets(study, model, variants):
         result = probe(name, net, datamodule, depths, list(range(first_seed, first_seed + seeds)), pairs, device)
-        low, high = result.spread
-        print(f"propagate {name}: predicted deepest trainable k = {result.predicted:.0f} "
-              f"(seeds {low:.0f}..{high:.0f}) from k = {max(depths)}")  # fmt: skip
+        print(f"propagate {name}: predicted deepest trainable k = {result.describe()} from k = {max(depths)}")
         results.append(result)
     paths = write_propagation(results, study.folder)
     print(paths["md"].read_text())
@@ -249,8 +261,8 @@ def summary_rows(results: list[Prediction]) -> list[dict]:
             "predicted": r.predicted,
             "predicted_min": r.spread[0],
             "predicted_max": r.spread[1],
-            "xi_c": statistics.median(m.xi_c for m in deepest),
-            "xi_grad": statistics.median(m.xi_grad for m in deepest),
+            "xi_c": statistics.median(m.scales.xi_c for m in deepest),
+            "xi_grad": statistics.median(m.scales.xi_grad for m in deepest),
             "mean_field_predicted": r.theory_predicted(),
             "seconds": r.seconds,
         })  # fmt: skip
@@ -259,8 +271,7 @@ def summary_rows(results: list[Prediction]) -> list[dict]:
 
 def scale_rows(results: list[Prediction]) -> list[dict]:
     return [
-        {"variant": r.variant, "depth": m.depth, "seed": m.seed, "xi_c": m.xi_c, "xi_grad": m.xi_grad,
-         "c_star": m.c_star, "predicted": m.predicted}
+        {"variant": r.variant, "depth": m.depth, "seed": m.seed, **asdict(m.scales), "predicted": m.predicted}
         for r in results for m in r.measured
     ]  # fmt: skip
 
@@ -311,7 +322,8 @@ def write_propagation(results: list[Prediction], folder: Path) -> dict[str, Path
         lines += ["", f"## {r.variant}", "", "| depth | seed | xi_c | xi_grad | c* (measured) | predicted k |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
         lines += [
-            f"| {m.depth} | {m.seed} | {fmt(m.xi_c)} | {fmt(m.xi_grad)} | {fmt(m.c_star)} | {fmt(m.predicted)} |"
+            f"| {m.depth} | {m.seed} | {fmt(m.scales.xi_c)} | {fmt(m.scales.xi_grad)} | {fmt(m.scales.c_star)} "
+            f"| {fmt(m.predicted)} |"
             for m in r.measured
         ]
         if r.theory:

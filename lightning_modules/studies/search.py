@@ -16,7 +16,6 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
 from lightning_modules.errors import ConfigError, DivergenceError, require
-from lightning_modules.run.config_files import config_name, net_from_config
 from lightning_modules.run.files import atomic_savefig, atomic_write
 from lightning_modules.studies.depth_search import (
     SearchResult,
@@ -28,7 +27,7 @@ from lightning_modules.studies.depth_search import (
     trials_needed,
     write_trials,
 )
-from lightning_modules.studies.propagate import check_depths, probe, trainable_depth
+from lightning_modules.studies.propagate import check_depths, depth_nets, probe, trainable_depth
 from lightning_modules.studies.study import Study, StudyFiles
 from lightning_modules.studies.trials import TrialRuns, bare_trainer, portable, quiet_lightning, worker_device
 
@@ -218,15 +217,9 @@ def run_search(
             raise ConfigError(
                 f"{name}: the search's upper bound must be at least 3 (the shallowest depth), got {bound}"
             )
-    if variants:
-        jobs = [(config_name(path), net_from_config(path), bound) for path, bound in variants.items()]
-    elif upper is not None:
-        jobs = [(study.run_name, model.net, upper)]
-    else:
+    if not variants and upper is None:
         raise ConfigError("search needs --upper (the largest depth to try) or --variants")
-    for _, net, _ in jobs:
-        if not hasattr(net, "at_depth"):
-            raise ConfigError(f"{type(net).__name__} has no at_depth(k): the search must rebuild it at other depths")
+    jobs = depth_nets(study, model, variants, upper)
     first_seed = pl.seed_everything(verbose=False)  # the run's seed (seed_everything in the config)
     trainer = study.trainer
     steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
@@ -236,20 +229,17 @@ def run_search(
         print(f"search: {len(log.trials)} trial(s) already in {log.path}, not trained again")
     if bracket not in ("binary", "predicted"):
         raise ConfigError(f"bracket must be 'binary' or 'predicted', got {bracket!r}")
-    guesses, predictions = {}, {}
-    if bracket == "predicted":  # the untrained nets' signal propagation, seconds per variant
+    if bracket == "predicted":
         check_depths([probe_depth])
-        datamodule.trainer = trainer
-        datamodule.setup("fit")
-        for name, net, bound in jobs:
-            seeds_ = list(range(first_seed, first_seed + 3))
-            prediction = probe(name, net, datamodule, [probe_depth], seeds_, 32, trainer.strategy.root_device)
-            low, high = prediction.spread
-            guesses[name] = trainable_depth(prediction.predicted)
-            predictions[name] = f"{prediction.predicted:.0f} ({low:.0f}..{high:.0f})"
-            print(f"search {name}: predicted deepest trainable k = {predictions[name]} at initialisation; "
-                  f"starting at k = {min(guesses[name], bound // 3 * 3)}")  # fmt: skip
+    guesses, predictions = {}, {}
     with study.trials(datamodule, launcher, ray_address, cpus_per_trial, trials_per_gpu) as (runner, where):
+        if bracket == "predicted":  # the untrained nets' signal propagation, seconds per variant
+            for name, net, bound in jobs:
+                seeds_ = list(range(first_seed, first_seed + 3))
+                prediction = probe(name, net, datamodule, [probe_depth], seeds_, 32, trainer.strategy.root_device)
+                guesses[name], predictions[name] = trainable_depth(prediction.predicted), prediction.describe()
+                print(f"search {name}: predicted deepest trainable k = {predictions[name]} at initialisation; "
+                      f"starting at k = {min(guesses[name], bound // 3 * 3)}")  # fmt: skip
         nets = {name: net for name, net, _ in jobs}
         trial = DepthTrial(nets, portable(model), epochs=epochs, steps=steps, precision=trainer.precision,
                            runs=study.trial_runs(), **where)  # fmt: skip

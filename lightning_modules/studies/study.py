@@ -62,14 +62,18 @@ class Study:
         if ignored:
             raise ConfigError(f"{self.name} does not apply {', '.join(ignored)} to its trainings: unset it")
 
+    def set_up(self, datamodule: pl.LightningDataModule, stage: str) -> None:
+        """The datamodule's splits read and placed on the run's device, as the run's Trainer would set them up."""
+        datamodule.trainer = self.trainer
+        datamodule.setup(stage)
+
     @contextmanager
     def trials(
         self, datamodule: pl.LightningDataModule, launcher: str, address: str | None, cpus: float, per_gpu: int
     ) -> Iterator[tuple[object, dict]]:
         """The launcher the trials run on, and where they train: this process's device and datamodule (`local`),
         or a Ray worker's device and the data read here once and sent on the CPU (`ray`). Closed at the end."""
-        datamodule.trainer = self.trainer
-        datamodule.setup("fit")
+        self.set_up(datamodule, "fit")
         runner = make_launcher(launcher, address, cpus, per_gpu)
         try:
             if launcher == "local":
