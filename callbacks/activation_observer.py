@@ -15,7 +15,6 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 from torch.utils.data import DistributedSampler
@@ -89,33 +88,6 @@ def samples_on_rank(loader) -> int | None:
 def batch_size_of(batch) -> int:
     first = batch[0] if isinstance(batch, (tuple, list)) else batch
     return len(first)
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    """Elementwise maximum over ranks, in place (a no-op in one process)."""
-    if distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Elementwise sum over ranks, in place (a no-op in one process)."""
-    if distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's tensor (same shape on all ranks), stacked in rank order: (world, *shape)."""
-    if not distributed():
-        return tensor.unsqueeze(0)
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.stack(parts)
 
 
 def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:

@@ -17,13 +17,12 @@ import torch
 
 from callbacks.activation_observer import (
     ActivationObserver,
-    all_gather_rows,
-    distributed,
     log_now,
     logged_step,
     wandb_loggers,
 )
 from callbacks.figures import variance_histograms
+from lightning_modules.collectives import all_gather_rows, distributed, world_size
 from lightning_modules.errors import require
 from lightning_modules.run.console import say
 from lightning_modules.run.files import atomic_save
@@ -115,7 +114,7 @@ class ActivationStats(ActivationObserver):
 
     def _rows_per_rank(self) -> int:
         """Each rank's share of the `pca_samples` cap."""
-        return math.ceil(self.pca_samples / (torch.distributed.get_world_size() if distributed() else 1))
+        return math.ceil(self.pca_samples / world_size())
 
     def _reduced_moments(self, names: list[str]) -> dict[str, Moments]:
         """Every rank's moments merged in rank order: one all_gather for all layers."""

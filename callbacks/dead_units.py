@@ -16,8 +16,6 @@ from torch import nn
 
 from callbacks.activation_observer import (
     ActivationObserver,
-    all_reduce_max,
-    all_reduce_sum,
     layer_name,
     log_now,
     logged_step,
@@ -25,6 +23,7 @@ from callbacks.activation_observer import (
     wandb_loggers,
 )
 from callbacks.figures import BackgroundFigures, dead_units_figure, dormant_share_figure
+from lightning_modules.collectives import all_reduce_max, all_reduce_sum
 from lightning_modules.errors import require
 from lightning_modules.layers.kwinners import KWinnersBase
 from lightning_modules.run.console import say

@@ -17,9 +17,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from lightning_modules.collectives import sum_over_ranks
 from lightning_modules.errors import ConfigError, require
 from lightning_modules.layers.recycling import recycle
 from lightning_modules.statistics.unit_health import dormant_scores, summed_abs_per_unit
@@ -77,15 +77,12 @@ class Recycler:
         if not names:
             return {}
         local = [torch.stack([s for s, _ in self.batches[name]]).sum(0) for name in names]
-        counts = [float(sum(n for _, n in self.batches[name])) for name in names]
-        packed = torch.cat([*local, torch.tensor(counts, device=local[0].device)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)  # each rank's samples, once
-        sums = packed[: -len(names)].split([len(s) for s in local])
+        counts = torch.tensor([float(sum(n for _, n in self.batches[name])) for name in names])
+        *sums, counts = sum_over_ranks([*local, counts.to(local[0].device)])  # each rank's samples, once
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         report: dict[str, float] = {}
         for i, name in enumerate(names):
-            scores = dormant_scores(sums[i].double() / packed[-len(names) + i].clamp(min=1))
+            scores = dormant_scores(sums[i].double() / counts[i].clamp(min=1))
             units = torch.nonzero(scores <= self.settings.tau).flatten().cpu()
             generator = torch.Generator().manual_seed(seed * 1_000_003 + global_step * 101 + i)  # alike on every rank
             recycle(self.groups[name], units, generator, optimizer)

@@ -12,8 +12,9 @@ duty cycles and they equal a single process's over the same global batches.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from lightning_modules.collectives import sum_over_ranks
 
 
 def winners(boosted: torch.Tensor, k: int, break_ties: bool = False) -> torch.Tensor:
@@ -53,10 +54,8 @@ def update_duty_cycle(
 
 def global_wins(wins: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Win counts and batch size summed over DDP ranks (one all-reduce; unchanged in one process)."""
-    counts = torch.cat([wins.float(), torch.tensor([float(batch)], device=wins.device)])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
-    return counts[:-1], counts[-1]
+    counts, total = sum_over_ranks([wins, torch.tensor(float(batch), device=wins.device)], torch.float)
+    return counts, total
 
 
 class KWinnersBase(nn.Module):
