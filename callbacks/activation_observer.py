@@ -20,7 +20,9 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from datamodules.tensor_data import ShardedOrder
+from lightning_modules.collectives import all_reduce_max
 from lightning_modules.errors import ConfigError, require
+from lightning_modules.run.console import say
 
 DEFAULT_TYPES = ("ReLU", "ELU", "Tanh", "KWinners", "KWinners2d")
 
@@ -88,6 +90,14 @@ def samples_on_rank(loader) -> int | None:
 def batch_size_of(batch) -> int:
     first = batch[0] if isinstance(batch, (tuple, list)) else batch
     return len(first)
+
+
+def agreed_sizes(sizes: dict[str, tuple[int, ...]], device: torch.device) -> dict[str, tuple[int, ...]]:
+    """Per layer, the sizes of what the ranks observed (each the largest over ranks; 0 where no rank observed the
+    layer), from every rank's `sizes` (an entry for every monitored layer, zeros where this rank saw no sample), in
+    one collective: a rank that saw nothing learns the shapes it must enter the other collectives with."""
+    table = all_reduce_max(torch.tensor(list(sizes.values()), dtype=torch.long, device=device))
+    return {name: tuple(row) for name, row in zip(sizes, table.tolist(), strict=True)}
 
 
 def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
@@ -173,6 +183,17 @@ class ActivationObserver(pl.Callback):
                 f"{type(self).__name__}: no module of types {self.types} matches names {self.names} in "
                 f"{type(network_of(pl_module)).__name__}"
             )
+        name = type(self).__name__
+        if stage in ("fit", "validate") and trainer.limit_val_batches == 0:
+            when = "rides along them" if self.split == "val" else f"runs its pass over {self.split} at their end"
+            say(
+                f"{name} observes nothing: --trainer.limit_val_batches 0 turns the validation epochs off, and it {when}"
+            )
+        elif stage == "test" and self.split != "test":
+            say(f"{name} observes nothing in test: it observes the {self.split} split (split: test rides along the "
+                "test batches)")  # fmt: skip
+        elif stage == "test" and trainer.limit_test_batches == 0:
+            say(f"{name} observes nothing: --trainer.limit_test_batches 0 turns the test epoch off")
 
     def _on_output(self, name: str, module: nn.Module, inputs, output) -> None:
         if self._take and isinstance(output, torch.Tensor):

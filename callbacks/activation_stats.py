@@ -17,6 +17,7 @@ import torch
 
 from callbacks.activation_observer import (
     ActivationObserver,
+    agreed_sizes,
     log_now,
     logged_step,
     wandb_loggers,
@@ -112,13 +113,22 @@ class ActivationStats(ActivationObserver):
         self.rows.setdefault(name, []).append(x.to(torch.float32, copy=True))  # an in-place activation overwrites x
         self.row_counts[name] = self.row_counts.get(name, 0) + len(x)
 
+    def _widths(self, name: str) -> tuple[int, int]:
+        """This rank's (units, pre-activation width) of a layer: (0, 0) where it saw no sample."""
+        if name not in self.accumulators:
+            return 0, 0
+        return len(self.accumulators[name].s1), self.rows[name][0].shape[1] if name in self.rows else 0
+
     def _rows_per_rank(self) -> int:
         """Each rank's share of the `pca_samples` cap."""
         return math.ceil(self.pca_samples / world_size())
 
-    def _reduced_moments(self, names: list[str]) -> dict[str, Moments]:
-        """Every rank's moments merged in rank order: one all_gather for all layers."""
-        local = [self.accumulators[name].moments().pack() for name in names]
+    def _reduced_moments(self, names: list[str], sizes: dict, device: torch.device) -> dict[str, Moments]:
+        """Every rank's moments merged in rank order: one all_gather for all layers (a layer this rank saw no sample
+        of adds zero moments)."""
+        zeros = Moments.zeros
+        local = [(self.accumulators[n].moments() if n in self.accumulators else zeros(sizes[n][0], device)).pack()
+                 for n in names]  # fmt: skip
         per_rank = all_gather_rows(torch.cat(local))
         sizes = [len(part) for part in local]
         merged: dict[str, Moments] = {}
@@ -128,10 +138,10 @@ class ActivationStats(ActivationObserver):
                 merged[name] = part if name not in merged else merged[name].merge(part)
         return merged
 
-    def _gathered_rows(self, name: str, kept: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
-        """This layer's sample of pre-activations (or of what `kept` holds) from every rank (ranks may hold different
-        counts)."""
-        rows = torch.cat((self.rows if kept is None else kept)[name])
+    def _gathered_rows(self, name: str, width: int, kept: dict[str, list[torch.Tensor]], device) -> torch.Tensor:
+        """This layer's sample of pre-activations (or outputs: what `kept` holds), `width` wide, from every rank (ranks
+        may hold different counts, none at all among them)."""
+        rows = torch.cat(kept[name]) if name in kept else torch.zeros(0, width, device=device)
         if not distributed():
             return rows
         padded = torch.zeros(self._rows_per_rank(), rows.shape[1], device=rows.device, dtype=rows.dtype)
@@ -141,29 +151,32 @@ class ActivationStats(ActivationObserver):
         return torch.cat([part[:n] for part, n in zip(gathered, counts.view(-1).tolist(), strict=True)])
 
     def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        names = [name for name in self.layers if name in self.accumulators]
+        device = pl_module.device
+        sizes = agreed_sizes({name: self._widths(name) for name in self.layers}, device)
+        names = [name for name in self.layers if sizes[name][0]]  # the same on every rank, whatever each one saw
         if not names:
             return
-        moments = self._reduced_moments(names)
+        moments = self._reduced_moments(names, sizes, device)
         variances = {name: moments[name].var.cpu().numpy() for name in names}
         self.means = {name: moments[name].mean.cpu().numpy() for name in names}
         self.variances = variances
         explained: dict[str, np.ndarray] = {}
         self.summaries = {}
         for name in names:  # every rank computes the same summary from the same reduced data
+            units, width = sizes[name]
             self.summaries[name] = variance_summary(variances[name], self.zero_tol)
-            if self.pca and name in self.rows:
-                explained[name], pca = pca_summary(self._gathered_rows(name), self.pca_k)
+            if self.pca and width:
+                explained[name], pca = pca_summary(self._gathered_rows(name, width, self.rows, device), self.pca_k)
                 self.summaries[name].update(pca)
-            if self.feature_rank and name in self.features:
-                sigma = singular_values(self._gathered_rows(name, self.features))
+            if self.feature_rank:
+                sigma = singular_values(self._gathered_rows(name, units, self.features, device))
                 self.summaries[name].update(erank=effective_rank(sigma=sigma), srank=float(srank(sigma=sigma)))
         folder = run_folder(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
             self.report(trainer, folder, moments, variances, explained)
 
     def report(self, trainer, folder: Path | None, moments: dict, variances: dict, explained: dict) -> None:
-        title = f"activation statistics ({self.split}, epoch {trainer.current_epoch}, step {trainer.global_step})"
+        title = f"activation statistics ({self.split}, epoch {trainer.current_epoch}, step {logged_step(trainer)})"
         if self.print_table:
             say(self.table(title, variances))
         # straight to the loggers: a hundred keys through LightningModule.log cost 0.3 s an epoch
@@ -183,7 +196,7 @@ class ActivationStats(ActivationObserver):
                 }
                 for name in variances
             },
-            folder / "activation_stats" / f"step{trainer.global_step:07d}.pt",
+            folder / "activation_stats" / f"step{logged_step(trainer):07d}.pt",
         )
         loggers = wandb_loggers(trainer)
         if loggers:

@@ -1,13 +1,16 @@
-"""Dead units: units whose activation never rises above a threshold over a whole split (research line 2).
+"""Dead units: units that pass no gradient on any input of a whole split (research line 2).
 
-A conv unit is an output channel (dead when it is <= threshold at every position of every sample),
-a linear unit an output neuron. The running per-unit maximum is all the state: O(units) memory,
-one `amax` per batch on the device, and an exact maximum over ranks once per epoch.
+A ReLU unit is dead when it is off (<= threshold, 0) at every position of every sample, a tanh or ELU unit when
+it is saturated (slope |phi'(z)| <= blocking_eps) at every one, a k-winners unit when it never wins. A conv unit
+is an output channel, a linear unit an output neuron. The state is O(units): each unit's running maximum and, for
+the saturating and k-winners layers, whether any entry passed gradient; one reduction per batch on the device, and
+an exact maximum over ranks once per epoch.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -16,6 +19,7 @@ from torch import nn
 
 from callbacks.activation_observer import (
     ActivationObserver,
+    agreed_sizes,
     layer_name,
     log_now,
     logged_step,
@@ -30,10 +34,12 @@ from lightning_modules.run.console import say
 from lightning_modules.run.files import atomic_save
 from lightning_modules.run.run_folder import run_folder
 from lightning_modules.statistics.unit_health import (
-    blocked_count,
+    blocked_entries,
+    dead_rule,
     dormant_scores,
     dormant_share,
     duty_cycle_entropy,
+    passing_units,
     summed_abs_per_unit,
 )
 
@@ -71,10 +77,10 @@ def consumer_keyed(
 
 class DeadUnits(ActivationObserver):
     """The health of units per monitored layer at every validation epoch: dead counts (`dead/<layer>`,
-    `dead/total`), tau-dormant shares (`dormant/tau<t>/<layer>`), the gradient-blocking share of tanh, ELU and ReLU
-    layers (`blocking/<layer>`), k-winners' duty-cycle entropy (`duty_entropy/<layer>` beside
-    `duty_entropy_max/<layer>`), and the units that died and revived since the previous check
-    (`health/<layer>/died`, `.../revived`, at `health_tau`).
+    `dead/total`: units that pass no gradient on any input), tau-dormant shares (`dormant/tau<t>/<layer>`), the
+    gradient-blocking share of tanh, ELU and ReLU layers (`blocking/<layer>`), k-winners' duty-cycle entropy
+    (`duty_entropy/<layer>` beside `duty_entropy_max/<layer>`), and the units that died and revived since the
+    previous check (`health/<layer>/died`, `.../revived`, at `health_tau`).
 
     Also: a W&B table and a per-layer bar chart (`dead_units.png` in the run folder), a printed table,
     optionally the original study's consumer-keyed dict, each unit's peak activation over the split
@@ -90,19 +96,21 @@ class DeadUnits(ActivationObserver):
         consumer_keys: bool = False,
         dormant_taus: tuple[float, ...] = (0.0, 0.025, 0.1),
         health_tau: float = 0.025,
-        blocking_eps: float | None = 0.05,
+        blocking_eps: float = 0.05,
         **kwargs,
     ):
         """
         Args:
-            threshold: a unit is dead when its activation is <= this for every sample (and position).
+            threshold: a ReLU unit (or one of any module but tanh, ELU and k-winners) is dead when its activation is
+                <= this for every sample (and position).
             consumer_keys: also print the original's format: per consuming layer, (dead inputs, inputs).
             dormant_taus: report the share of units whose dormant score s_i = E|h_i| / (layer mean of E|h|) is
                 at or below each of these (Sokar et al., 2023; 0 is the dead share of a ReLU layer).
             health_tau: the tau at which the unit-health record says which units are dormant, and counts the
                 units that died (became dormant) and revived since the previous check.
-            blocking_eps: report the share of entries whose activation slope |phi'(z)| is at or below this
-                (tanh, ELU and ReLU layers: where the gradient is blocked); None: not measured.
+            blocking_eps: the slope |phi'(z)| at or below which an entry blocks the gradient (spec 06): the share of
+                such entries is reported for tanh, ELU and ReLU layers, and a tanh or ELU unit blocked on every
+                entry is dead.
             **kwargs: which layers, over which data, how often: see `ActivationObserver`.
         """
         require("non_negative", health_tau=health_tau, blocking_eps=blocking_eps,
@@ -111,11 +119,13 @@ class DeadUnits(ActivationObserver):
         self.threshold, self.consumer_keys = threshold, consumer_keys
         self.dormant_taus, self.health_tau, self.blocking_eps = tuple(dormant_taus), health_tau, blocking_eps
         self.maxima: dict[str, torch.Tensor] = {}
+        self.passing: dict[str, torch.Tensor] = {}  # tanh, ELU, k-winners: per unit, whether any entry passed gradient
         self.sums: dict[str, torch.Tensor] = {}  # per layer: per-unit sum of |h| (a sample's mean over positions)
         self.samples: dict[str, int] = {}
         self.blocked: dict[str, torch.Tensor] = {}  # per layer: entries whose slope blocks the gradient (device)
         self.entries: dict[str, int] = {}  # per layer: entries counted for blocking
         self.counts: dict[str, tuple[int, int]] = {}
+        self.dead: dict[str, torch.Tensor] = {}  # per unit, of the last observation
         self.peaks: dict[str, torch.Tensor] = {}  # per unit, of the last observation
         self.scores: dict[str, torch.Tensor] = {}  # per unit dormant score, of the last observation
         self.health: dict[str, dict[str, list]] = {}  # per layer: the steps checked, scores and dormant masks
@@ -134,17 +144,21 @@ class DeadUnits(ActivationObserver):
         self.health = state_dict.get("health", {})
 
     def start(self) -> None:
-        self.maxima, self.sums, self.samples, self.blocked, self.entries = {}, {}, {}, {}, {}
+        self.maxima, self.passing, self.sums, self.samples, self.blocked, self.entries = {}, {}, {}, {}, {}, {}
 
     def observe(self, name: str, output: torch.Tensor) -> None:
         summed = summed_abs_per_unit(output)  # per unit, before `output` is reduced to its maxima
         self.sums[name] = self.sums[name] + summed if name in self.sums else summed
         self.samples[name] = self.samples.get(name, 0) + len(output)
-        if self.blocking_eps is not None:
-            blocked = blocked_count(self.layers[name], output, self.blocking_eps)
-            if blocked is not None:  # entries counted on the device, their number on the host: no sync
-                self.blocked[name] = self.blocked[name] + blocked if name in self.blocked else blocked
-                self.entries[name] = self.entries.get(name, 0) + output.numel()
+        module = self.layers[name]
+        blocked = blocked_entries(module, output, self.blocking_eps)
+        if blocked is not None:  # entries counted on the device, their number on the host: no sync
+            count = torch.count_nonzero(blocked)  # twice as fast as a mask's sum on a CPU
+            self.blocked[name] = self.blocked[name] + count if name in self.blocked else count
+            self.entries[name] = self.entries.get(name, 0) + output.numel()
+        passing = passing_units(module, output, blocked)
+        if passing is not None:
+            self.passing[name] = self.passing[name] | passing if name in self.passing else passing
         if output.dim() > 2:  # positions first, then samples: twice as fast as one amax on channels_last maps
             output = output.amax(dim=tuple(range(2, output.dim())))
         batch_max = output.amax(dim=0).float() if output.dim() > 1 else output.float()
@@ -152,14 +166,22 @@ class DeadUnits(ActivationObserver):
         self.maxima[name] = batch_max if previous is None else torch.maximum(previous, batch_max)
 
     def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        names = [name for name in self.layers if name in self.maxima]
+        seen = {name: (len(self.maxima[name]) if name in self.maxima else 0,) for name in self.layers}
+        units = {name: size for name, (size,) in agreed_sizes(seen, pl_module.device).items()}
+        names = [name for name in self.layers if units[name]]  # the same on every rank, whatever each one saw
         if not names:
             return
-        sizes = [len(self.maxima[name]) for name in names]
-        maxima = all_reduce_max(torch.cat([self.maxima[name] for name in names]))  # one collective, all layers
-        self.peaks = {name: peak.clone() for name, peak in zip(names, maxima.cpu().split(sizes), strict=True)}
+        sizes = [units[name] for name in names]
+        self.fill_unobserved(names, sizes, pl_module.device)
+        slopes = [name for name in names if dead_rule(self.layers[name]) != "off"]  # read from `passing`
+        packed = torch.cat([*(self.maxima[name] for name in names), *(self.passing[name].float() for name in slopes)])
+        packed = all_reduce_max(packed).cpu()  # one collective, all layers
+        maxima, passing = packed[: sum(sizes)], packed[sum(sizes) :].bool()
+        self.peaks = {name: peak.clone() for name, peak in zip(names, maxima.split(sizes), strict=True)}
+        passing = dict(zip(slopes, passing.split([units[name] for name in slopes]), strict=True))
+        self.dead = {name: ~passing[name] if name in passing else self.peaks[name] <= self.threshold for name in names}
         self.measure_health(trainer, pl_module, names, sizes)
-        dead = [int(peak.le(self.threshold).sum()) for peak in self.peaks.values()]
+        dead = [int(self.dead[name].sum()) for name in names]
         self.counts = {name: (d, t) for name, d, t in zip(names, dead, sizes, strict=True)}
         total_dead, total = sum(dead), sum(sizes)
         scalars = {f"dead/{name}": float(d) for name, (d, _) in self.counts.items()}
@@ -168,6 +190,16 @@ class DeadUnits(ActivationObserver):
         folder = run_folder(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
             self.report(trainer, pl_module, folder, total_dead, total)
+
+    def fill_unobserved(self, names: list[str], sizes: list[int], device: torch.device) -> None:
+        """What a rank that saw no sample of a layer contributes to each reduction (a maximum of -inf, no unit passing
+        gradient, sums and counts of 0), so that every rank enters every collective with the same shapes."""
+        for name, size in zip(names, sizes, strict=True):
+            if name not in self.maxima:
+                self.maxima[name] = torch.full((size,), -math.inf, device=device)
+                self.sums[name], self.samples[name] = torch.zeros(size, device=device), 0
+                if dead_rule(self.layers[name]) != "off":
+                    self.passing[name] = torch.zeros(size, dtype=torch.bool, device=device)
 
     def measure_health(self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str], sizes: list[int]):
         """Dormant scores and shares, blocking shares, duty-cycle entropies and the died/revived counts of this
@@ -204,18 +236,29 @@ class DeadUnits(ActivationObserver):
                 before = record["dormant"][-1]
                 scalars[f"health/{name}/died"] = float((dormant & ~before).sum())
                 scalars[f"health/{name}/revived"] = float((~dormant & before).sum())
-            record["steps"].append(trainer.global_step)
+            record["steps"].append(logged_step(trainer))  # the x-axis the dashboard plots this check at
             record["scores"].append(scores.float())
             record["dormant"].append(dormant)
         for tau in self.dormant_taus:  # the share of all monitored units (each layer's own scores)
             scalars[f"dormant/tau{tau:g}/total"] = dormant_share(torch.cat(everyone), tau)
         self.health_scalars = scalars
 
+    def dead_when(self, name: str) -> str:
+        """What makes a unit of this layer dead, for the printed table."""
+        rule = dead_rule(self.layers[name])
+        if rule == "saturated":
+            return f"saturated: |phi'| <= {self.blocking_eps:g} everywhere"
+        return "never wins" if rule == "never wins" else f"off: never > {self.threshold:g}"
+
     def report(self, trainer, pl_module, folder: Path | None, total_dead: int, total: int) -> None:
-        title = f"dead units ({self.split}, epoch {trainer.current_epoch}, step {trainer.global_step})"
+        title = f"dead units ({self.split}, epoch {trainer.current_epoch}, step {logged_step(trainer)})"
         if self.print_table:
             width = max(len(name) for name in self.counts) + 2
-            lines = [title] + [f"  {name:<{width}}{d:>6} / {t:<6}" for name, (d, t) in self.counts.items()]
+            rules = {name: self.dead_when(name) for name in self.counts}
+            shared = set(rules.values()).pop() if len(set(rules.values())) == 1 else None  # said once, in the title
+            lines = [f"{title}: units that pass no gradient on any input" + (f" ({shared})" if shared else "")]
+            lines += [f"  {name:<{width}}{d:>6} / {t:<6}" + ("" if shared else f"  {rules[name]}")
+                      for name, (d, t) in self.counts.items()]  # fmt: skip
             lines.append(f"  {'total':<{width}}{total_dead:>6} / {total:<6} ({total_dead / total:.1%})")
             if self.consumer_keys:
                 keyed = consumer_keyed(network_of(pl_module), self.layers, self.counts)
@@ -224,7 +267,7 @@ class DeadUnits(ActivationObserver):
         rows = [(name, d, t) for name, (d, t) in self.counts.items()]
         if folder is None:
             return
-        atomic_save(self.peaks, folder / "dead_units" / f"step{trainer.global_step:07d}.pt")
+        atomic_save(self.peaks, folder / "dead_units" / f"step{logged_step(trainer):07d}.pt")
         loggers, step = wandb_loggers(trainer), logged_step(trainer)
         log_now(trainer, self.health_scalars)
         atomic_save(

@@ -43,14 +43,15 @@ def _figure(width: float, height: float):
 
 
 def dead_units_figure(rows: list[tuple[str, int, int]], title: str, path: Path) -> Path:
-    """Horizontal bars per layer: total units in grey, dead units in red, in network order."""
+    """Horizontal bars per layer: total units in grey, dead units (DeadUnits' rule per activation) in red, in network
+    order."""
     figure = _figure(7, 0.35 * len(rows) + 1.2)
     ax = figure.add_subplot()
     names = [r[0] for r in rows][::-1]
     dead = np.array([r[1] for r in rows][::-1])
     total = np.array([r[2] for r in rows][::-1])
     ax.barh(names, total, color="0.85", label="units")
-    ax.barh(names, dead, color="tab:red", label="dead")
+    ax.barh(names, dead, color="tab:red", label="dead: no gradient on any input")
     for y, (d, t) in enumerate(zip(dead, total, strict=True)):
         ax.text(t, y, f" {d}/{t}", va="center", fontsize=8)
     ax.set_xlabel("units")

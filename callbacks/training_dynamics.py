@@ -2,8 +2,10 @@
 norm and every parameter group's learning rate, every `every_n_steps` optimizer steps (spec 06).
 
 Gradients are read in `on_before_optimizer_step`: after gradient accumulation, after mixed precision's
-unscaling (the true gradients), after DDP's averaging over ranks, and before any clipping. Weights are read
-there and again after the step, for the update ratio. Everything is computed on the device on logged steps
+unscaling (the true gradients; where a fused Adam or AdamW unscales them in its own step they are still scaled
+there, and the norms are divided by the scale), after DDP's averaging over ranks, and before any clipping. A
+`SparseWeights` layer's gradient counts on its kept entries only: the masked ones never move a weight. Weights
+are read there and again after the step, for the update ratio. Everything is computed on the device on logged steps
 only and reaches the host once per logged step; nothing is computed between them. Under DDP the gradients
 and weights are the same on every rank: rank 0 measures and logs, and no collective is added.
 """
@@ -18,6 +20,7 @@ from torch import nn
 
 from callbacks.activation_observer import layer_name, network_of, report_names
 from lightning_modules.errors import ConfigError, require
+from lightning_modules.layers.sparse_weights import SparseWeights
 
 
 def weighted_layers(net: nn.Module, names: tuple[str, ...] = ("*",)) -> dict[str, nn.Module]:
@@ -31,6 +34,21 @@ def weighted_layers(net: nn.Module, names: tuple[str, ...] = ("*",)) -> dict[str
             if any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(layer_name(path), p) for p in names):
                 chosen[path] = module
     return report_names(chosen)
+
+
+def weight_masks(net: nn.Module) -> dict[int, torch.Tensor]:
+    """The mask of every `SparseWeights` weight in `net`, by the id of the weight parameter it masks."""
+    return {id(m.module.weight): m.weight_mask for m in net.modules() if isinstance(m, SparseWeights)}
+
+
+def loss_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float:
+    """The factor the gradients still carry in `on_before_optimizer_step`: the grad scaler's scale (16-mixed) when
+    the optimizer unscales them in its own step (fused Adam and AdamW; Lightning then skips `unscale_`), else 1."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    # private to torch: how GradScaler and Lightning tell such optimizers (see run/library_internals.py)
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return 1.0
+    return scaler.get_scale()
 
 
 def group_names(optimizer: torch.optim.Optimizer) -> list[str]:
@@ -53,6 +71,7 @@ class TrainingDynamics(pl.Callback):
         require("positive", every_n_steps=every_n_steps)
         self.every_n_steps, self.names = every_n_steps, tuple(names)
         self.layers: dict[str, nn.Module] = {}
+        self.masks: dict[int, torch.Tensor] = {}  # SparseWeights' masks, by the id of the weight they mask
         self._step: int | None = None  # the optimizer step measured, until its update is known
         self._values: dict[str, torch.Tensor] = {}
         self._before: dict[str, torch.Tensor] = {}
@@ -61,19 +80,26 @@ class TrainingDynamics(pl.Callback):
         self.layers = weighted_layers(network_of(pl_module), self.names)
         if not self.layers:
             raise ConfigError(f"TrainingDynamics: no layer with weights matches names {list(self.names)}")
+        self.masks = weight_masks(network_of(pl_module))
+
+    def gradient_norm(self, parameter: nn.Parameter, scale: float) -> torch.Tensor:
+        """The norm of the gradient that moves `parameter`: unscaled, and on a sparse weight's kept entries only."""
+        grad = parameter.grad.float()
+        mask = self.masks.get(id(parameter))
+        return (grad if mask is None else grad * mask).norm() / scale
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         step = trainer.global_step  # the index of the step about to be taken
         if step % self.every_n_steps or not trainer.is_global_zero:
             return
-        values = {}
+        values, scale = {}, loss_scale(trainer, optimizer)
         for name, module in self.layers.items():
-            grads = [p.grad for p in module.parameters(recurse=False) if p.grad is not None]
+            grads = [self.gradient_norm(p, scale) for p in module.parameters(recurse=False) if p.grad is not None]
             if grads:
-                values[f"grad_norm/{name}"] = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))
+                values[f"grad_norm/{name}"] = torch.linalg.vector_norm(torch.stack(grads))
             values[f"weight_norm/{name}"] = module.weight.detach().float().norm()
-        every = [p.grad.float().norm() for p in pl_module.parameters() if p.grad is not None]
+        every = [self.gradient_norm(p, scale) for p in pl_module.parameters() if p.grad is not None]
         if every:
             values["grad_norm/total"] = torch.linalg.vector_norm(torch.stack(every))
         for name, group in zip(group_names(optimizer), optimizer.param_groups, strict=True):

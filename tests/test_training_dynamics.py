@@ -1,6 +1,7 @@
 """TrainingDynamics on a hand-built net: gradient and weight norms, update ratios and learning rates equal what is
 computed here by hand, on the steps asked for, with gradient accumulation, fused optimizers and mixed precision."""
 
+import copy
 from functools import partial
 
 import pytest
@@ -8,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import Logger
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 
 from callbacks import TrainingDynamics
@@ -55,10 +57,12 @@ def net() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
 
 
-def fit(callback, steps: int, optimizer=None, batch_size: int = 16, **trainer_args) -> tuple[Recorded, Classifier]:
+def fit(
+    callback, steps: int, optimizer=None, batch_size: int = 16, network: nn.Module | None = None, **trainer_args
+) -> tuple[Recorded, Classifier]:
     recorded = Recorded()
     sgd = partial(torch.optim.SGD, lr=0.1)
-    model = Classifier(net(), optimizer=optimizer or sgd, num_classes=3, channels_last=False)
+    model = Classifier(network or net(), optimizer=optimizer or sgd, num_classes=3, channels_last=False)
     trainer = pl.Trainer(
         max_steps=steps, logger=[recorded], callbacks=[callback], enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -104,9 +108,33 @@ def test_it_measures_every_n_steps_only_and_after_accumulating():
     assert list(accumulated.rows) == [0] and accumulated.rows[0]["grad_norm/total"] == pytest.approx(both, rel=1e-5)
 
 
-def test_under_float16_mixed_precision_the_norms_are_of_the_unscaled_gradients():
-    """The loss is scaled (65536 at first) before backward; the norms are read after the gradients are unscaled."""
-    recorded, _ = fit(TrainingDynamics(every_n_steps=1), steps=1, precision="16-mixed")
+def float16_with_a_real_scaler() -> MixedPrecision:
+    """16-mixed as on a GPU, with its GradScaler (65536 at first), on the CPU: Lightning's own `precision="16-mixed"`
+    turns into bf16-mixed on a CPU, without a scaler."""
+    return MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unscaled_by_lightning", "fused_unscales_in_its_step"])
+def test_under_float16_mixed_precision_the_norms_are_of_the_unscaled_gradients(fused):
+    """The loss is scaled before backward. Lightning unscales the gradients before `on_before_optimizer_step`, except
+    for an optimizer that unscales them in its own step (fused Adam and AdamW): then the callback divides by the
+    scale."""
+    adam = partial(torch.optim.Adam, lr=0.01, fused=fused)
+    recorded, _ = fit(
+        TrainingDynamics(every_n_steps=1), steps=2, optimizer=adam, plugins=[float16_with_a_real_scaler()]
+    )
+    _, weight_grad, bias_grad = first_step_by_hand()
+    both = torch.cat([weight_grad.flatten(), bias_grad]).norm().item()
+    assert recorded.rows[0]["grad_norm/total"] == pytest.approx(both, rel=0.01)
+    assert recorded.rows[0]["grad_norm/1"] == pytest.approx(both, rel=0.01)
+    assert recorded.rows[1]["update_ratio/1"] > 0  # the scaler found the gradients finite and the step was taken
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: 16-mixed with Lightning's own GradScaler")
+def test_fused_adam_under_float16_mixed_precision_on_a_gpu_logs_the_unscaled_norms():
+    fused = partial(torch.optim.AdamW, lr=0.01, fused=True)
+    recorded, _ = fit(TrainingDynamics(every_n_steps=1), steps=1, optimizer=fused, precision="16-mixed",
+                      accelerator="gpu", devices=1)  # fmt: skip
     _, weight_grad, bias_grad = first_step_by_hand()
     both = torch.cat([weight_grad.flatten(), bias_grad]).norm().item()
     assert recorded.rows[0]["grad_norm/total"] == pytest.approx(both, rel=0.01)
@@ -120,6 +148,27 @@ def test_fused_adam_and_bf16_mixed_precision():
     _, weight_grad, bias_grad = first_step_by_hand()
     both = torch.cat([weight_grad.flatten(), bias_grad]).norm().item()
     assert recorded.rows[0]["grad_norm/total"] == pytest.approx(both, rel=0.05)  # bf16's rounding, not a scale
+
+
+def test_with_sparse_weights_the_gradient_norms_leave_out_the_masked_entries():
+    """A 90%-sparse layer: its masked entries get gradient, but the optimizer step never moves them (they are set to
+    zero again), so the norms are those of grad x mask."""
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Flatten(), nn.Linear(4, 20), SparseWeights(nn.Linear(20, 3), sparsity=0.9, seed=0))
+    by_hand = copy.deepcopy(network)
+    recorded, _ = fit(TrainingDynamics(every_n_steps=1), steps=1, network=network)
+    data = Fixed()
+    data.setup("fit")
+    x, y = data.splits["train"].images.float() / 255, data.splits["train"].labels
+    F.cross_entropy(by_hand(x), y).backward()
+    first, sparse = by_hand[1], by_hand[2]
+    masked = sparse.module.weight.grad * sparse.weight_mask
+    layer = torch.cat([masked.flatten(), sparse.module.bias.grad]).norm().item()
+    total = torch.cat([first.weight.grad.flatten(), first.bias.grad, masked.flatten(), sparse.module.bias.grad]).norm()
+    assert recorded.rows[0]["grad_norm/2.module"] == pytest.approx(layer, rel=1e-5)
+    assert recorded.rows[0]["grad_norm/total"] == pytest.approx(total.item(), rel=1e-5)
+    unmasked = torch.cat([sparse.module.weight.grad.flatten(), sparse.module.bias.grad]).norm().item()
+    assert unmasked > 1.5 * layer  # what the norm was before: most of it on entries that never move
 
 
 def test_sparse_weights_report_the_real_tensor_and_a_bad_selection_is_one_line():

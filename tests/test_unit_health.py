@@ -16,11 +16,12 @@ from callbacks import ActivationStats, DeadUnits
 from lightning_modules import Classifier
 from lightning_modules.layers import KWinners
 from lightning_modules.statistics.unit_health import (
-    blocked_count,
+    blocked_entries,
     dormant_scores,
     dormant_share,
     duty_cycle_entropy,
     effective_rank,
+    passing_units,
     singular_values,
     srank,
     summed_abs_per_unit,
@@ -42,15 +43,29 @@ def test_dormant_scores_divide_each_units_mean_magnitude_by_the_layers():
 
 def test_gradient_blocking_is_where_the_activations_slope_is_below_eps():
     """Counted from the outputs h = phi(z), at pre-activations z chosen on both sides of each boundary."""
+
+    def blocked(module: nn.Module, h: torch.Tensor, eps: float = 0.05) -> int:
+        return int(blocked_entries(module, h, eps).sum())
+
     tanh_z = torch.tensor([0.0, 1.0, 2.17, 2.2, -3.0])  # |tanh'| <= 0.05 from |z| = 2.18 on
-    assert blocked_count(nn.Tanh(), torch.tanh(tanh_z)) == 2
+    assert blocked(nn.Tanh(), torch.tanh(tanh_z)) == 2
     elu_z = torch.tensor([-3.1, -2.9, 0.5])  # exp(-3.1) = 0.045, exp(-2.9) = 0.055
-    assert blocked_count(nn.ELU(), F.elu(elu_z)) == 1
-    assert blocked_count(nn.ELU(alpha=2.0), F.elu(torch.tensor([-3.8, -3.6]), alpha=2.0)) == 1  # 2 exp(z) <= 0.05
+    assert blocked(nn.ELU(), F.elu(elu_z)) == 1
+    assert blocked(nn.ELU(alpha=2.0), F.elu(torch.tensor([-3.8, -3.6]), alpha=2.0)) == 1  # 2 exp(z) <= 0.05
     relu_z = torch.tensor([-1.0, 0.0, 2.0])  # the off share, z <= 0
-    assert blocked_count(nn.ReLU(), F.relu(relu_z)) == 2
-    assert blocked_count(nn.Identity(), relu_z) is None
-    assert blocked_count(nn.Tanh(), torch.tanh(tanh_z), eps=1.0) == 5  # no slope exceeds 1
+    assert blocked(nn.ReLU(), F.relu(relu_z)) == 2
+    assert blocked_entries(nn.Identity(), relu_z) is None
+    assert blocked(nn.Tanh(), torch.tanh(tanh_z), eps=1.0) == 5  # no slope exceeds 1
+
+
+def test_a_unit_passes_gradient_where_one_entry_of_it_is_not_blocked():
+    """(2 samples, 3 channels, 2 positions) of tanh outputs: channel 0 saturated at both signs, channel 1 open at one
+    entry, channel 2 never saturated; k-winners' units pass where they won (output not 0, a negative win too)."""
+    h = torch.tensor([[[0.99, -0.99], [0.99, 0.5], [-0.8, -0.85]], [[-0.995, 0.98], [0.99, 0.99], [-0.89, -0.79]]])
+    assert passing_units(nn.Tanh(), h, blocked_entries(nn.Tanh(), h)).tolist() == [False, True, True]
+    wins = torch.tensor([[-1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+    assert passing_units(KWinners(3, percent_on=0.34), wins, None).tolist() == [True, False, True]
+    assert passing_units(nn.ReLU(), h, blocked_entries(nn.ReLU(), h)) is None  # read from the peak instead
 
 
 def test_duty_cycle_entropy_is_the_mean_binary_entropy_beside_its_maximum():
@@ -108,7 +123,8 @@ def test_the_health_record_counts_units_that_died_and_revived_between_checks(tmp
     callback.layers = {"hidden": nn.ReLU()}
     for step, sums in ((10, [0.0, 1.0, 1.0, 0.0]), (20, [1.0, 0.0, 1.0, 0.0])):
         callback.sums, callback.samples, callback.blocked = {"hidden": torch.tensor(sums)}, {"hidden": 4}, {}
-        callback.measure_health(SimpleNamespace(global_step=step), None, ["hidden"], [4])
+        at_step = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=step)))
+        callback.measure_health(at_step, None, ["hidden"], [4])  # a trainer that has logged `step`
     assert callback.health_scalars["health/hidden/died"] == 1.0  # unit 1
     assert callback.health_scalars["health/hidden/revived"] == 1.0  # unit 0
     record = callback.health["hidden"]

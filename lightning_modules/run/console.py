@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 from pytorch_lightning.utilities import rank_zero_only
@@ -18,13 +19,22 @@ LIBRARY_WARNINGS = (  # said by a library about itself, with nothing for the use
     r".*is smaller than the logging interval",  # a search trial's short epochs (a run's own interval is shortened)
     r".*The dirpath has changed from",  # validate/test/fit from a checkpoint of another run folder: as intended
     r".*is not supported by the model summary",  # bf16-mixed: the summary counts parameters all the same
+    r".*AMP with fp16 is not supported on CPU",  # the CLI says the swap to bf16-mixed in its own line
 )
 
 
 @rank_zero_only
 def say(text: str) -> None:
-    """A line of this project's own, printed once (by rank 0) whatever the verbosity."""
-    print(text, flush=True)
+    """A line of this project's own, printed once (by rank 0) whatever the verbosity; on a line of its own where the
+    output is not a terminal and a progress bar there left its last line open (no newline after a bar's update)."""
+    print(("\n" if bar_line_open() else "") + text, flush=True)
+
+
+def bar_line_open() -> bool:
+    """Whether an open progress bar may have left stdout mid-line: a file or pipe, where no cursor moves back."""
+    from tqdm import tqdm
+
+    return not sys.stdout.isatty() and bool(tqdm._instances)  # private: see lightning_modules/library_internals.py
 
 
 def end_progress_bars() -> None:

@@ -71,6 +71,13 @@ def _batches_that_stepped() -> bool:
     return isinstance(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None), int)
 
 
+def _fused_unscales_in_step() -> bool:
+    import torch
+
+    fused = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], fused=True)
+    return getattr(fused, "_step_supports_amp_scaling", False) is True
+
+
 def _numpy_reconstruct() -> bool:
     import numpy as np
 
@@ -173,7 +180,16 @@ INTERNALS = (
         "tqdm",
         "4.70.1",
         "tqdm:tqdm._instances",
-        "run/console.py end_progress_bars: an error after the progress bar starts on a line of its own",
+        "run/console.py end_progress_bars and bar_line_open: an error, and a table printed while a bar is open, "
+        "start on a line of their own",
+    ),
+    Internal(
+        "torch",
+        "2.14.1",
+        "torch.optim:Adam._step_supports_amp_scaling (set by a fused optimizer's __init__)",
+        "callbacks/training_dynamics.py loss_scale: gradients a fused optimizer unscales in its own step are read "
+        "still scaled",
+        _fused_unscales_in_step,
     ),
     Internal(
         "numpy",

@@ -1,5 +1,6 @@
 """The health of units and representations, from the formulas of spec 06 (no Lightning import): dormant scores,
-gradient-blocking shares of saturating activations, k-winners' duty-cycle entropy, and feature rank.
+gradient-blocking shares of saturating activations, which units are dead (pass no gradient on any input),
+k-winners' duty-cycle entropy, and feature rank.
 
 Each function takes what is already reduced (per-unit sums, a matrix of features) and returns plain numbers or
 tensors; the callbacks stream and reduce the inputs over batches and ranks.
@@ -11,6 +12,8 @@ import math
 
 import torch
 from torch import nn
+
+from lightning_modules.layers.kwinners import KWinnersBase
 
 
 def summed_abs_per_unit(output: torch.Tensor) -> torch.Tensor:
@@ -34,21 +37,42 @@ def dormant_share(scores: torch.Tensor, tau: float) -> float:
     return float((scores <= tau).float().mean()) if len(scores) else math.nan
 
 
-def blocked_count(module: nn.Module, h: torch.Tensor, eps: float = 0.05) -> torch.Tensor | None:
-    """How many (sample, unit, position) entries block the gradient, |phi'(z)| <= eps, counted from the outputs
-    h = phi(z), where each slope is known (tanh: 1 - h^2, so |z| >= 2.18; ELU: h + alpha below 0, so z <= -3.0;
-    ReLU: 0 where h = 0, so z <= 0, its "off" share, not the dead share); a 0-d tensor on h's device, or None when
-    the module is not one of those activations. From the outputs, an in-place activation needs no copy of its
-    input, and the count costs one pass over what the dead-unit count reads anyway."""
+def blocked_entries(module: nn.Module, h: torch.Tensor, eps: float = 0.05) -> torch.Tensor | None:
+    """Which (sample, unit, position) entries block the gradient, |phi'(z)| <= eps, as a bool mask of h's shape,
+    from the outputs h = phi(z), where each slope is known (tanh: 1 - h^2, so |z| >= 2.18; ELU: h + alpha below 0,
+    so z <= -3.0; ReLU: 0 where h = 0, so z <= 0, its "off" entries); None when the module is not one of those
+    activations. From the outputs, an in-place activation needs no copy of its input."""
     if eps >= 1 and isinstance(module, (nn.Tanh, nn.ELU, nn.ReLU)):
-        return torch.tensor(h.numel(), device=h.device)  # no slope of these exceeds 1
-    if isinstance(module, nn.Tanh):  # count_nonzero of a mask: twice as fast as its sum on a CPU
-        return torch.count_nonzero(h.abs() >= math.sqrt(1 - eps))
+        return torch.ones_like(h, dtype=torch.bool)  # no slope of these exceeds 1
+    if isinstance(module, nn.Tanh):
+        return h.abs() >= math.sqrt(1 - eps)
     if isinstance(module, nn.ELU):
-        return torch.count_nonzero(h <= min(eps - module.alpha, 0.0))
+        return h <= min(eps - module.alpha, 0.0)
     if isinstance(module, nn.ReLU):
-        return torch.count_nonzero(h <= 0)
+        return h <= 0
     return None
+
+
+def dead_rule(module: nn.Module) -> str:
+    """How a unit of `module` is found dead, that is passing no gradient on any input: tanh and ELU 'saturated'
+    (|phi'(z)| <= eps on every entry), k-winners 'never wins', ReLU and any other module 'off' (its output never
+    above the threshold, 0: a ReLU's gradient is exactly 0 there)."""
+    if isinstance(module, (nn.Tanh, nn.ELU)):
+        return "saturated"
+    return "never wins" if isinstance(module, KWinnersBase) else "off"
+
+
+def passing_units(module: nn.Module, h: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor | None:
+    """Per unit (dim 1; a conv unit is a channel), whether some entry of this batch passes gradient: for tanh and ELU
+    an entry that `blocked` (their `blocked_entries`) leaves open, for k-winners a win (h != 0: losers output 0
+    exactly); None for the units whose rule is 'off', which is read from their peak."""
+    rule = dead_rule(module)
+    if rule == "off":
+        return None
+    passing = ~blocked if rule == "saturated" else h != 0
+    if passing.dim() > 2:
+        passing = passing.flatten(2).any(dim=2)
+    return passing.any(dim=0) if passing.dim() > 1 else passing
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
