@@ -58,10 +58,12 @@ class Classifier(pl.LightningModule):
             max_loss: the loss diverged when a step's loss exceeds this bound (None: no bound).
             on_divergence: `stop` the run with an error (the search counts the trial as diverged) or `warn`
                 once and train on. A NaN or infinite loss always stops.
-            recycle: recycle dormant units (ReDo) every `every_n_steps` optimizer steps: units whose dormant score is
-                at or below `tau` get fresh incoming weights from the net's own init, with zero outgoing weights
-                (the output unchanged) and their optimizer state reset; logs `recycle/<layer>/recycled` and
-                `.../dormant_again`. For nets with recyclable units (MLP, VGG, DepthCNN); off by default.
+            recycle: recycle dormant units (ReDo) after every `every_n_steps` optimizer steps: units whose dormant
+                score is at or below `tau` get fresh incoming weights from the net's own init, with zero outgoing
+                weights and their optimizer state reset (the output is unchanged for exactly dead units; dormant
+                ones that were alive move it, by `recycle/logit_change`); logs `recycle/<layer>/recycled` and
+                `.../dormant_again` at each event, `.../fresh` at each validation. For nets with recyclable units
+                (MLP, VGG, DepthCNN); off by default.
         """
         require(
             "positive", num_classes=num_classes, finite_check_every=finite_check_every, max_loss_ratio=max_loss_ratio
@@ -97,14 +99,16 @@ class Classifier(pl.LightningModule):
     def on_fit_start(self) -> None:
         # the net is built alike on every rank; from here each rank augments and drops out on its own stream
         seed_this_rank(self.global_rank, self.trainer.world_size)
-        if self.recycle is not None:  # a checkpoint's events, else those of an earlier fit of this module
-            state = self.saved_recycling or (self.recycler.state_dict() if self.recycler is not None else None)
-            self.recycler, self.saved_recycling = Recycler(self.recycle, self.net), None
-            if state is not None:
-                self.recycler.load_state_dict(state)
+        if self.recycle is not None:  # a checkpoint's events and scores, else those of an earlier fit of this module
+            if self.recycler is None:
+                self.recycler = Recycler(self.recycle, self.net)
+            if self.saved_recycling is not None:
+                self.recycler.load_state_dict(self.saved_recycling, self.global_rank)
+                self.saved_recycling = None
+            self.recycler.attach()
 
     def on_fit_end(self) -> None:
-        if self.recycler is not None:  # its hooks go; its events stay for a checkpoint saved after the fit
+        if self.recycler is not None:  # its hooks go; its events and scores stay for a checkpoint saved after the fit
             self.recycler.remove()
 
     def as_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,14 +168,18 @@ class Classifier(pl.LightningModule):
         if self.max_loss is not None:
             self.loss_exploded |= loss > self.max_loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if (batch_idx + 1) % self.finite_check_every == 0:
-            self.check_finite()
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # ReDo's events come here, before the step Lightning logs at global_step: every checkpoint (written after a
+        # step) lies between events, and what is logged before that step saw the net before the event
         if self.recycler is not None:
-            report = self.recycler.step(self.global_step, self.trainer.optimizers[0])
+            report = self.recycler.step(self.global_step, self.trainer.optimizers[0], self.as_input(batch[0]))
             if report and self.trainer.is_global_zero:
                 for logger in self.loggers:  # straight to the loggers, at the event's step
                     logger.log_metrics(report, step=self.global_step)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.finite_check_every == 0:
+            self.check_finite()
 
     def check_finite(self) -> None:
         """Raise NonFiniteLossError if any rank saw a non-finite loss since the start of training, and
@@ -263,6 +271,9 @@ class Classifier(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log_split("val")
+        if self.recycler is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            # the same on every rank, which max keeps exactly
+            self.log_dict(self.recycler.fresh(self.global_step), sync_dist=True, reduce_fx="max")
 
     def on_test_epoch_end(self) -> None:
         self.log_split("test")

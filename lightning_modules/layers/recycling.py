@@ -1,14 +1,17 @@
 """Recycling dormant units (ReDo; Sokar et al., 2023; spec 06), in plain torch: what a unit is made of, and how it
-is given fresh incoming weights without changing what the net computes at that moment.
+is given fresh incoming weights while it stops feeding the rest of the net.
 
 A net that can recycle its units says so with `recyclable_units()`: a `UnitGroup` per layer of units (or, for a
 layer that cannot be recycled, the reason). A unit's incoming weights (a Linear's row, a Conv's output channel)
 are drawn again from the net's own initialisation and its bias set to 0; a batch norm after it goes back to
 weight 1 and bias 0 with running statistics 0 and 1; its outgoing weights (the consumer's input column, input
-channel, or the block of columns a channel becomes after a flatten) are set to 0, so the output is unchanged.
-A unit of a residual branch has no outgoing weights (it is added into the stream): it is silenced at its batch
-norm instead (weight and bias 0), which is possible only with a batch norm. The optimizer state of every entry
-changed is set to zero (Adam's moments, SGD's momentum), or the old moments would push the fresh weights back.
+channel, or the block of columns a channel becomes after a flatten) are set to 0. That leaves the output as it
+was for a unit that was exactly dead (zero on every input); a dormant unit that was still alive loses what it fed
+its consumer, and the output moves by that (the Recycler measures it at every event). A unit of a residual branch
+has no outgoing weights (it is added into the stream): it is silenced at its batch norm instead (weight and bias
+0), which needs a batch norm, and an activation that passes gradient at 0 to train again. The optimizer state of
+every entry changed is set to zero (Adam's moments, SGD's momentum), or the old moments would push the fresh
+weights back; Adam's step count, one per tensor, is kept (docs/training-dynamics.md says what that does).
 """
 
 from __future__ import annotations
@@ -53,20 +56,23 @@ def uniform_draw(bound: float) -> Draw:
     return draw
 
 
-def chain_units(layers: list[tuple[str, nn.Module]], draw_for: Callable[[nn.Module], Draw]) -> dict[str, UnitGroup]:
+def chain_units(
+    layers: list[tuple[str, nn.Module]], draw_for: Callable[[nn.Module], Draw]
+) -> dict[str, UnitGroup | str]:
     """The unit groups of a chain of layers in forward order (a Sequential's leaves): each Conv2d or Linear with the
     batch norm and activation after it, consumed by the next Conv2d or Linear (the last one is the output and has
     no units to recycle). Pools and dropout keep a channel a channel; a Linear after a Conv takes a block of
-    in_features / channels columns per channel (the flatten)."""
-    groups: dict[str, UnitGroup] = {}
+    in_features / channels columns per channel (the flatten). A layer whose consumer does not take its units so
+    gets the reason instead of a group."""
+    groups: dict[str, UnitGroup | str] = {}
     current: UnitGroup | None = None
     for name, module in layers:
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             if current is not None and current.activation is not None:
-                units = current.incoming.weight.shape[0]
-                inputs = module.weight.shape[1] if isinstance(module, nn.Conv2d) else module.in_features
-                current.outgoing.append((module, inputs // units))
-                groups[current.name] = current
+                block = outgoing_block(current.name, current.incoming, block_name(name), module)
+                if isinstance(block, int):
+                    current.outgoing.append((module, block))
+                groups[current.name] = current if isinstance(block, int) else block
             current = UnitGroup(block_name(name), module, draw_for(module))
         elif (
             current is not None and isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and current.activation is None
@@ -75,6 +81,37 @@ def chain_units(layers: list[tuple[str, nn.Module]], draw_for: Callable[[nn.Modu
         elif current is not None and current.activation is None and is_activation(module):
             current.activation = module
     return groups
+
+
+def outgoing_block(producer: str, incoming: nn.Module, consumer: str, module: nn.Conv2d | nn.Linear) -> int | str:
+    """How many of `module`'s inputs each unit of `incoming` feeds (its block of columns), or why that is unknown: a
+    conv's input channel is one unit, a Linear after a Linear takes one column per unit, a Linear after a conv a
+    whole block of columns per channel (the flatten)."""
+    units = incoming.weight.shape[0]
+    if isinstance(module, nn.Conv2d):
+        if module.in_channels == units and module.groups == 1:
+            return 1
+        return (
+            f"{consumer} takes {module.in_channels} input channels in {module.groups} groups, not one per channel of "
+            f"{producer} ({units})"
+        )
+    if isinstance(incoming, nn.Linear) and module.in_features != units:
+        return f"{consumer} takes {module.in_features} inputs, not one per unit of {producer} ({units} units)"
+    if module.in_features % units:
+        return (
+            f"{consumer} takes {module.in_features} inputs, not a whole block per channel of {producer} "
+            f"({units} channels)"
+        )
+    return module.in_features // units
+
+
+def passes_gradient_at_zero(activation: nn.Module) -> bool:
+    """Whether the activation's slope at 0 is non-zero: a unit silenced to 0 at its batch norm then trains again
+    (tanh, ELU), where a ReLU's gradient there is 0 for good."""
+    zero = torch.zeros(1, requires_grad=True)
+    with torch.enable_grad():
+        (slope,) = torch.autograd.grad(activation(zero.clone()).sum(), zero)
+    return bool(slope.abs().item() > 0)
 
 
 def block_name(path: str) -> str:
@@ -90,7 +127,8 @@ def is_activation(module: nn.Module) -> bool:
 @torch.no_grad()
 def recycle(group: UnitGroup, units: torch.Tensor, generator: torch.Generator, optimizer=None) -> None:
     """Give `units` (indices) of `group` fresh incoming weights, zero bias, a reset batch norm, and zero outgoing
-    weights (or a silenced norm, for a residual branch); then zero the optimizer state of every entry changed."""
+    weights (or a silenced norm, for a residual branch); then zero the optimizer state of every entry changed
+    (Adam's step count, one per tensor, stays)."""
     if len(units) == 0:
         return
     weight = group.incoming.weight

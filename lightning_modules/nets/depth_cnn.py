@@ -15,8 +15,15 @@ from torch import nn
 
 from lightning_modules.errors import require
 from lightning_modules.layers.delta_orthogonal import delta_orthogonal_conv, init_bias
-from lightning_modules.layers.recycling import Draw, UnitGroup, chain_units, normal_draw, uniform_draw
-from lightning_modules.statistics.mean_field import critical_sigma_w2
+from lightning_modules.layers.recycling import (
+    Draw,
+    UnitGroup,
+    chain_units,
+    normal_draw,
+    passes_gradient_at_zero,
+    uniform_draw,
+)
+from lightning_modules.statistics.mean_field import critical_sigma_w2, padded_conv_factor
 
 ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}
 
@@ -71,7 +78,8 @@ class DepthCNN(nn.Module):
                 orthogonal centre tap times `gain`; `init_std` then plays no part).
             gain: the delta-orthogonal centre tap's gain (mean-field sigma_w = gain), or `critical`: the gain at
                 which chi_1 = 1 for this activation and `bias_std` (tanh: 1 at bias_std 0, where the signal
-                still fades as a power law; 1.46 at bias_std 0.38, where q* is about 1).
+                still fades as a power law; 1.46 at bias_std 0.38, where q* is about 1; ReLU: sqrt 2, He's, at any
+                bias_std).
             bias_std: conv biases start N(0, bias_std^2) (mean-field sigma_b); 0: zero.
             widths: channels of the three stages.
             in_channels: image channels.
@@ -144,6 +152,11 @@ class DepthCNN(nn.Module):
             return float(self.settings["gain"]) ** 2
         return 9 * conv.in_channels * self.conv_std(conv) ** 2
 
+    def padding_factor(self, size: int) -> float:
+        """Zero padding's factor on q per conv at a size x size map (`mean_field.padded_conv_factor`); 1 for the
+        delta-orthogonal init, whose one tap, the centre, never reads the padding."""
+        return 1.0 if self.settings["init"] == "delta_orthogonal" else padded_conv_factor(size)
+
     def init_draw(self, layer: nn.Conv2d | nn.Linear) -> Draw:
         """The distribution a layer's weights start from: N(0, std^2) for a conv; PyTorch's default for the head."""
         if isinstance(layer, nn.Conv2d):
@@ -154,7 +167,8 @@ class DepthCNN(nn.Module):
         """Each block's units (channels) for recycling (layers.recycling), with the net's own N(0, std^2) init. In a
         plain net a channel's outgoing weights are the next conv's input channel (the head's block of 9 columns
         after the last pool). In a residual net every block adds its channels into the stream, which has no
-        weights to zero: a block is silenced at its batch norm instead, and without one it cannot be recycled."""
+        weights to zero: a block is silenced at its batch norm instead, and without one, or with an activation
+        whose gradient at 0 is 0 (ReLU: the silenced unit would never train again), it cannot be recycled."""
         if self.settings["init"] == "delta_orthogonal":
             why = "a delta-orthogonal kernel is orthogonal across units: one unit cannot be drawn again alone"
             return {f"features.{i}": why for i, block in enumerate(self.features) if isinstance(block, DepthBlock)}
@@ -169,6 +183,12 @@ class DepthCNN(nn.Module):
                     groups[name] = (
                         "a residual block without batch norm adds its channels into the stream through no weight: "
                         "recycling one would change what the net computes"
+                    )
+                    continue
+                if not passes_gradient_at_zero(block.act):
+                    groups[name] = (
+                        f"a residual block is silenced at its batch norm to {self.settings['activation']}(0) = 0, "
+                        "where its gradient is 0: the unit would never train again (recycle elu or tanh nets)"
                     )
                     continue
                 draw = self.init_draw(block.conv)

@@ -116,7 +116,7 @@ class VGG(nn.Sequential):
         self.init = init
         self.reset_parameters()
 
-    def recyclable_units(self) -> dict[str, UnitGroup]:
+    def recyclable_units(self) -> dict[str, UnitGroup | str]:
         """Each conv and fc block's units for recycling (layers.recycling), with the net's own init: a conv channel's
         outgoing weights are the next conv's input channel, or the block of columns it becomes after the flatten."""
         leaves = [(name, m) for name, m in self.named_modules() if not list(m.children())]
