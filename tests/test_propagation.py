@@ -19,9 +19,18 @@ from lightning_modules.statistics.mean_field import (
     fixed_length,
     length_map,
     mean_field,
+    padded_conv_factor,
 )
-from lightning_modules.statistics.propagation import Profile, decay_rate, depth_scales, measure
+from lightning_modules.statistics.propagation import DepthScales, Profile, decay_rate, depth_scales, measure
 from lightning_modules.studies.depth_search import run_searches, search_plan, trials_needed
+from lightning_modules.studies.propagate import (
+    Measured,
+    Prediction,
+    profile_figure,
+    summary_rows,
+    theory_of,
+    write_propagation,
+)
 from tests.conftest import CONFIGS, QUIET, cli, make_mnist, small_splits
 
 # --- mean field -----------------------------------------------------------------------------------------------------
@@ -36,11 +45,12 @@ def test_quadrature_chi_1_equals_monte_carlo_for_tanh(sigma_w2, sigma_b2):
     assert length_map(q, sigma_w2, sigma_b2, "tanh") == pytest.approx(q, rel=1e-10)  # q* is a fixed point
 
 
-def test_ordered_tanh_without_bias_loses_its_signal_at_the_rate_of_sigma_w2():
-    """The original's N(0, 0.05) tanh net: sigma_w^2 = 9 C_in 0.05^2 < 1, q* = 0, xi = -1 / log sigma_w^2."""
+def test_ordered_tanh_without_bias_loses_its_gradient_at_the_rate_of_sigma_w2():
+    """The original's N(0, 0.05) tanh net: sigma_w^2 = 9 C_in 0.05^2 < 1, q* = 0, xi_grad = -1 / log sigma_w^2;
+    the correlation map is frozen there (c* undefined, xi_c inf: tests/test_mean_field.py)."""
     values = mean_field(9 * 16 * 0.05**2, 0.0, "tanh")
-    assert values.q_star == 0 and values.c_star == 1
-    assert values.xi_grad == pytest.approx(-1 / math.log(0.36)) and values.xi_c == values.xi_grad
+    assert values.q_star == 0 and math.isnan(values.c_star) and values.xi_c == math.inf
+    assert values.xi_grad == pytest.approx(-1 / math.log(0.36))
 
 
 def test_critical_weight_variance_puts_chi_1_at_one_and_scales_diverge():
@@ -52,6 +62,45 @@ def test_critical_weight_variance_puts_chi_1_at_one_and_scales_diverge():
         assert below < 1 < above  # ordered below the edge, chaotic above
     chaotic = mean_field(2.5, 0.0, "tanh")  # an odd activation without bias: c* = 0 in the chaotic phase
     assert chaotic.chi_1 > 1 and abs(chaotic.c_star) < 1e-9 and chaotic.chi_c < 1
+
+
+def test_critical_gain_agrees_with_the_mean_field_row_for_every_activation():
+    """`gain: critical` solves chi_1 = 1; the net's mean-field rows must say chi_1 = 1 too (ReLU: sqrt 2, He's)."""
+    for activation in ("tanh", "elu", "relu"):
+        net = DepthCNN(depth=6, activation=activation, init="delta_orthogonal", gain="critical", bias_std=0.05)
+        theory, _ = theory_of(net)
+        for stage in theory:
+            assert stage.padding == 1 and stage.values.chi_1 == pytest.approx(1, abs=1e-9), activation
+            assert stage.values.xi_grad == math.inf and stage.values.xi_c == math.inf, activation
+    assert DepthCNN(depth=6, activation="relu", init="delta_orthogonal", gain="critical").settings["gain"] == (
+        pytest.approx(math.sqrt(2))
+    )
+
+
+def test_zero_padding_puts_the_better_init_tanh_at_a_finite_mean_field_depth():
+    """sigma_w^2 = 1 is critical for an infinite map; zero padding scales q (and the gradient) per conv by 0.99,
+    0.97 and 0.90 at 28, 14 and 7 pixels, so the mean field predicts 6 / (mean of -log factor over the convs),
+    about 127, not inf."""
+    theory, _ = theory_of(DepthCNN(depth=96, activation="tanh", init_std="fan_in"))
+    assert {s.size: s.padding for s in theory} == {n: pytest.approx(padded_conv_factor(n)) for n in (28, 14, 7)}
+    rate = sum(-math.log(padded_conv_factor(n)) for n in (28, 14, 7)) / 3  # 32 convs per stage
+    predicted = Prediction("tanh_init", theory=theory).theory_predicted()
+    assert predicted == pytest.approx(6 / rate) and 120 < predicted < 135
+
+
+def test_a_widening_delta_orthogonal_conv_keeps_q_per_channel_and_the_gradient_in_total():
+    """4 -> 8 channels: the forward mean square per channel is kept (exactly: |W x|^2 = 2 |x|^2 over twice the
+    channels); backward, W^T keeps half of a gradient's square (a projection onto 4 of 8 dimensions) times 2: its
+    total is kept, so its mean square per channel doubles."""
+    conv = nn.Conv2d(4, 8, 3, padding=1, bias=False, dtype=torch.float64)
+    delta_orthogonal_(conv.weight, gain=1.0, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(64, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    y = conv(x)
+    assert y.square().mean().item() == pytest.approx(x.square().mean().item(), rel=1e-12)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y.backward(g)
+    assert x.grad.square().sum().item() == pytest.approx(g.square().sum().item(), rel=0.05)
+    assert x.grad.square().mean().item() == pytest.approx(2 * g.square().mean().item(), rel=0.05)
 
 
 # --- measurement and fit --------------------------------------------------------------------------------------------
@@ -245,3 +294,36 @@ def test_search_from_the_prediction_starts_where_propagate_predicts(in_tmp, caps
     cells = [c.strip() for c in table.strip("|").split("|")]
     assert cells[2].startswith("3 (3..") and cells[4] == "3"  # predicted, and the original's k
     assert int(cells[6]) <= int(cells[7])  # trials taken from the prediction <= a binary search's
+
+
+def planted(depth_scales_per_seed: list[tuple[float, float]], depths=(12,)) -> Prediction:
+    """A variant measured at `depths`, one seed per (xi_c, xi_grad) pair, with flat profiles of each depth."""
+    result = Prediction("planted")
+    for depth in depths:
+        for seed, (xi_c, xi_grad) in enumerate(depth_scales_per_seed):
+            profile = Profile(q=[1.0] * depth, c=[0.5] * depth, grad=[1.0] * depth, stage=[0] * depth)
+            result.measured.append(Measured(depth, seed, profile, DepthScales(xi_c, xi_grad, 0.5)))
+    return result
+
+
+def test_the_summary_says_which_scale_binds_in_each_seed(tmp_path):
+    """Seeds bound by different scales: medians of xi_c (20) and xi_grad (8) would say 48, the prediction is the
+    median of 6 min(xi_c, xi_grad) = 30; the summary shows the binding scale and its value per seed."""
+    result = planted([(5.0, 9.0), (20.0, 3.0), (40.0, 8.0)])
+    row = summary_rows([result])[0]
+    assert row["predicted"] == 30 == 6 * row["xi"] and row["binds"] == "xi_c xi_grad xi_grad"
+    text = write_propagation([result], tmp_path)["md"].read_text()
+    assert "| planted | 12 | 30 (18..48) | xi_c 5, xi_grad 3, xi_grad 8 |" in text
+    assert "| 12 | 1 | 20 | 3 | xi_grad |" in text
+
+
+def test_the_profile_plot_colours_each_seed_and_labels_the_depths_in_every_panel():
+    result = planted([(5.0, 9.0), (20.0, 3.0)], depths=(6, 12))
+    figure = profile_figure(result)
+    for ax in figure.axes:
+        assert {t.get_text() for t in ax.get_legend().get_texts()} == {"k=6", "k=12", "seed 0", "seed 1"}
+        colours = {}
+        for m, line in zip(result.measured, ax.lines, strict=True):
+            assert len(line.get_xdata()) == m.depth
+            colours.setdefault(m.seed, set()).add(line.get_color())
+        assert all(len(c) == 1 for c in colours.values()) and colours[0] != colours[1]

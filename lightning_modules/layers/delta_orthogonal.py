@@ -19,8 +19,9 @@ def delta_orthogonal_(
     """Fill a conv weight (C_out, C_in, k, k) in place: zero, and at the centre tap gain * sqrt(max(C_out / C_in, 1))
     times a matrix with orthonormal columns (C_out >= C_in) or rows (C_out < C_in). The square root keeps the
     mean square per output channel (q) through a layer that widens, as mean-field theory's sigma_w^2 = gain^2
-    assumes; the transpose then shrinks the gradient's norm by the same factor, so its mean square per channel
-    is kept too."""
+    assumes. Backward, the transpose keeps C_in / C_out of a gradient's square (a projection) times the same
+    C_out / C_in: the gradient's total square is kept, so its mean square per channel grows by C_out / C_in (doubles
+    from 4 to 8 channels)."""
     if weight.dim() != 4 or weight.shape[2] % 2 == 0 or weight.shape[3] % 2 == 0:
         raise ValueError(f"delta-orthogonal needs a conv weight with an odd kernel, got shape {tuple(weight.shape)}")
     c_out, c_in, k_h, k_w = weight.shape

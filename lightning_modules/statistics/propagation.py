@@ -123,6 +123,20 @@ class DepthScales:
     def predicted_depth(self) -> float:
         return predicted_depth(self.xi_c, self.xi_grad)
 
+    @property
+    def binds(self) -> str:
+        """The scale the prediction comes from: `xi_c`, `xi_grad`, `both` (equal) or `neither` (both inf)."""
+        if math.isinf(self.xi_c) and math.isinf(self.xi_grad):
+            return "neither"
+        if self.xi_c == self.xi_grad:
+            return "both"
+        return "xi_c" if self.xi_c < self.xi_grad else "xi_grad"
+
+    @property
+    def binding(self) -> float:
+        """min(xi_c, xi_grad): the prediction is six times it."""
+        return min(self.xi_c, self.xi_grad)
+
 
 def depth_scales(profile: Profile) -> DepthScales:
     """xi_c from |c^l - c*| ~ exp(-l / xi_c), c* the mean of the last quarter of the layers and the fit over the

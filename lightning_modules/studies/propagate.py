@@ -55,14 +55,18 @@ class Measured:
 
 @dataclass
 class StageTheory:
-    """Mean-field values of the convs of one stage with one fan-in; beside them, on the stage's main row (its
-    most convs), what the deepest nets measured there (median over seeds): q and c at the stage's last block
-    and chi_1 from the squared gradient's decay over the stage's blocks."""
+    """Mean-field values of the convs of one stage with one fan-in, at the conv's sigma_w^2 times zero padding's
+    factor on q at the stage's map size; beside them, on the stage's main row (its most convs), what the deepest
+    nets measured there (median over seeds): q and c at the stage's last block and chi_1 from the squared
+    gradient's decay over the stage's blocks."""
 
     stage: int
+    size: int  # the map's height and width
     c_in: int
     convs: int
-    values: MeanField
+    sigma_w2: float  # the conv's own: 9 C_in s^2, or gain^2
+    padding: float  # zero padding's factor on q per conv at this size (1: none)
+    values: MeanField  # at sigma_w2 * padding
     measured: dict[str, float] = field(default_factory=dict)
 
 
@@ -127,7 +131,7 @@ def input_pairs(datamodule: pl.LightningDataModule, pairs: int, seed: int) -> tu
 def theory_of(net: nn.Module) -> tuple[list[StageTheory] | None, str]:
     """The mean-field values per (stage, fan-in) of a plain depth net, or why the theory does not apply."""
     settings = getattr(net, "settings", {})
-    if not hasattr(net, "weight_variance"):
+    if not (hasattr(net, "weight_variance") and hasattr(net, "padding_factor")):
         return None, f"{type(net).__name__} is not a depth net"
     if settings.get("batch_norm") or settings.get("residual"):
         return None, "batch norm and residual connections lie outside the plain theory"
@@ -135,17 +139,17 @@ def theory_of(net: nn.Module) -> tuple[list[StageTheory] | None, str]:
         return None, f"no mean-field integrals for {settings.get('activation')!r}"
     rows: dict[tuple[int, int], StageTheory] = {}
     sigma_b2 = float(settings.get("bias_std", 0.0)) ** 2
-    stage = 0
+    stage, size = 0, settings["input_size"]
     for module in net.features:
         if isinstance(module, nn.AvgPool2d):
-            stage += 1
+            stage, size = stage + 1, size // 2
             continue
         conv = module.conv
         key = (stage, conv.in_channels)
         if key not in rows:
-            rows[key] = StageTheory(
-                stage, conv.in_channels, 0, mean_field(net.weight_variance(conv), sigma_b2, settings["activation"])
-            )
+            sigma_w2, padding = net.weight_variance(conv), net.padding_factor(size)
+            values = mean_field(sigma_w2 * padding, sigma_b2, settings["activation"])
+            rows[key] = StageTheory(stage, size, conv.in_channels, 0, sigma_w2, padding, values)
         rows[key].convs += 1
     return list(rows.values()), ""
 
@@ -261,8 +265,8 @@ def summary_rows(results: list[Prediction]) -> list[dict]:
             "predicted": r.predicted,
             "predicted_min": r.spread[0],
             "predicted_max": r.spread[1],
-            "xi_c": statistics.median(m.scales.xi_c for m in deepest),
-            "xi_grad": statistics.median(m.scales.xi_grad for m in deepest),
+            "xi": statistics.median(m.scales.binding for m in deepest),
+            "binds": " ".join(m.scales.binds for m in deepest),
             "mean_field_predicted": r.theory_predicted(),
             "seconds": r.seconds,
         })  # fmt: skip
@@ -271,14 +275,16 @@ def summary_rows(results: list[Prediction]) -> list[dict]:
 
 def scale_rows(results: list[Prediction]) -> list[dict]:
     return [
-        {"variant": r.variant, "depth": m.depth, "seed": m.seed, **asdict(m.scales), "predicted": m.predicted}
+        {"variant": r.variant, "depth": m.depth, "seed": m.seed, **asdict(m.scales), "binds": m.scales.binds,
+         "predicted": m.predicted}
         for r in results for m in r.measured
     ]  # fmt: skip
 
 
 def theory_rows(results: list[Prediction]) -> list[dict]:
     return [
-        {"variant": r.variant, "stage": s.stage, "c_in": s.c_in, "convs": s.convs, **asdict(s.values),
+        {"variant": r.variant, "stage": s.stage, "size": s.size, "c_in": s.c_in, "convs": s.convs,
+         **asdict(s.values), "sigma_w2": s.sigma_w2, "padding": s.padding,
          **{f"measured_{k}": s.measured.get(k, "") for k in ("q", "c", "chi_1")}}
         for r in results for s in (r.theory or [])
     ]  # fmt: skip
@@ -289,6 +295,8 @@ def fmt(value: float | None, digits: int = 3) -> str:
         return "n/a"
     if math.isinf(value):
         return "inf"
+    if math.isnan(value):
+        return "-"
     return f"{value:.{digits}g}"
 
 
@@ -306,38 +314,44 @@ def write_propagation(results: list[Prediction], folder: Path) -> dict[str, Path
             atomic_write_csv(paths[key], list(rows[0]), rows)
     lines = [
         "Predicted deepest trainable depth: 6 min(xi_c, xi_grad) (Schoenholz et al., 2017), the median over seeds at",
-        "the deepest depth probed (range over seeds); mean-field: the same from the spec's integrals, each rate",
-        "averaged over the net's convs. Seconds: every depth and seed of the variant, measured.",
+        "the deepest depth probed (range over seeds), and per seed the scale that binds (the smaller) and its value;",
+        "mean-field: the same from the spec's integrals, each rate averaged over the net's convs. Seconds: every depth",
+        "and seed of the variant, measured.",
         "",
-        "| variant | probe depth | predicted k (seeds) | xi_c | xi_grad | mean-field predicted k | seconds |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | probe depth | predicted k (seeds) | binding scale per seed | mean-field predicted k | seconds |",
+        "| --- | ---: | ---: | --- | ---: | ---: |",
     ]
-    for row in summary_rows(results):
+    for r, row in zip(results, summary_rows(results), strict=True):
+        binding = ", ".join(f"{m.scales.binds} {fmt(m.scales.binding)}" for m in r.at_deepest())
         lines.append(
             f"| {row['variant']} | {row['probe_depth']} | {fmt(row['predicted'])} "
-            f"({fmt(row['predicted_min'])}..{fmt(row['predicted_max'])}) | {fmt(row['xi_c'])} | {fmt(row['xi_grad'])} "
+            f"({fmt(row['predicted_min'])}..{fmt(row['predicted_max'])}) | {binding} "
             f"| {fmt(row['mean_field_predicted'])} | {row['seconds']:.1f} |"
         )
     for r in results:
-        lines += ["", f"## {r.variant}", "", "| depth | seed | xi_c | xi_grad | c* (measured) | predicted k |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        lines += ["", f"## {r.variant}", "", "| depth | seed | xi_c | xi_grad | binds | c* (measured) | predicted k |",
+                  "| ---: | ---: | ---: | ---: | --- | ---: | ---: |"]  # fmt: skip
         lines += [
-            f"| {m.depth} | {m.seed} | {fmt(m.scales.xi_c)} | {fmt(m.scales.xi_grad)} | {fmt(m.scales.c_star)} "
-            f"| {fmt(m.predicted)} |"
+            f"| {m.depth} | {m.seed} | {fmt(m.scales.xi_c)} | {fmt(m.scales.xi_grad)} | {m.scales.binds} "
+            f"| {fmt(m.scales.c_star)} | {fmt(m.predicted)} |"
             for m in r.measured
         ]
         if r.theory:
-            lines += ["", "Mean field per stage and fan-in, and measured at the deepest depth (stage's last block; chi_1 "
-                      "from its gradient's decay):", "",
-                      "| stage | C_in | convs | sigma_w^2 | sigma_b^2 | q* | c* | chi_1 | xi_c | xi_grad | measured q "
-                      "| measured c | measured chi_1 |",
-                      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+            lines += ["", "Mean field per stage and fan-in at sigma_w^2 x padding (zero padding's factor on q per conv at "
+                      "the stage's map size), and measured at the deepest depth (stage's last block; chi_1 from its "
+                      "gradient's decay). c* is '-' where the correlation map is frozen (q* = 0: c stays where the "
+                      "first layers leave it, so xi_c is inf).", "",
+                      "| stage | size | C_in | convs | sigma_w^2 | padding | sigma_b^2 | q* | c* | chi_1 | xi_c | xi_grad "
+                      "| measured q | measured c | measured chi_1 | regime |",
+                      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+                      "| ---: | --- |"]  # fmt: skip
             for s in r.theory:
                 seen = [fmt(s.measured.get(k)) if s.measured else "" for k in ("q", "c", "chi_1")]
                 lines.append(
-                    f"| {s.stage + 1} | {s.c_in} | {s.convs} | {fmt(s.values.sigma_w2)} | {fmt(s.values.sigma_b2)} "
-                    f"| {fmt(s.values.q_star)} | {fmt(s.values.c_star)} | {fmt(s.values.chi_1, 6)} "
-                    f"| {fmt(s.values.xi_c)} | {fmt(s.values.xi_grad)} | {' | '.join(seen)} |"
+                    f"| {s.stage + 1} | {s.size} | {s.c_in} | {s.convs} | {fmt(s.sigma_w2)} | {fmt(s.padding)} "
+                    f"| {fmt(s.values.sigma_b2)} | {fmt(s.values.q_star)} | {fmt(s.values.c_star)} "
+                    f"| {fmt(s.values.chi_1, 6)} | {fmt(s.values.xi_c)} | {fmt(s.values.xi_grad)} | {' | '.join(seen)} "
+                    f"| {s.values.regime} |"
                 )
         else:
             lines += ["", f"No mean-field values: {r.why_no_theory}."]
@@ -347,27 +361,42 @@ def write_propagation(results: list[Prediction], folder: Path) -> dict[str, Path
     return paths
 
 
-def plot_profiles(result: Prediction, path: Path) -> None:
-    """q^l, c^l and the gradient norm against layer, one curve per (depth, seed), coloured by depth."""
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def profile_figure(result: Prediction):
+    """q^l, c^l and the gradient norm against layer: one colour per seed, one line style per depth, and the legend
+    of both in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     depths = sorted({m.depth for m in result.measured})
-    colours = plt.cm.viridis([i / max(len(depths) - 1, 1) for i in range(len(depths))])
+    seeds = sorted({m.seed for m in result.measured})
+    colour = {seed: plt.cm.tab10(i % 10) for i, seed in enumerate(seeds)}
+    style = {depth: LINE_STYLES[i % len(LINE_STYLES)] for i, depth in enumerate(depths)}
     for m in result.measured:
-        colour = colours[depths.index(m.depth)]
         layers = range(1, len(m.profile) + 1)
-        label = f"k={m.depth}" if m.seed == min(x.seed for x in result.measured) else None
         for ax, values in zip(axes, (m.profile.q, m.profile.c, m.profile.grad), strict=True):
-            ax.plot(layers, values, color=colour, alpha=0.7, label=label)
+            ax.plot(layers, values, color=colour[m.seed], linestyle=style[m.depth], alpha=0.8, linewidth=1.2)
+    keys = [Line2D([], [], color="black", linestyle=style[d], label=f"k={d}") for d in depths]
+    keys += [Line2D([], [], color=colour[seed], label=f"seed {seed}") for seed in seeds]
     for ax, title, log in zip(axes, ("length q^l", "pair correlation c^l", "gradient norm"), (True, False, True),
                               strict=True):  # fmt: skip
         ax.set(xlabel="layer l", title=title, yscale="log" if log else "linear")
-    axes[0].legend(fontsize=7)
+        ax.legend(handles=keys, fontsize=7, ncol=2, framealpha=0.8)
     fig.suptitle(f"{result.variant}: signal propagation at initialisation")
     fig.tight_layout()
+    return fig
+
+
+def plot_profiles(result: Prediction, path: Path) -> None:
+    """`profile_figure` written to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = profile_figure(result)
     atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
