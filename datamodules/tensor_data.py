@@ -37,7 +37,7 @@ class CorruptDataError(DataError, ValueError):
 
 
 class SplitSizeError(DataError, ValueError):
-    """The requested validation or test split does not fit the dataset."""
+    """The requested validation or test split does not fit the dataset (or the DDP ranks that evaluate it)."""
 
 
 class NoTestSplitError(DataError, ValueError):
@@ -192,6 +192,10 @@ class TensorDataModule(pl.LightningDataModule):
     """
 
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    unused_settings = {  # a Lightning habit with no use here, and why: the CLI says it when one is given
+        "num_workers": "its splits are tensors in memory, each batch one index slice in this process, "
+        "so there are no loader workers to start (drop --data.num_workers)"
+    }
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -297,9 +301,13 @@ class TensorDataModule(pl.LightningDataModule):
     def _sampler(self, name: str, train: bool) -> ShardedOrder:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return ShardedOrder(
-            len(self.split(name)), shuffle=train, seed=self.shuffle_seed, rank=rank, world_size=world, pad=train
-        )
+        size = len(self.split(name))
+        if not train and 0 < size < world:  # a rank with no batch skips its loop, and the others wait for it
+            raise SplitSizeError(
+                f"the {name} split holds {size} sample(s), fewer than the {world} DDP ranks, and evaluation repeats "
+                f"none: give it at least {world} (e.g. --data.{name}_size) or run on fewer devices"
+            )
+        return ShardedOrder(size, shuffle=train, seed=self.shuffle_seed, rank=rank, world_size=world, pad=train)
 
     def _loader(self, name: str, train: bool, noise: float = 0.0, noise_seed: int = 0) -> TensorLoader:
         return TensorLoader(

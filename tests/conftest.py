@@ -36,6 +36,16 @@ def own_wandb_service(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def no_wandb_run_left_open():
+    """Close a W&B run a test leaves open in this process (an in-process `cli(...)` that failed), so the next test in
+    the same worker starts as a fresh process would, with no run but its own."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first, so that in parallel runs the short ones fill in around them at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

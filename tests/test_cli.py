@@ -56,6 +56,7 @@ def test_every_experiment_config_runs_fast_dev_run(config, in_tmp):
         *QUIET,
     ).trainer
     assert trainer.state.finished and trainer.global_step == 1
+    assert not (in_tmp / "runs").exists()  # no run folder (Lightning logs nothing), so no file: none loose in runs/
 
 
 @pytest.mark.parametrize(
@@ -100,7 +101,7 @@ def test_every_preset_stacks_on_an_experiment(preset, in_tmp):
         assert trainer.datamodule.classes == ("unknown", "silence", *words)
     if "CIFAR10" in data_class:
         assert trainer.datamodule.augment.crop_padding == 4 and trainer.datamodule.augment.cutout == 16
-    assert trainer.state.finished
+    assert trainer.state.finished and not (in_tmp / "runs").exists()
 
 
 def test_ddp_preset_parses(capsys):

@@ -110,15 +110,24 @@ def test_a_run_started_beside_an_open_wandb_run_logs_into_its_own(in_tmp, monkey
     from tests.conftest import cli
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    earlier = wandb.init(project="earlier", name="left-open", dir=str(in_tmp / "earlier"), mode="offline")
+    # a run of its own even where an earlier test left one open (wandb.init would return that one)
+    earlier = wandb.init(
+        project="earlier",
+        name="left-open",
+        dir=str(in_tmp / "earlier"),
+        mode="offline",
+        reinit="create_new",
+    )
+    trainer = None
     try:
         args = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
         trainer = cli("fit", "--config", CONFIGS / "quickstart.yaml", *args, "--trainer.enable_progress_bar", "false")
         run = trainer.trainer.loggers[-1].experiment
         assert run.id == (Path(trainer.trainer.log_dir) / "wandb_run_id").read_text() != earlier.id
         assert run.project == "netlab" and earlier.project == "earlier"
-        run.finish()
     finally:
+        if trainer is not None:
+            trainer.trainer.loggers[-1].experiment.finish()
         earlier.finish()
 
 

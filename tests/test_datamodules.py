@@ -1,6 +1,7 @@
 """Datamodules: the real IDX loader on tiny files, clear errors, splits, sharding and batches."""
 
 import gzip
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -77,6 +78,19 @@ def test_test_file_only_builds_train_and_val_from_the_test_file_and_has_no_test_
     for ask in (dm.test_dataloader, lambda: dm.eval_dataloader("test"), lambda: dm.noise_dataloader("test", 0.1)):
         with pytest.raises(NoTestSplitError, match=r"--data.test_size N .*mnist_10k.yaml holds out 1,000"):
             ask()  # never the validation images under the name "test"
+
+
+def test_an_evaluation_split_smaller_than_the_ranks_is_refused_in_one_line(tiny_mnist):
+    """Evaluation repeats no sample, so a rank past the split's size would have no batch: Lightning skips its loop
+    and the other ranks wait for it in every collective (DDP hangs). Refused before any loop starts."""
+    dm = MNIST(data_dir=str(tiny_mnist), val_size=1)
+    dm.setup()
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, current_epoch=0)
+    with pytest.raises(SplitSizeError, match=r"the val split holds 1 sample\(s\), fewer than the 2 DDP ranks"):
+        dm.val_dataloader()
+    assert len(dm.train_dataloader().sampler) == len(dm.splits["train"]) // 2 + len(dm.splits["train"]) % 2
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0)
+    assert len(dm.val_dataloader().sampler) == 1  # one process: one sample is enough
 
 
 def test_a_held_out_test_split_is_disjoint_seeded_and_leaves_training_as_it_was(tiny_mnist):

@@ -1,5 +1,6 @@
 """Resuming in place: a killed run continues its own folder, metrics.csv and W&B run, a requeued SLURM job
-resumes by itself, and a killed search continues from its results file; result files are written atomically."""
+resumes by itself, a killed search continues from its results file, a study killed before its first trial continues
+its folder, and another config's checkpoint is refused; result files are written atomically."""
 
 import csv
 import os
@@ -15,8 +16,8 @@ import yaml
 
 from lightning_modules.run.files import atomic_path, atomic_write
 from lightning_modules.run.requeue import Requeue
-from lightning_modules.run.run_folder import last_checkpoint, trim_metrics
-from tests.conftest import CONFIGS, ROOT, cli_error
+from lightning_modules.run.run_folder import config_differences, last_checkpoint, trim_metrics
+from tests.conftest import CONFIGS, ROOT, cli, cli_error
 
 QUICK = ["fit", "--config", CONFIGS / "quickstart.yaml", "--trainer.max_epochs", "3"]
 QUIET_BAR = ["--trainer.enable_progress_bar", "false"]
@@ -235,3 +236,96 @@ def test_the_requeue_marker_reads_the_run_folder_on_every_rank(tmp_path):
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert reads == [1, 0] and (tmp_path / "slurm_job_id").read_text() == "4242"
+
+
+class Killed(BaseException):
+    """A kill: the process ends where it is, with none of its own clean-up."""
+
+
+@pytest.mark.parametrize("study", ["search", "propagate"])
+def test_a_study_killed_before_its_first_trial_is_continued_in_its_folder_by_the_same_command(
+    study, in_tmp, monkeypatch, capsys
+):
+    from lightning_modules.run.loggers import RunWandbLogger
+    from lightning_modules.run.run_state import Run
+    from lightning_modules.studies import propagate
+    from lightning_modules.studies.launchers import LocalLauncher
+
+    command = [study, "--config", CONFIGS / "quickstart.yaml", *QUIET_BAR]
+    command += (
+        ["--upper", "3", "--trainer.max_steps", "3"] if study == "search" else ["--depths", "[6]", "--seeds", "1"]
+    )
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    started, start = [], RunWandbLogger.start
+    with monkeypatch.context() as killed:
+        killed.setattr(Run, "discard_if_untrained", lambda self, trainer: None)  # a kill cleans nothing up
+        killed.setattr(LocalLauncher, "submit", kill)  # the search's first trial
+        killed.setattr(propagate, "probe", kill)  # propagate's first net
+        killed.setattr(RunWandbLogger, "start", lambda self: started.append(self) or start(self))
+        with pytest.raises(Killed):
+            cli(*command)
+    for logger in started:  # the killed process's W&B run ends with the process
+        logger.wait().finish()
+    folder = Path("runs") / "quickstart" / "version_0"
+    assert (folder / "config.yaml").is_file()
+    capsys.readouterr()
+    trainer = cli(*command).trainer
+    assert f"{study}: continuing {folder}, which this command started and did not finish" in capsys.readouterr().out
+    assert Path(trainer.log_dir) == folder and [p.name for p in folder.parent.iterdir()] == ["version_0"]
+    assert (folder / ("results.md" if study == "search" else "propagation.md")).is_file()
+    trainer.loggers[1].experiment.finish()  # as the process's end would
+
+
+def test_resuming_another_configs_checkpoint_is_refused_and_leaves_that_run_untouched(in_tmp, capsys):
+    """`fit --config A --ckpt_path <a run of config B>/last.ckpt` used to say "resuming" that run, overwrite its
+    config.yaml with A's and continue its W&B run."""
+    short = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", *QUIET_BAR]
+    trained = cli(*QUICK[:3], "--trainer.max_epochs", "1", *short).trainer
+    trained.loggers[1].experiment.finish()  # as the process's end would: the W&B run can be resumed
+    folder = Path(trained.log_dir)
+    checkpoint = folder / "checkpoints" / "last.ckpt"
+
+    def state() -> tuple[dict, list]:
+        """The bytes of every file under runs/, and the W&B runs (their folders)."""
+        return {p: p.read_bytes() for p in Path("runs").rglob("*") if p.is_file()}, sorted(Path("wandb").glob("*run-*"))
+
+    before = state()
+    lr = ["--model.init_args.optimizer.init_args.lr", "0.1"]
+    error = cli_error(*QUICK[:3], *lr, "--ckpt_path", checkpoint, *short, capsys=capsys)
+    assert error == (
+        f"error: --ckpt_path {checkpoint} is a checkpoint of {folder}, which trained with another config (it differs "
+        f"in model.init_args.optimizer.init_args.lr): resume that run with its own, --config {folder}/config.yaml "
+        f"--name quickstart"
+    )
+    assert state() == before  # nothing of that run touched, no W&B run started or continued
+    own = ["fit", "--config", folder / "config.yaml", "--name", "quickstart", "--trainer.max_epochs", "2"]
+    own = cli(*own, "--ckpt_path", checkpoint, *short)
+    assert Path(own.trainer.log_dir) == folder and own.trainer.current_epoch == 2  # with its own config: resumed
+    own.trainer.loggers[1].experiment.finish()
+    longer = cli(
+        *QUICK[:3], "--trainer.max_epochs", "3", "--data.on_device", "false", "--ckpt_path", checkpoint, *short
+    )
+    longer = longer.trainer  # a longer run of the same config, its data held elsewhere: resumed
+    assert Path(longer.log_dir) == folder and longer.current_epoch == 3
+    longer.loggers[1].experiment.finish()
+
+
+def test_config_differences_name_each_changed_setting_once_and_ignore_what_only_one_config_has():
+    saved = {
+        "seed_everything": 0,
+        "trainer": {"precision": "32-true", "max_epochs": 5},
+        "model": {"class_path": "C", "init_args": {"lr": 0.1, "scheduler": None, "net": {"class_path": "N"}}},
+        "data": {"class_path": "Digits", "init_args": {"batch_size": 64}},
+    }
+    current = {
+        "seed_everything": 0,
+        "trainer": {"precision": "32-true", "max_epochs": 10},  # longer: not among the settings compared
+        "model": {"class_path": "C", "init_args": {"lr": 0.1, "scheduler": {"class_path": "S"}, "new_arg": 1}},
+        "data": {"class_path": "MNIST", "init_args": {"batch_size": 32}},
+    }
+    settings = ("seed_everything", "model", "data", "trainer.precision")
+    assert config_differences(saved, current, settings) == ["model.init_args.scheduler", "data.class_path"]
+    assert config_differences(saved, saved, settings) == []

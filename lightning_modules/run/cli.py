@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch.distributed as dist
@@ -20,16 +21,33 @@ from lightning_modules.errors import ConfigError, UserError, require
 from lightning_modules.run.checkpoints import check_fits, keep_last_epoch
 from lightning_modules.run.config_files import config_name
 from lightning_modules.run.console import end_progress_bars, quiet_libraries, say
-from lightning_modules.run.loggers import RunWandbLogger, default_loggers
+from lightning_modules.run.loggers import default_loggers, start_wandb
 from lightning_modules.run.parse_errors import ShortErrorParser, plain, trainer_problem
 from lightning_modules.run.requeue import Requeue, Requeued, requeued_checkpoint, slurm_job_id
-from lightning_modules.run.run_folder import WANDB_ID, last_checkpoint, run_folder, run_folder_of, unfinished_study
+from lightning_modules.run.run_folder import (
+    config_differences,
+    last_checkpoint,
+    run_folder,
+    run_folder_of,
+    unfinished_study,
+)
 from lightning_modules.run.run_state import Checkpoint, Run
 from lightning_modules.run.trainer import ResearchTrainer
-from lightning_modules.studies import search, sweep
+from lightning_modules.studies import noise, propagate, search, sweep
 
 SPECIAL_CHECKPOINTS = ("best", "hpc", "registry")  # Lightning resolves these itself ("last" is resolved here)
-STUDY_FILES = {"search": search.FILES, "sweep": sweep.FILES}  # a killed one is continued by the same command
+STUDIES = {  # each study's last file: a folder of the same command without it is continued by that command
+    "search": search.FILES.final,
+    "sweep": sweep.FILES.final,
+    "propagate": propagate.FILES["md"],
+    "noise": noise.FILES["md"],
+}
+WITH_TRIALS = ("search", "sweep")  # studies whose trials log W&B runs of their own, in the study's group
+TRAINING_SETTINGS = (  # what shapes a run's training: a resume with other values would be another run's
+    *("seed_everything", "model", "data", "budget", "trainer.precision", "trainer.accumulate_grad_batches"),
+    *("trainer.gradient_clip_val", "trainer.gradient_clip_algorithm"),
+)
+PLACEMENT = ("data_dir", "download", "on_device", "num_workers")  # where and how data is read: free on a resume
 
 
 class RunConfig(SaveConfigCallback):
@@ -45,12 +63,9 @@ class RunConfig(SaveConfigCallback):
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_hyperparams(config)
-                if self.folder is not None:
-                    (self.folder / WANDB_ID).write_text(str(logger.version))
-                if isinstance(logger, RunWandbLogger):  # the data is set up: the run can train, W&B starts
-                    logger.announce()
-                    logger.start()
+                logger.log_hyperparams(config)  # sent once the W&B run has started
+        if stage not in STUDIES:  # the data is set up: the run can train, W&B starts (a study starts its own later)
+            start_wandb(trainer.loggers, self.folder)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if getattr(trainer, "run", None) is not None:
@@ -77,8 +92,8 @@ class ResearchCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        lightning = LightningCLI.subcommands()
-        return {
+        lightning = {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
+        return {  # no `predict`: the datamodules have no prediction data, and nothing would keep the predictions
             **lightning,
             # `--verbose` is this project's on every subcommand; validate/test print Lightning's results table always
             "validate": {*lightning["validate"], "verbose"},
@@ -166,16 +181,36 @@ class ResearchCLI(LightningCLI):
         if self.subcommand == "fit" and self.checkpoint is not None:
             folder = run_folder_of(self.checkpoint.path)
             if folder is not None:
+                self.check_same_training(config, folder)
                 say(f"resuming {folder} at step {self.checkpoint.step} ({self.checkpoint.path})")
             return folder
-        if self.subcommand in STUDY_FILES:
+        if self.subcommand in STUDIES:
             dumped = self._parser(self.subcommand).dump(config, skip_none=False)  # see library_internals
-            files = STUDY_FILES[self.subcommand]
-            folder = unfinished_study(runs, dumped, files.progress, files.final)
+            folder = unfinished_study(runs, dumped, STUDIES[self.subcommand])
             if folder is not None:
                 say(f"{self.subcommand}: continuing {folder}, which this command started and did not finish")
             return folder
         return None
+
+    def check_same_training(self, config, folder: Path) -> None:
+        """Refuse to resume a run folder whose saved config trained otherwise (data, model, optimizer, seed, ...):
+        that would continue its metrics and W&B run, and rewrite its config.yaml, with another config's."""
+        saved = folder / "config.yaml"
+        if not saved.is_file():
+            return
+        current = yaml.safe_load(self._parser("fit").dump(config, skip_none=False))  # see library_internals
+        differ = config_differences(yaml.safe_load(saved.read_text()) or {}, current, TRAINING_SETTINGS)
+        differ = [key for key in differ if key.rsplit(".", 1)[-1] not in PLACEMENT]
+        if differ:
+            listed = ", ".join(differ[:3]) + (", ..." if len(differ) > 3 else "")
+            try:
+                name = folder.parent.resolve().relative_to(Path(config.trainer.default_root_dir).resolve()).as_posix()
+            except ValueError:
+                name = folder.parent.name
+            raise ConfigError(
+                f"--ckpt_path {self.checkpoint.path} is a checkpoint of {folder}, which trained with another config "
+                f"(it differs in {listed}): resume that run with its own, --config {saved} --name {name}"
+            )
 
     def instantiate_classes(self) -> None:
         """Build the configured classes; a value that a class refuses (a ValueError in its constructor) is one line."""
@@ -193,14 +228,17 @@ class ResearchCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        run = self.run
+        run, given = self.run, config.trainer.get("logger")
         if self.subcommand == "count":
             kwargs["logger"] = False
-        elif run is not None and config.trainer.get("logger") in (None, True):
+        elif run is not None and given is not False:
             checkpoint = self.checkpoint
             resume = (checkpoint.epoch, checkpoint.step) if self.subcommand == "fit" and checkpoint else None
-            study = self.subcommand in STUDY_FILES  # its trials log W&B runs of their own, in the study's group
-            kwargs["logger"] = default_loggers(run, config.project, config.wandb, resume, study)
+            study = self.subcommand in WITH_TRIALS
+            # a logger the user adds joins the run's CSV and W&B (a W&B logger of their own takes the run's W&B place)
+            added = [] if given in (None, True) else list(given) if isinstance(given, Iterable) else [given]
+            wandb = config.wandb and not any(isinstance(logger, WandbLogger) for logger in added)
+            kwargs["logger"] = [*default_loggers(run, config.project, wandb, resume, study), *added]
             if not run.continues:  # this run's own new folder: removed again if the run fails before it trains
                 run.new_folder = Path(kwargs["logger"][0].log_dir)
         job = slurm_job_id() if self.subcommand == "fit" else None
@@ -212,6 +250,11 @@ class ResearchCLI(LightningCLI):
         except (MisconfigurationException, TypeError, ValueError) as e:  # Lightning's own checks of its settings
             raise ConfigError(trainer_problem(e, config.trainer.get("accelerator"))) from e
         keep_last_epoch(trainer.callbacks)
+        if str(config.trainer.get("precision")) in ("16", "16-mixed") and trainer.precision == "bf16-mixed":
+            say(
+                f"--trainer.precision {config.trainer.precision}: fp16 mixed precision needs a GPU; "
+                "this run trains in bf16-mixed"
+            )  # Lightning's own warning of the swap is filtered (console.py)
         if (
             config.trainer.get("sync_batchnorm")
             and trainer.world_size > 1
@@ -229,8 +272,35 @@ class ResearchCLI(LightningCLI):
             if isinstance(callback, RunConfig):
                 callback.setup(self.trainer, self.model, stage=self.subcommand)
 
+    def say_untrained(self) -> None:
+        """`validate` or `test` without a checkpoint evaluates the net as initialised: said in a line, since a user
+        rarely means that."""
+        if self.config[self.subcommand].get("ckpt_path") is None:
+            verb = {"validate": "validates", "test": "tests"}[self.subcommand]
+            say(
+                f"{self.subcommand}: no --ckpt_path, so the net is the untrained one, as initialised; "
+                f"--ckpt_path last {verb} this config's newest run"
+            )
+
+    def after_fit(self) -> None:
+        """A resume from a checkpoint already at the end of the configured training trains nothing: said in a line."""
+        trainer, checkpoint = self.trainer, self.checkpoint
+        if checkpoint is None or trainer.global_step > checkpoint.step or not trainer.state.finished:
+            return
+        if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+            limit = f"--trainer.max_steps {trainer.max_steps}"
+        elif trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs:
+            limit = f"--trainer.max_epochs {trainer.max_epochs}"
+        else:
+            return
+        say(
+            f"fit: nothing trained: {checkpoint.path} is at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}, where this config's training ends ({limit}); raise it to train on"
+        )
+
     # LightningCLI's before_<subcommand> hooks
     before_search = before_sweep = before_noise = before_propagate = save_study_config
+    before_validate = before_test = say_untrained
 
 
 def check_trainer(trainer) -> None:

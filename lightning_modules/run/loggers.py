@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from lightning_modules.run.console import say
-from lightning_modules.run.run_folder import trim_metrics
+from lightning_modules.run.run_folder import WANDB_ID, trim_metrics
 
 if TYPE_CHECKING:
     from lightning_modules.run.run_state import Run
@@ -107,6 +107,20 @@ def default_loggers(
     return loggers
 
 
+def start_wandb(loggers: list[Logger], folder: Path | None) -> None:
+    """Start the run's W&B run once the run can go ahead (a fit: its data set up; a study: its settings checked, its
+    data read, its first trial or table due): its id recorded in the run folder (a resume continues it), one line
+    saying where it logs, the start on a background thread. A run refused before this has no W&B run to delete."""
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger) or isinstance(logger, RunWandbLogger) and logger.started:
+            continue
+        if folder is not None:
+            (folder / WANDB_ID).write_text(str(logger.version))
+        if isinstance(logger, RunWandbLogger):
+            logger.announce()
+            logger.start()
+
+
 class PendingRun:
     """The W&B run while it starts on a background thread: any use of it waits until it has started."""
 
@@ -143,12 +157,12 @@ class RunWandbLogger(WandbLogger):
     def _start(self):
         import wandb
 
-        # a run this process left open (a notebook's earlier run) is wandb.run, and Lightning would log into it
-        if wandb.run is not None:
-            self._experiment = wandb.init(**self._wandb_init, reinit="create_new")
-            self._experiment.define_metric("trainer/global_step")  # Lightning's x-axis, as its own init defines it
-            self._experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
-        run = WandbLogger.experiment.fget(self)  # Lightning's wandb.init (when not started above)
+        # always a run of its own: with a run this process left open (a notebook's earlier run) Lightning would log
+        # into wandb.run, and wandb.init would return that run, or the newest open one when wandb.run is None
+        offline = {"mode": "offline"} if self.offline_reason else {}
+        run = self._experiment = wandb.init(**{**self._wandb_init, **offline}, reinit="create_new")
+        run.define_metric("trainer/global_step")  # Lightning's x-axis, as its own init defines it
+        run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
         if not self.offline_reason:
             say(f"W&B: {'resumed run' if self.resumes else 'run'} {run.id} at {run.url}")
         return run

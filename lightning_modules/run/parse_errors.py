@@ -1,6 +1,7 @@
 """Errors in the settings, in the user's terms and on one line: jsonargparse's (the setting, the value given and
-what it takes, or the unknown class and the closest existing ones, instead of a dump of every type a union could
-have held; the closest valid keys to a misspelt one) and Lightning's refusals of a trainer setting."""
+what it takes, the unknown class or argument and the closest existing ones, the package a class needs, instead of
+a dump of every type a union could have held; the closest valid keys to a misspelt one) and Lightning's refusals
+of a trainer setting."""
 
 from __future__ import annotations
 
@@ -19,17 +20,32 @@ UNKNOWN_CLASS = re.compile(
 LEAF = re.compile(r"Expected a (?P<type>.+?)\. Got value: (?P<value>.+)")
 SUBTYPES = re.compile(r"Subtypes: \[(?P<types>.*)\]")
 GIVEN = re.compile(r"Given value type: <class 'str'>\s*\n\s*Given value: (?P<value>.*?)(?:\. Got value: .*)?$", re.M)
+PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+UNKNOWN_OPTION = re.compile(
+    r"Problem with given class_path '(?P<path>[\w.]+)':\s*\n\s*Option '(?P<option>[\w.]+)' is not accepted"
+)
+CLASS_PATH = re.compile(r"Problem with given class_path '(?P<path>[\w.]+)':")
+MISSING_REQUIREMENT = re.compile(r"Requirement '(?P<requirement>[^']+)' not met")
 OWN_MESSAGE = re.compile(r"^\s*- (?!Expected a|Problem with given|Does not validate|Type typing)(?P<text>\S.*)$", re.M)
 PACKAGES = ("lightning_modules", "lightning_modules.nets", "lightning_modules.layers", "datamodules", "callbacks")
 
 
 def plain(message: str) -> str | None:
     """The error in one line, or None when it is none of the kinds this knows (the caller keeps the original)."""
-    keys = re.findall(r'Parser key "([^"]+)"', message)
+    keys = PARSER_KEY.findall(message)
     setting = "--" + ".init_args.".join(keys) + ": " if keys else ""
     unknown = UNKNOWN_CLASS.search(message)
     if unknown:
         return setting + unknown_class(unknown)
+    option = UNKNOWN_OPTION.search(message)
+    if option:
+        keys = PARSER_KEY.findall(message, 0, option.start())  # the keys down to the class that refused it
+        where = "--" + ".init_args.".join(keys) + ": " if keys else ""
+        return where + unknown_option(option["path"], option["option"])
+    missing = list(MISSING_REQUIREMENT.finditer(message))
+    if missing:
+        path = [m["path"] for m in CLASS_PATH.finditer(message, 0, missing[0].start())][-1:]
+        return setting + missing_packages(path[0] if path else "this setting", [m["requirement"] for m in missing])
     leaf = LEAF.search(message)
     if leaf:
         return f"{setting}{leaf['value'].strip()!r} is not {expected([leaf['type']])}"
@@ -68,6 +84,38 @@ def unknown_class(match: re.Match) -> str:
     close = difflib.get_close_matches(name, classes, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(f'{module}.{c}' for c in close)}?" if close else ""
     return f"no class {module}.{name}{hint}"
+
+
+def unknown_option(path: str, option: str) -> str:
+    """`lightning_modules.nets.DepthCNN takes no dept; did you mean depth?`, or the class's own word on why it has
+    no such setting (`unused_settings`: the in-memory datamodules' `num_workers`)."""
+    module, _, name = path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+        taken = [n for n, p in inspect.signature(found).parameters.items() if p.kind is not p.VAR_KEYWORD]
+    except Exception:  # noqa: BLE001 (a class that cannot be imported has no arguments to offer)
+        found, taken = None, []
+    why = getattr(found, "unused_settings", {}).get(option)
+    if why:
+        return f"{path} takes no {option}: {why}"
+    close = difflib.get_close_matches(option, taken, n=2, cutoff=0.6)
+    return f"{path} takes no {option}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+
+
+def missing_packages(path: str, requirements: list[str]) -> str:
+    """`pytorch_lightning.loggers.TensorBoardLogger needs tensorboard or tensorboardX, neither installed here: pip
+    install tensorboard`, from the requirements a class checked (lightning_utilities' RequirementCache)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    names = []
+    for requirement in requirements:
+        try:
+            names.append(Requirement(requirement).name)
+        except InvalidRequirement:
+            names.append(requirement)
+    names = sorted(dict.fromkeys(names), key=lambda n: (len(n), n))  # the plain name first: tensorboard
+    installed = {1: "not installed here", 2: "neither installed here"}.get(len(names), "none installed here")
+    return f"{path} needs {' or '.join(names)}, {installed}: pip install {names[0]}"
 
 
 def split_types(text: str) -> list[str]:

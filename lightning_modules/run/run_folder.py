@@ -20,14 +20,16 @@ BOOKKEEPING = {"config.yaml", "hparams.yaml", "metrics.csv", WANDB_ID}  # what a
 
 
 def run_folder(trainer: pl.Trainer) -> Path | None:
-    """Where a run's files go (beside its checkpoints and metrics.csv); None when nothing is logged.
+    """Where a run's files go (beside its checkpoints and metrics.csv); None when nothing is logged (no logger, or
+    `fast_dev_run`'s stand-in for them, which has no folder: nothing is written then, not even into runs/).
 
     A collective under DDP (`trainer.log_dir` broadcasts from rank 0): call it on every rank, never
     under `is_global_zero` or `rank_zero_only`, or the ranks wait for each other for ever.
     """
     if not trainer.loggers:
         return None
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    folder = trainer.log_dir
+    return Path(folder) if folder else None
 
 
 def run_folder_of(checkpoint: str | Path) -> Path | None:
@@ -51,16 +53,37 @@ def last_checkpoint(root: Path) -> Path:
     raise ConfigError(f"--ckpt_path last: no {root}/version_*/checkpoints/last.ckpt to resume")
 
 
-def unfinished_study(root: Path, config: str, started: str, finished: str) -> Path | None:
-    """The newest run folder under `root` of a study with this resolved `config` (YAML) that wrote `started`
-    but not yet `finished`: a search or sweep killed halfway, continued by the same command."""
+def unfinished_study(root: Path, config: str, finished: str) -> Path | None:
+    """The newest run folder under `root` of a study with this resolved `config` (YAML) that has not written
+    `finished`, its last file: a study killed halfway, or before its first trial, continued by the same command."""
     wanted = yaml.safe_load(config)
     for folder in reversed(versions(root)):
         saved = folder / "config.yaml"
-        if (folder / started).is_file() and not (folder / finished).exists() and saved.is_file():
-            if yaml.safe_load(saved.read_text()) == wanted:
-                return folder
+        if not (folder / finished).exists() and saved.is_file() and yaml.safe_load(saved.read_text()) == wanted:
+            return folder
     return None
+
+
+def config_differences(saved: dict, current: dict, settings: tuple[str, ...]) -> list[str]:
+    """The settings (dotted keys, at or under `settings`) that two resolved configs hold with different values: a
+    class given instead of another counts once (its `class_path`), not with each of its arguments. A key only one of
+    them holds (an argument added to the code since) is no difference."""
+    missing = object()
+
+    def at(config: dict, dotted: str) -> object:
+        for name in dotted.split("."):
+            config = config.get(name, missing) if isinstance(config, dict) else missing
+        return config
+
+    def differ(old: object, new: object, key: str) -> list[str]:
+        if not (isinstance(old, dict) and isinstance(new, dict)):
+            return [] if old == new else [key]
+        if old.get("class_path") != new.get("class_path"):
+            return [f"{key}.class_path"]
+        return [found for name in old if name in new for found in differ(old[name], new[name], f"{key}.{name}")]
+
+    pairs = [(at(saved, key), at(current, key), key) for key in settings]
+    return [found for old, new, key in pairs if missing not in (old, new) for found in differ(old, new, key)]
 
 
 def trim_metrics(path: Path, epoch: int, step: int) -> list[str]:

@@ -23,8 +23,10 @@ from lightning_modules.studies.sweep import run_sweep
 
 
 class ResearchTrainer(pl.Trainer):
-    """Lightning's Trainer with the framework's subcommands. `run` is the run's state, set by the CLI (None when the
-    Trainer is built by hand)."""
+    """Lightning's Trainer with this framework's subcommands: count, propagate, search, sweep, noise.
+
+    `run` is the run's state, set by the CLI (None when the Trainer is built by hand). The first line is the title
+    of the trainer's settings in `--help`: one whole line."""
 
     run: Run | None = None
 

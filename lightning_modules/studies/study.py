@@ -8,15 +8,18 @@ only hand their arguments over.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
 from lightning_modules.errors import ConfigError
+from lightning_modules.run.loggers import start_wandb
 from lightning_modules.studies.launchers import make_launcher
 from lightning_modules.studies.trials import TrialRuns, portable
 
@@ -34,6 +37,8 @@ class Study:
     """One study's run: `trainer` is the run's Trainer (its folder, loggers, device and settings)."""
 
     def __init__(self, name: str, trainer: pl.Trainer):
+        if getattr(trainer, "fast_dev_run", False):  # it would log nothing and write its files loose into runs/
+            raise ConfigError(f"{name} does not apply --trainer.fast_dev_run to its work: unset it")
         self.name, self.trainer = name, trainer
         self.folder = Path(trainer.log_dir or trainer.default_root_dir)  # a study runs in one process: no broadcast
 
@@ -83,16 +88,44 @@ class Study:
         finally:
             runner.close()
 
+    def start_wandb(self) -> None:
+        """Start the study's own W&B run: once the study runs its first trial or has its tables, so that a study
+        that refuses (its settings, data, checkpoints) has started none."""
+        start_wandb(self.trainer.loggers, self.folder)
+
     def trial_runs(self) -> TrialRuns | None:
         """Each trial's own W&B run, in the study's group (None when the run logs to no W&B)."""
+        self.start_wandb()
         return TrialRuns.of(self.trainer)
 
     def report(self, tables: dict[str, list[dict]], images: dict[str, Path]) -> None:
         """Log the study's tables (rows as dicts; the columns are every key, in order) and plots to W&B."""
+        self.start_wandb()
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 for key, rows in tables.items():
-                    columns = list(dict.fromkeys(k for row in rows for k in row))
-                    logger.log_table(key, columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+                    logger.log_table(key, *typed_table(rows))
                 for key, path in images.items():
                     logger.log_image(key, [str(path)])
+
+
+def typed_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """The columns (every key, in order) and cells of a W&B table, each column of one type: W&B types a column by
+    its first row and refuses a later cell of another type. An empty cell ("" or None) is None, which any column
+    takes; a column that mixes kinds (numbers, booleans, text) is text throughout."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[None if row.get(c) is None or isinstance(row[c], str) and not row[c] else row[c] for c in columns]
+             for row in rows]  # fmt: skip
+    for i in range(len(columns)):
+        kinds = {cell_kind(row[i]) for row in cells if row[i] is not None}
+        if len(kinds) > 1:
+            for row in cells:
+                row[i] = None if row[i] is None else str(row[i])
+    return columns, cells
+
+
+def cell_kind(value: object) -> str:
+    """How W&B types a cell: ints and floats are both numbers, a bool is not one."""
+    if isinstance(value, bool | numpy.bool_):
+        return "bool"
+    return "number" if isinstance(value, numbers.Real) else type(value).__name__
