@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import shutil
 import sys
 import time
@@ -15,7 +16,15 @@ from pytorch_lightning.loggers import WandbLogger
 
 from lightning_modules.errors import ConfigError
 from lightning_modules.run.files import atomic_write_csv
-from lightning_modules.studies.launchers import RAY_HINT, Failed, LocalLauncher, make_launcher
+from lightning_modules.studies.launchers import (
+    RAY_HINT,
+    Failed,
+    LocalLauncher,
+    _call_in_worker,
+    make_launcher,
+    written_out,
+)
+from lightning_modules.studies.trials import TrialRuns
 from tests.conftest import CONFIGS, QUIET, ROOT, cli, make_mnist
 
 
@@ -126,14 +135,44 @@ def test_ray_runs_trials_at_once_retries_a_dead_worker_and_reports_a_second_fail
     assert len(list((tmp_path / "log").glob("raises-*"))) == 2 and len(list((tmp_path / "log").glob("dies-*"))) == 2
 
 
+def test_a_ray_task_returns_once_the_wandb_runs_it_finished_are_written(tmp_path, monkeypatch):
+    """W&B's service writes a finished run's file (all of a small run's records) only when it closes the run, after
+    `finish()` returned; a Ray worker outlives its task and is killed, not exited, at the end. Here the service is
+    paused for a second as the run closes, as a loaded machine delays it: the task returns after it, not before."""
+    import signal
+    import threading
+
+    from wandb.sdk.lib.service.service_connection import ServiceConnection
+
+    inform_finish = ServiceConnection.inform_finish
+
+    def slow_service(self, run_id: str) -> None:
+        pid = self._proc._process.pid  # the W&B service this process started
+        os.kill(pid, signal.SIGSTOP)
+        threading.Timer(1.0, os.kill, (pid, signal.SIGCONT)).start()
+        inform_finish(self, run_id)
+
+    monkeypatch.setattr(ServiceConnection, "inform_finish", slow_service)
+
+    def trial() -> Path:
+        run = TrialRuns("netlab", "study-x1", str(tmp_path), offline=True).start("depth/tanh k=3 seed=0", {"depth": 3})
+        run.log({"val/err": 0.5})
+        run.finish()
+        return Path(run.settings.sync_file)
+
+    written = _call_in_worker(trial, 1).read_bytes()
+    assert b"study-x1" in written and b"depth/tanh k=3 seed=0" in written  # its group and name, on disk
+
+
 def run_in(folder: Path, monkeypatch, *args: str) -> Path:
-    """Run the CLI in `folder` (made if new) as a process would: its W&B run finished at the end."""
+    """Run the CLI in `folder` (made if new) as a process would: its W&B run finished and written out at the end."""
     folder.mkdir(exist_ok=True)
     monkeypatch.chdir(folder)
     trainer = cli(*args).trainer
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
+    written_out()  # what the process's exit does: the file of a finished run is written when W&B closes it, later
     return Path(trainer.log_dir)
 
 

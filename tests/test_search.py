@@ -3,6 +3,7 @@
 import copy
 import csv
 import math
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -158,3 +159,54 @@ def test_the_error_plot_ticks_the_probed_depths(tmp_path):
     assert list(fig.axes[0].get_xticks()) == [3] and (tmp_path / "errors.png").is_file()
     many = plot_errors([search_depth(stub(447), upper=450)], 0.2, tmp_path / "many.png")
     assert all(float(t).is_integer() for t in many.axes[0].get_xticks())
+
+
+def test_a_search_where_no_depth_trains_says_what_its_confirmation_found(tmp_path):
+    """Not `confirmed: yes` beside `none`: the confirmation found k = 3 untrainable again (or trainable with other
+    seeds); the plot's legend says that none trains, not k* = 0."""
+    none = search_depth(stub(0), upper=24, variant="none")
+
+    def lucky(depth, seed):  # k = 3 trains with the confirmation's seed only
+        return (0.05, 0.05) if depth == 3 and seed == 1 else (0.9, 0.9)
+
+    noisy = search_depth(lucky, upper=24, variant="noisy")
+    paths = write_results([none, noisy, search_depth(stub(9), upper=24, variant="nine")], 0.2, tmp_path)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in paths["md"].read_text().splitlines()]
+    confirmed = {cells[0]: cells[5] for cells in rows if len(cells) == 9}
+    assert confirmed == {
+        "variant": "confirmed",
+        "---": "---",
+        "none": "k = 3 fails again",
+        "noisy": "no: k = 3 trains with other seeds",
+        "nine": "yes",
+    }
+    legend = [t.get_text() for t in plot_errors([none], 0.2, tmp_path / "none.png").axes[0].get_legend().get_texts()]
+    assert legend[0] == "none (no depth trainable)"
+
+
+def test_the_error_plot_marks_diverged_and_failed_trials_apart_from_trained_ones(tmp_path):
+    def unstable(depth, seed):  # k = 3 trains, k = 6 diverges, deeper crashes
+        if depth > 6:
+            raise RuntimeError("out of memory")
+        return (0.05, 0.05) if depth == 3 else (math.nan, math.nan)
+
+    result = search_depth(unstable, upper=24, variant="net")  # probes k = 12 (fails), 6, 3; confirms 3 and 6
+    fig = plot_errors([result], 0.2, tmp_path / "errors.png")
+    ax = fig.axes[0]
+    drawn = {line.get_label(): (line.get_marker(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
+    assert drawn["net (k*=3)"] == ("o", [3, 3], [0.05, 0.05])  # trained: at their error
+    assert drawn["_diverged net"][:2] == ("x", [6, 6]) and drawn["_failed net"][:2] == ("s", [12])
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "diverged (drawn at error 1)" in legend and "failed (drawn at error 1)" in legend
+
+
+def test_a_diverging_trial_says_diverged_without_torchmetrics_nan_warnings():
+    """Its NaN losses reach the epoch's means before the finiteness check stops it; torchmetrics' warning that it
+    drops them would come between the search's trial lines, which say `diverged` already."""
+    data = Digits(batch_size=64)
+    template = Classifier(DepthCNN(depth=3), optimizer=lambda p: torch.optim.SGD(p, lr=math.inf))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        errors = DepthTrial({"net": template.net}, template, data, epochs=1)("net", 3, 0)
+    assert all(math.isnan(e) for e in errors)  # diverged
+    assert [str(w.message) for w in caught if "nan" in str(w.message).lower()] == []

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from lightning_modules.nets import MLP
+from lightning_modules.studies.launchers import written_out
 from lightning_modules.studies.sweep import expand_grids, stack_groups
 from lightning_modules.studies.sweep_plots import plot_frontier
 from tests.conftest import CONFIGS, QUIET, cli, cli_error, make_mnist
@@ -97,7 +98,8 @@ def test_sweep_defaults_to_the_config_net_and_logs_to_wandb_offline(in_tmp, monk
     for key in ("table/sweep/runs", "table/sweep/history", "images/sweep/size_vs_epoch", "images/sweep/frontier"):
         assert any(f"/media/{key}_" in m for m in media), (key, sorted(media))
     study = (Path(trainer.log_dir) / "wandb_run_id").read_text().strip()
-    trainer.loggers[-1].experiment.finish()  # as at the end of the process: the study's run written out
+    trainer.loggers[-1].experiment.finish()
+    written_out()  # as at the end of the process: W&B writes a finished run's file when it closes it, later
     runs = {p.stem.split("-", 1)[1]: p.read_bytes() for p in in_tmp.glob("wandb/offline-run-*/*.wandb")}
     assert len(runs) == 1 + len(rows) and study in runs  # the study's run, and one per (point, seed)
     assert all(f"{trainer.run.name}-{study}".encode() in data for data in runs.values())  # in the study's group
@@ -167,3 +169,42 @@ def test_the_frontier_colours_learned_sizes_by_penalty_with_a_colour_bar(tmp_pat
     fig = plot_frontier(static, sized, tmp_path / "frontier.png")
     plot, bar = fig.axes
     assert bar.get_ylabel() == "log10 penalty" and bar.get_ylim() == pytest.approx((math.log10(0.003), -2))
+
+
+def test_runs_md_prints_a_spread_to_the_digits_of_its_mean():
+    from lightning_modules.studies.sweep import markdown_summary
+
+    point = {"layer": "flexible", "width": 64, "start_size": 32, "penalty": 0.1}
+    rows = [
+        {**point, "seed": s, "size": size, "val_acc": acc} for s, (size, acc) in enumerate([(40, 0.91), (43, 0.94)])
+    ]
+    cells = [c.strip() for c in markdown_summary(rows).splitlines()[-1].strip("|").split("|")]
+    size, acc = cells[5], cells[6]  # after layer, width, start size, penalty and seeds
+    assert size == f"41.5 ({torch.tensor([40.0, 43.0]).std().item():.1f})"  # not 41.5 (2.1213)
+    assert acc == f"0.9250 ({torch.tensor([0.91, 0.94], dtype=torch.float64).std().item():.4f})"
+
+
+def labelled_ticks(ax) -> list[str]:
+    """The x tick labels a reader sees: major and minor ticks inside the axis' range that have a label."""
+    low, high = ax.get_xlim()
+    labels = []
+    for ticks, formatter in ((ax.xaxis.get_majorticklocs(), ax.xaxis.get_major_formatter()),
+                             (ax.xaxis.get_minorticklocs(), ax.xaxis.get_minor_formatter())):  # fmt: skip
+        inside = [x for x in ticks if low <= x <= high]
+        labels += [(x, label) for x, label in zip(inside, formatter.format_ticks(inside), strict=True) if label]
+    return [label for _, label in sorted(labels)]
+
+
+def test_the_log_width_axes_label_every_power_of_two_across_the_widths(tmp_path):
+    """Widths 16 to 512 on a log axis: labelled 16, 32, ..., 512, not one tick at 100."""
+    from lightning_modules.studies.sweep_plots import plot_width_metrics
+
+    static = [
+        {"layer": "static", "width": w, "seed": s, "val_acc": 0.9, "var_sum": w / 4, "dead": 1, "shapiro_w": 0.9}
+        for w in (16, 32, 64, 128, 256, 512)
+        for s in (0, 1)
+    ]
+    widths = ["16", "32", "64", "128", "256", "512"]
+    assert labelled_ticks(plot_frontier(static, [], tmp_path / "frontier.png").axes[0]) == widths
+    for ax in plot_width_metrics(static, tmp_path / "width_metrics.png").axes:
+        assert labelled_ticks(ax) == widths, ax.get_title()

@@ -249,6 +249,15 @@ def write_trials(trials: list[Trial], path: Path) -> None:
     atomic_write_csv(path, list(asdict(trials[0])), (asdict(t) for t in trials))
 
 
+def confirmation(result: SearchResult) -> str:
+    """What the confirmation found, for a table: `yes`/`no` about the boundary, or, when no depth trained, whether
+    the shallowest depth failed again with fresh seeds (a `yes` there would read as a confirmed trainable depth)."""
+    if result.deepest:
+        return "yes" if result.confirmed else "no"
+    shallowest = min(t.depth for t in result.trials)
+    return f"k = {shallowest} fails again" if result.confirmed else f"no: k = {shallowest} trains with other seeds"
+
+
 def describe(result: SearchResult, max_error: float) -> str:
     """The search's outcome in a line: the deepest trainable depth and whether it was confirmed, or that none trained."""
     if result.deepest == 0:

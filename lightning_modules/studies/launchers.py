@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import traceback
 import warnings
 from collections.abc import Callable
@@ -158,11 +159,29 @@ class RayLauncher:
 
 
 def _call_in_worker(fn: Callable, threads: float, *args):
-    """A trial in a Ray worker, with as many torch threads as CPUs it asked for."""
+    """A trial in a Ray worker, with as many torch threads as CPUs it asked for; it returns once the W&B runs it
+    finished are on disk."""
     import torch
 
     torch.set_num_threads(max(1, int(threads)))
-    return fn(*args)
+    try:
+        return fn(*args)
+    finally:
+        written_out()
+
+
+def written_out() -> None:
+    """Wait until W&B has written every run this process finished. Its service writes a finished run's file (all of
+    a small run's records) only when it closes the run, after `finish()` has returned; a Ray worker outlives its
+    task, and is killed, not exited (no atexit), when Ray stops. `wandb.teardown`, run at a process's exit, waits."""
+    if "wandb" not in sys.modules:  # the task logged nothing to W&B
+        return
+    import wandb
+
+    try:
+        wandb.teardown()  # the next trial in this worker starts a new service (half a second)
+    except SystemExit:  # the service itself ended with an error: W&B never fails a trial
+        pass
 
 
 def make_launcher(

@@ -19,7 +19,9 @@ from lightning_modules.errors import ConfigError, DivergenceError, require
 from lightning_modules.run.files import atomic_savefig, atomic_write
 from lightning_modules.studies.depth_search import (
     SearchResult,
+    Trial,
     TrialLog,
+    confirmation,
     describe,
     run_searches,
     search_plan,
@@ -70,7 +72,7 @@ def write_results(
         original = ORIGINAL_DEPTHS.get(r.variant.rsplit("/", 1)[-1], "")
         lines.append(
             f"| {r.variant} | {r.upper} | {predicted} | {r.deepest or 'none'} | {original} "
-            f"| {'yes' if r.confirmed else 'no'} | {len(r.trials)} | {binary} | {guided} |"
+            f"| {confirmation(r)} | {len(r.trials)} | {binary} | {guided} |"
         )
     lines += [
         "",
@@ -88,17 +90,28 @@ def write_results(
 
 
 def plot_errors(results: list[SearchResult], max_error: float, path: Path):
-    """Validation error against depth, one series per variant; diverged runs drawn at error 1. The depth axis has
-    a tick at each probed depth (at most 10; else whole numbers). Returns the figure."""
+    """Validation error against depth, one colour per variant; diverged (x) and failed (square) trials, which have no
+    error, drawn at error 1 and marked apart. The depth axis has a tick at each probed depth (at most 10; else whole
+    numbers). Returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        points = sorted((t.depth, 1.0 if math.isnan(t.val_err) else t.val_err) for t in r.trials)
-        ax.plot([d for d, _ in points], [e for _, e in points], "o", alpha=0.7, label=f"{r.variant} (k*={r.deepest})")
+    unmeasured = {"diverged": "x", "failed": "s"}
+    for i, r in enumerate(results):
+        trained = sorted((t.depth, t.val_err) for t in r.trials if _kind(t) == "trained")
+        found = f"k*={r.deepest}" if r.deepest else "no depth trainable"
+        ax.plot([d for d, _ in trained], [e for _, e in trained], "o", color=f"C{i}", alpha=0.7,
+                label=f"{r.variant} ({found})")  # fmt: skip
+        for kind, marker in unmeasured.items():
+            depths = sorted(t.depth for t in r.trials if _kind(t) == kind)
+            if depths:  # "_": not in the legend, which has one entry per kind below
+                ax.plot(depths, [1.0] * len(depths), marker, color=f"C{i}", alpha=0.7, label=f"_{kind} {r.variant}")
+    for kind, marker in unmeasured.items():  # one legend entry per kind, in no variant's colour
+        if any(_kind(t) == kind for r in results for t in r.trials):
+            ax.plot([], [], marker, color="grey", label=f"{kind} (drawn at error 1)")
     ax.axhline(max_error, color="grey", linestyle="--", label=f"threshold {max_error:.0%}")
     depths = sorted({t.depth for r in results for t in r.trials})
     if 0 < len(depths) <= 10:
@@ -119,6 +132,11 @@ def plot_errors(results: list[SearchResult], max_error: float, path: Path):
     atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
     return fig
+
+
+def _kind(trial: Trial) -> str:
+    """`trained`, `diverged` (NaN, no error) or `failed` (crashed twice)."""
+    return "failed" if trial.error else "diverged" if math.isnan(trial.val_err) else "trained"
 
 
 @dataclass
@@ -256,7 +274,7 @@ def run_search(
     print(f"search results: {paths['csv']}, {paths['md']}, {paths['plot']}")
     deepest = [
         {"variant": r.variant, "upper": r.upper, "predicted": predictions.get(r.variant, ""), "deepest": r.deepest,
-         "confirmed": r.confirmed, "trials": len(r.trials)}
+         "confirmed": confirmation(r), "trials": len(r.trials)}
         for r in results
     ]  # fmt: skip
     study.report(

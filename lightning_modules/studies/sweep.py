@@ -180,7 +180,8 @@ def markdown_summary(rows: list[dict]) -> str:
             elif len(values) == 1:
                 cells.append(_fmt(values[0].item()))
             else:
-                cells.append(f"{_fmt(values.mean().item())} ({_fmt(values.std().item())})")
+                mean = values.mean().item()
+                cells.append(f"{_fmt(mean)} ({_fmt(values.std().item(), like=mean)})")
         start_cell = "-" if start is None else f"{start:g}"
         errors = [r["error"] for r in group if r.get("error")]
         note = f"{len(errors)} FAILED: {errors[0]}".replace("|", "/") if errors else ""
@@ -190,8 +191,9 @@ def markdown_summary(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+def _fmt(value: float, like: float | None = None) -> str:
+    """4 decimals below 10, else 1; `like`: as many decimals as that value gets (a spread, as many as its mean)."""
+    return f"{value:.4f}" if abs(value if like is None else like) < 10 else f"{value:.1f}"
 
 
 @dataclass

@@ -29,11 +29,12 @@ def _pyplot():
 
 
 def _plain_log_x(ax) -> None:
-    """A log-scaled width axis labelled 16, 32, ... rather than 2x10^1."""
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    """A log-scaled width axis with a labelled tick at each power of two (16, 32, ..., 512), not base 10's one
+    labelled tick (100) over the widths 16 to 512, nor 2x10^1."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
@@ -78,8 +79,8 @@ def plot_variance_by_width(static: list[dict], variances: list[torch.Tensor], pa
     plt.close(fig)
 
 
-def plot_width_metrics(static: list[dict], path: Path) -> None:
-    """Four panels against width (log scale), mean and spread over seeds."""
+def plot_width_metrics(static: list[dict], path: Path):
+    """Four panels against width (log scale), mean and spread over seeds. Returns the figure."""
     plt = _pyplot()
     by_width = _by(static, "width")
     widths = list(by_width)
@@ -103,6 +104,7 @@ def plot_width_metrics(static: list[dict], path: Path) -> None:
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def plot_size_vs_epoch(history: list[dict], path: Path) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import functools
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,9 @@ def bare_trainer(max_epochs: int, **kwargs) -> pl.Trainer:
 
 @contextlib.contextmanager
 def quiet_lightning():
-    """Silence Lightning's per-Trainer info lines (GPU available, ...) for the many short fits of a search."""
+    """Silence Lightning's per-Trainer info lines (GPU available, ...) for the many short fits of a search, and
+    torchmetrics' warning that a diverging fit's NaN losses are left out of its means (they reach the metrics before
+    the finiteness check stops the fit; the trial's line says `diverged`)."""
     loggers = [
         logging.getLogger(n) for n in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
     ]
@@ -44,7 +47,9 @@ def quiet_lightning():
     for lg in loggers:
         lg.setLevel(logging.WARNING)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered `nan` values in tensor", category=UserWarning)
+            yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
