@@ -36,6 +36,13 @@ def own_wandb_service(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: this one's, with the project importable and without
+    WANDB_SERVICE, which W&B leaves pointing at this process's service, closed or not (a module-scoped fixture
+    starts processes before `own_wandb_service` runs)."""
+    return {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "PYTHONPATH": str(ROOT), **extra}
+
+
 @pytest.fixture(autouse=True)
 def no_wandb_run_left_open():
     """Close a W&B run a test leaves open in this process (an in-process `cli(...)` that failed), so the next test in
@@ -267,7 +274,7 @@ class TrainProcess:
 
     def __init__(self, *args, cwd: Path, env: dict | None = None, launcher: tuple[str, ...] = (sys.executable,)):
         self.command = [*launcher, str(ROOT / "train.py"), *map(str, args)]
-        environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        environment = child_env(**(env or {}))
         self.process = subprocess.Popen(
             self.command, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             start_new_session=True,  # its own group: a hung DDP run's ranks are killed with it

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, child_env
 
 TWO_BATCHES = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"]
 LIBRARY_LINES = ("GPU available", "TPU available", "Tip:", "LeafSpec", "log_every_n_steps", "Seed set", "wandb:")
@@ -86,7 +86,7 @@ def test_commands_that_train_nothing_start_neither_wandb_nor_data_and_print_only
     """--help, --print_config, count and config errors, in one process: their exit codes and lines; none imports
     W&B or touches the data; only `--verbose true` lets Lightning's own lines through."""
     commands = [[*args, "--data.data_dir", str(tmp_path / "no-data")] for args, _, _ in NOTHING_TO_TRAIN.values()]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     result = subprocess.run(
         [sys.executable, "-c", STARTS_NOTHING, repr(commands)], cwd=tmp_path, env=env, capture_output=True, text=True
     )
@@ -147,7 +147,7 @@ main(["search", *quick, "--upper", "3", "--epochs", "1"])
 def test_lightnings_warnings_about_itself_stay_off_the_console(tmp_path):
     """A bf16-mixed fit (the model summary), a validate from another run's checkpoint (its dirpath) and a search
     trial of 19 batches (the logging interval): none of Lightning's remarks reaches the user."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     command = [sys.executable, "-c", LIBRARY_WARNINGS, str(CONFIGS / "quickstart.yaml")]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

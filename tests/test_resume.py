@@ -17,14 +17,14 @@ import yaml
 from lightning_modules.run.files import atomic_path, atomic_write
 from lightning_modules.run.requeue import Requeue
 from lightning_modules.run.run_folder import config_differences, last_checkpoint, trim_metrics
-from tests.conftest import CONFIGS, ROOT, cli, cli_error
+from tests.conftest import CONFIGS, ROOT, child_env, cli, cli_error
 
 QUICK = ["fit", "--config", CONFIGS / "quickstart.yaml", "--trainer.max_epochs", "3"]
 QUIET_BAR = ["--trainer.enable_progress_bar", "false"]
 
 
 def start_train(*args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", **(env or {})}
+    env = child_env(WANDB_MODE="offline", **(env or {}))
     command = [sys.executable, str(ROOT / "train.py"), *map(str, args)]
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
