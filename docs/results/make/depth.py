@@ -1,0 +1,213 @@
+"""Regenerate docs/results/depth.md: the binary depth searches, the depths predicted at initialisation, and the
+search started from the prediction, on the 10k split with the original's 705 steps per trial.
+
+    python docs/results/make/depth.py [--seeds 3] [--searched VARIANT ...] [--only BLOCK] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+
+from regenerate import Page, markdown_rows, read_csv, regenerate, table
+
+LABELS = {  # each variant config as the tables name it
+    "tanh": "tanh, N(0, 0.05)",
+    "tanh_init": "tanh, sqrt(1/(9 C_in))",
+    "elu": "ELU",
+    "elu_bn": "ELU + BN",
+    "resnet": "ResNet (ELU + BN)",
+    "tanh_bn": "tanh + BN",
+    "resnet_nobn": "ResNet without BN",
+    "tanh_delta_orthogonal": "tanh, delta-orthogonal (critical, sigma_b 0.05)",
+}
+BINARY = {"tanh": 24, "resnet_nobn": 24}  # variant: the original's search bound
+PREDICTED = {"tanh_init": 120, "tanh_delta_orthogonal": 120, "tanh_bn": 120}
+MAX_ERROR = 0.2  # the search's --max_error: a depth trains when its seeds' mean validation error is below it
+
+
+def original_depth(variant: str) -> str:
+    from lightning_modules.studies.search import ORIGINAL_DEPTHS
+
+    return str(ORIGINAL_DEPTHS.get(variant, "-"))
+
+
+def search(page: Page, key: str, variant: str, *args: str) -> tuple[list[dict], list[dict]]:
+    """A search of a variant's config on the 10k split, 705 SGD steps per trial: its summary (results.md) and its
+    trials (results.csv)."""
+    configs = (f"depth/{variant}.yaml", "presets/mnist_10k.yaml", "presets/original_steps.yaml")
+    folder = page.train(
+        "search", key, *(arg for c in configs for arg in ("--config", page.config(c))), *page.data, *args
+    )
+    return markdown_rows(folder / "results.md", "variant"), read_csv(folder / "results.csv")
+
+
+def name(variant: str) -> str:
+    return variant.rsplit("/", 1)[-1]
+
+
+def error(trial: dict) -> float:
+    return float(trial["val_err"])
+
+
+def spread_of(errors: list[float]) -> str:
+    """The validation errors of one depth's seeds: their range, how many diverged, and their mean where some
+    seeds train and others do not (the search decides on the mean)."""
+    finite = sorted(e for e in errors if not math.isnan(e))
+    diverged = len(errors) - len(finite)
+    if not finite:
+        return f"diverged in {diverged} of {len(errors)}"
+    low, high = f"{finite[0]:.3f}", f"{finite[-1]:.3f}"
+    values = low if low == high else f"{low}-{high}"
+    mean = f", mean {statistics.mean(finite):.2f}" if finite[0] < MAX_ERROR <= finite[-1] else ""
+    if diverged:
+        return f"{values} in {len(finite)} of {len(errors)} seeds{mean}, {diverged} diverged"
+    return f"{values} ({len(errors)} seed{'s' if len(errors) > 1 else ''}{mean})"
+
+
+def what_trials_show(trials: list[dict]) -> str:
+    """Per depth, the validation errors of the search's seeds and of the confirmation's."""
+    parts = []
+    for depth in sorted({int(t["depth"]) for t in trials}):
+        phases = []
+        for phase, where in (("search", ""), ("confirm", " in the confirmation")):
+            errors = [error(t) for t in trials if int(t["depth"]) == depth and t["phase"] == phase]
+            if errors:
+                phases.append(spread_of(errors) + where)
+        parts.append(f"k = {depth}: " + ", ".join(phases))
+    return "; ".join(parts)
+
+
+def deepest(summary: dict) -> str:
+    said = {"yes": "confirmed", "no": "not confirmed"}.get(summary["confirmed"], summary["confirmed"])
+    return f"**{summary['max trainable k']}** ({said})"
+
+
+def binary_search(page: Page) -> str:
+    rows = []
+    for variant, bound in BINARY.items():
+        upper, seeds = str(page.pick(bound, 3)), str(page.options.seeds)
+        summary, trials = search(page, f"binary/{variant}", variant, "--upper", upper, "--seeds", seeds)
+        rows.append(
+            [f"`{variant}.yaml`", upper, deepest(summary[0]), what_trials_show(trials), original_depth(variant)]
+        )
+    header = ["variant", "search bound", "deepest trainable k found", "what the trials show (val err)", "original's k"]
+    return table(header, rows, "lrrlr")
+
+
+def depth_value(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.1f}" if value < 9.95 else f"{value:.0f}"
+
+
+def prediction(page: Page) -> str:
+    """`propagate` of every variant of search_all.yaml; the prediction at the deepest and a shallower probe depth."""
+    depths = page.pick([24, 96], [6, 9])
+    config = ["--config", page.config("depth/tanh.yaml"), "--config", page.config("presets/mnist_10k.yaml")]
+    folder = page.train(
+        "propagate", "propagate", *config, *page.data, "--config", page.config("depth/search_all.yaml"),
+        *page.pick([], ["--depths", str(depths)]),
+    )  # fmt: skip
+    scales = read_csv(folder / "depth_scales.csv")
+    theory = {
+        name(r["variant"]): r["mean-field predicted k"] for r in markdown_rows(folder / "propagation.md", "variant")
+    }
+    rows = []
+    for variant in dict.fromkeys(name(r["variant"]) for r in scales):
+        at = {d: [r for r in scales if name(r["variant"]) == variant and int(r["depth"]) == d] for d in depths}
+        deep = [float(r["predicted"]) for r in at[depths[1]]]
+        binds = sum(float(r["xi_c"]) < float(r["xi_grad"]) for r in at[depths[1]])
+        rows.append([
+            LABELS.get(variant, variant),
+            f"{depth_value(statistics.median(deep))} ({depth_value(min(deep))}-{depth_value(max(deep))})",
+            depth_value(statistics.median(float(r["predicted"]) for r in at[depths[0]])),
+            f"xi_c in {binds} of {len(deep)}",
+            "outside the theory" if theory[variant] == "n/a" else theory[variant],
+            original_depth(variant),
+        ])  # fmt: skip
+    seeds = len(at[depths[1]])
+    header = [
+        "variant", f"predicted k, probe k = {depths[1]} (range over {seeds} seeds)", f"from k = {depths[0]}",
+        f"binding scale at k = {depths[1]}", "mean-field prediction", "original's k (full MNIST)",
+    ]  # fmt: skip
+    return table(header, rows)
+
+
+def predicted_search(page: Page) -> tuple[list[dict], list[dict]]:
+    """The bound-120 variants of `--searched`, each searched with `--bracket predicted` in a command of its own (a
+    variant's trials do not depend on the others'), one seed per depth: their summaries and trials."""
+    summaries, trials = [], []
+    for variant in page.options.searched:
+        bound = page.pick(PREDICTED[variant], 6)
+        variants = f"{{{page.config(f'depth/{variant}.yaml')}: {bound}}}"
+        probe = page.pick([], ["--probe_depth", "6"])
+        summary, own = search(page, f"predicted/{variant}", "tanh", "--variants", variants, "--bracket", "predicted",
+                              *probe)  # fmt: skip
+        summaries += summary
+        trials += own
+    return summaries, trials
+
+
+def predicted_table(page: Page) -> str:
+    summaries, trials = predicted_search(page)
+    rows = []
+    for summary in summaries:
+        variant = name(summary["variant"])
+        own = [t for t in trials if name(t["variant"]) == variant]
+        rows.append([
+            LABELS.get(variant, variant), summary["predicted k"].replace("..", "-"), own[0]["depth"] if own else "",
+            deepest(summary), original_depth(variant), summary["trials"], summary["binary search"],
+            summary["from prediction"],
+        ])  # fmt: skip
+    for variant in PREDICTED:
+        if variant not in page.options.searched:
+            rows.append([LABELS[variant], "", "", "not run", original_depth(variant), "", "", ""])
+    header = ["variant", "predicted k (seeds)", "first probe", "deepest trainable k", "original's k", "trials",
+              "binary", "from the prediction"]  # fmt: skip
+    return table(header, rows)
+
+
+def predicted_trials(page: Page) -> str:
+    """The trials of the search from the prediction, in the order it trained them."""
+    _, trials = predicted_search(page)
+    lines = []
+    for variant in dict.fromkeys(name(t["variant"]) for t in trials):
+        own = [t for t in trials if name(t["variant"]) == variant]
+        parts = []
+        for phase, lead in (("search", "k = "), ("confirm", "confirmation with seed {seed}: ")):
+            done = [t for t in own if t["phase"] == phase]
+            if done:
+                values = ", ".join(
+                    f"{t['depth']}: {'diverged' if math.isnan(error(t)) else f'{error(t):.3f}'}" for t in done
+                )
+                parts.append(lead.format(seed=done[0]["seed"]) + values)
+        lines.append(f"- {LABELS.get(variant, variant)}: " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
+def seeds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per depth of the binary searches")
+    parser.add_argument(
+        "--searched",
+        nargs="+",
+        choices=list(PREDICTED),
+        default=list(PREDICTED),
+        help="the bound-120 variants to search from the prediction (the others: 'not run')",
+    )
+
+
+BLOCKS = {
+    "depth/binary-search": binary_search,
+    "depth/prediction": prediction,
+    "depth/predicted-search": predicted_table,
+    "depth/predicted-trials": predicted_trials,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    regenerate("depth", BLOCKS, argv, seeds)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
