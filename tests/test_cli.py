@@ -60,10 +60,10 @@ def test_every_experiment_config_runs_fast_dev_run(config, in_tmp):
 
 
 @pytest.mark.parametrize(
-    # ddp, multinode and ray have tests of their own; search_from_prediction holds `search` arguments (its test:
-    # tests/test_propagation.py)
+    # ddp, multinode and ray have tests of their own; search_from_prediction and depth_table_gpu hold `search`
+    # arguments (their tests: tests/test_propagation.py, tests/test_search.py)
     "preset",
-    [p for p in PRESETS if p.stem not in ("ddp", "multinode", "ray", "search_from_prediction")],
+    [p for p in PRESETS if p.stem not in ("ddp", "multinode", "ray", "search_from_prediction", "depth_table_gpu")],
     ids=lambda p: p.stem,
 )
 def test_every_preset_stacks_on_an_experiment(preset, in_tmp):

@@ -3,18 +3,22 @@
 import copy
 import csv
 import math
+import re
 import warnings
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 
 from datamodules import Digits
 from lightning_modules import Classifier
 from lightning_modules.nets import DepthCNN
+from lightning_modules.run.cli import main
 from lightning_modules.studies.depth_search import TrialLog, describe, is_trainable, search_depth
 from lightning_modules.studies.search import DepthTrial, plot_errors, write_results
 from lightning_modules.studies.trials import bare_trainer
+from tests.conftest import CONFIGS, QUIET, cli, make_mnist, small_splits
 
 
 def stub(boundary: int, calls: list | None = None):
@@ -74,12 +78,17 @@ def test_reports_have_every_trial(tmp_path):
     assert {r["variant"] for r in rows} == {"a", "b"}
     text = paths["md"].read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
-    summary = {cells[0]: cells for cells in rows if len(cells) == 9}  # the per-variant table (trials: 8 columns)
+    summary = {cells[0]: cells for cells in rows if len(cells) == 10}  # the per-variant table (trials: 8 columns)
     # variant, bound, predicted (none: a binary search), deepest, original (none for these names), confirmed,
-    # trials taken, a binary search's, and (none) from a prediction
+    # trials taken, a binary search's, (none) from a prediction, and the trials' wall times added up
     a_trials, b_trials = (str(len(r.trials)) for r in results)
-    assert summary["a"] == ["a", "24", "", "9", "", "yes", a_trials, a_trials, ""]
-    assert summary["b"] == ["b", "12", "", "3", "", "yes", b_trials, b_trials, ""]
+    assert summary["a"][:-1] == ["a", "24", "", "9", "", "yes", a_trials, a_trials, ""]
+    assert summary["b"][:-1] == ["b", "12", "", "3", "", "yes", b_trials, b_trials, ""]
+    assert summary["a"][-1] == f"{sum(t.seconds for t in results[0].trials) / 60:.1f} min"
+    assert all(0 <= t.seconds < 60 for r in results for t in r.trials)  # each stub trial timed, from submit to result
+    assert [float(r["seconds"]) for r in csv.DictReader(paths["csv"].open())] == [
+        t.seconds for r in results for t in r.trials
+    ]
     assert paths["plot"].stat().st_size > 1000
 
 
@@ -172,7 +181,7 @@ def test_a_search_where_no_depth_trains_says_what_its_confirmation_found(tmp_pat
     noisy = search_depth(lucky, upper=24, variant="noisy")
     paths = write_results([none, noisy, search_depth(stub(9), upper=24, variant="nine")], 0.2, tmp_path)
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in paths["md"].read_text().splitlines()]
-    confirmed = {cells[0]: cells[5] for cells in rows if len(cells) == 9}
+    confirmed = {cells[0]: cells[5] for cells in rows if len(cells) == 10}
     assert confirmed == {
         "variant": "confirmed",
         "---": "---",
@@ -210,3 +219,22 @@ def test_a_diverging_trial_says_diverged_without_torchmetrics_nan_warnings():
         errors = DepthTrial({"net": template.net}, template, data, epochs=1)("net", 3, 0)
     assert all(math.isnan(e) for e in errors)  # diverged
     assert [str(w.message) for w in caught if "nan" in str(w.message).lower()] == []
+
+
+def test_the_gpu_table_preset_searches_every_variant_with_three_seeds_and_prints_its_wall_time(in_tmp, capsys):
+    """configs/presets/depth_table_gpu.yaml on search_all.yaml: 3 seeds, the GPU, Ray with 8 trials per GPU, as parsed;
+    run here on the CPU, one variant cut to k <= 6 and 2 steps per trial (too few to train), it trains 3 seeds at
+    k = 3, 3 fresh ones to confirm, and prints the search's wall time."""
+    preset = CONFIGS / "presets" / "depth_table_gpu.yaml"
+    base = ["--config", CONFIGS / "depth" / "resnet.yaml", "--config", CONFIGS / "depth" / "search_all.yaml"]
+    with pytest.raises(SystemExit):
+        main(["search", *map(str, base), "--config", str(preset), "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert (config["seeds"], config["launcher"], config["trials_per_gpu"]) == (3, "ray", 8)
+    assert config["trainer"]["accelerator"] == "gpu" and len(config["variants"]) == 8
+    root = make_mnist(in_tmp / "data", n_train=160)
+    cli("search", *base, "--config", preset, *small_splits(root), "--variants", f"{{{CONFIGS / 'depth' / 'tanh.yaml'}: 6}}",
+        "--trainer.accelerator", "cpu", "--launcher", "local", "--trainer.max_steps", "2", *QUIET)  # fmt: skip
+    out = capsys.readouterr().out
+    assert re.search(r"search: 6 trial\(s\) trained in \d+ s of wall time", out)  # k = 3 fails; 3 fresh seeds agree
+    assert all(f"depth/tanh k=   3 seed={seed}" in out for seed in range(6))

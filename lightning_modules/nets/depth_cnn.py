@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightning_modules.errors import require
+from lightning_modules.layers.cpu_fast import ELU, BatchNorm2d
 from lightning_modules.layers.delta_orthogonal import delta_orthogonal_conv, init_bias
 from lightning_modules.layers.recycling import (
     Draw,
@@ -25,7 +26,7 @@ from lightning_modules.layers.recycling import (
 )
 from lightning_modules.statistics.mean_field import critical_sigma_w2, padded_conv_factor
 
-ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}
+ACTIVATIONS = {"tanh": nn.Tanh, "elu": ELU, "relu": nn.ReLU}  # ELU, BatchNorm2d: faster on a CPU (layers.cpu_fast)
 
 
 class DepthBlock(nn.Module):
@@ -36,7 +37,7 @@ class DepthBlock(nn.Module):
         if residual and c_in != c_out:
             raise ValueError(f"a residual block needs c_in == c_out, got {c_in} -> {c_out}")
         self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm = nn.BatchNorm2d(c_out) if batch_norm else nn.Identity()
+        self.norm = BatchNorm2d(c_out) if batch_norm else nn.Identity()
         self.act = ACTIVATIONS[activation]()
         self.residual = residual
 

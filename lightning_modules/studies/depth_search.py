@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ class Trial:
     trainable: bool | None  # None until every seed of its depth has trained
     phase: str  # "search" or "confirm"
     error: str = ""  # why the trial failed (it crashed twice): not trainable, and trained again by a restart
+    seconds: float = math.nan  # its wall time from submission to result (NaN: recorded before this was kept)
 
 
 @dataclass
@@ -146,7 +148,7 @@ def run_searches(
     results: dict[str, SearchResult] = {}
     probes: dict[str, tuple[list[Request], list[Trial | None]]] = {}
     queue: list[tuple[str, int]] = []  # (variant, index in its probe) of the trials not yet submitted
-    running: dict[int, tuple[str, int]] = {}
+    running: dict[int, tuple[str, int, float]] = {}  # handle: (variant, index in its probe, submitted at)
 
     def advance(variant: str, done: list[Trial] | None) -> None:
         while True:  # a probe whose trials are all in the log is answered at once
@@ -173,15 +175,17 @@ def run_searches(
             variant, i = min(queue, key=lambda item: order[item[0]])  # the first variant's trials first
             queue.remove((variant, i))
             depth, seed, _ = probes[variant][0][i]
-            running[launcher.submit(f"{variant} k={depth} seed={seed}", train, variant, depth, seed)] = variant, i
+            handle = launcher.submit(f"{variant} k={depth} seed={seed}", train, variant, depth, seed)
+            running[handle] = variant, i, time.perf_counter()
         handle, outcome = launcher.wait()
-        variant, i = running.pop(handle)
+        variant, i, submitted = running.pop(handle)
+        seconds = time.perf_counter() - submitted
         requests, found = probes[variant]
         depth, seed, phase = requests[i]
         if isinstance(outcome, Failed):
-            trial = Trial(variant, depth, seed, math.nan, math.nan, None, phase, outcome.error)
+            trial = Trial(variant, depth, seed, math.nan, math.nan, None, phase, outcome.error, seconds)
         else:
-            trial = Trial(variant, depth, seed, *outcome, None, phase)
+            trial = Trial(variant, depth, seed, *outcome, None, phase, seconds=seconds)
         print(f"  {variant} k={depth:4d} seed={seed}: {trial_outcome(trial)}", flush=True)
         found[i] = log.add(trial)
         if all(t is not None for t in found):
@@ -226,6 +230,7 @@ class TrialLog:
                 trial = Trial(
                     row["variant"], int(row["depth"]), int(row["seed"]), float(row["train_err"]),
                     float(row["val_err"]), trainable, row["phase"], row.get("error") or "",
+                    float(row.get("seconds") or "nan"),
                 )  # fmt: skip
                 self.trials[(trial.variant, trial.depth, trial.seed)] = trial
 

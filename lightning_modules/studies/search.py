@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,8 +62,8 @@ def write_results(
         "those the other way (binary search, or starting from the prediction) would train for the same boundary.",
         "",
         "| variant | search upper bound | predicted k | max trainable k | original k | confirmed | trials "
-        "| binary search | from prediction |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| binary search | from prediction | trials' time |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         seeds = max(1, len({t.seed for t in r.trials if t.phase == "search"}))
@@ -72,7 +73,7 @@ def write_results(
         original = ORIGINAL_DEPTHS.get(r.variant.rsplit("/", 1)[-1], "")
         lines.append(
             f"| {r.variant} | {r.upper} | {predicted} | {r.deepest or 'none'} | {original} "
-            f"| {confirmation(r)} | {len(r.trials)} | {binary} | {guided} |"
+            f"| {confirmation(r)} | {len(r.trials)} | {binary} | {guided} | {trials_time(r.trials)} |"
         )
     lines += [
         "",
@@ -87,6 +88,12 @@ def write_results(
     atomic_write(paths["md"], "\n".join(lines) + "\n")
     plot_errors(results, max_error, paths["plot"])
     return paths
+
+
+def trials_time(trials: list[Trial]) -> str:
+    """The trials' wall times added up (`42.5 min`); empty when a trial's time was not recorded (older results)."""
+    seconds = sum(t.seconds for t in trials)
+    return "" if math.isnan(seconds) else f"{seconds / 60:.1f} min"
 
 
 def plot_errors(results: list[SearchResult], max_error: float, path: Path):
@@ -242,7 +249,9 @@ def run_search(
     trainer = study.trainer
     steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
     length = f"{steps} steps" if steps else f"{epochs} epochs"
+    start = time.perf_counter()
     log = TrialLog(study.folder / FILES.progress)  # a killed search's trials
+    log_before = list(log.trials)
     if log.trials:
         print(f"search: {len(log.trials)} trial(s) already in {log.path}, not trained again")
     if bracket not in ("binary", "predicted"):
@@ -271,6 +280,10 @@ def run_search(
         )
     paths = write_results(results, max_error, study.folder, predictions)
     print(paths["md"].read_text())
+    trained = sum(len(r.trials) for r in results) - len(log_before)
+    seconds = time.perf_counter() - start
+    wall = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    print(f"search: {trained} trial(s) trained in {wall} of wall time")
     print(f"search results: {paths['csv']}, {paths['md']}, {paths['plot']}")
     deepest = [
         {"variant": r.variant, "upper": r.upper, "predicted": predictions.get(r.variant, ""), "deepest": r.deepest,

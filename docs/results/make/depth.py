@@ -24,7 +24,13 @@ LABELS = {  # each variant config as the tables name it
     "tanh_delta_orthogonal": "tanh, delta-orthogonal (critical, sigma_b 0.05)",
 }
 BINARY = {"tanh": 24, "resnet_nobn": 24}  # variant: the original's search bound
-PREDICTED = {"tanh_init": 120, "tanh_delta_orthogonal": 120, "tanh_bn": 120}
+PREDICTED = {"tanh_init": 120, "tanh_delta_orthogonal": 120}
+# the rows searched on their own, one seed per depth and the search's confirmation: variant: (the original's bound,
+# bracket); from the prediction where the nets are within the mean field (no BN, no residual), as tanh with the
+# better init, where the prediction's start saved trials; binary where the probe's prediction lies far below the
+# original's depth (BN and residual nets: 29-56 against 96-447), which galloping up from it would cost trials
+ROWS = {"elu": (150, "predicted"), "tanh_bn": (120, "binary"), "elu_bn": (300, "binary"), "resnet": (450, "binary")}
+TABLE = ["tanh", "tanh_init", "elu", "elu_bn", "resnet", "tanh_bn", "resnet_nobn"]  # the spec's seven rows
 MAX_ERROR = 0.2  # the search's --max_error: a depth trains when its seeds' mean validation error is below it
 
 
@@ -104,6 +110,16 @@ def depth_value(value: float) -> str:
 def prediction(page: Page) -> str:
     """`propagate` of every variant of search_all.yaml; the prediction at the deepest and a shallower probe depth."""
     depths = page.pick([24, 96], [6, 9])
+    header = [
+        "variant", f"predicted k, probe k = {depths[1]} (range over {page.pick(3, 1)} seeds)", f"from k = {depths[0]}",
+        f"binding scale at k = {depths[1]}", "mean-field prediction", "original's k (full MNIST)",
+    ]  # fmt: skip
+    return table(header, prediction_rows(page))
+
+
+def prediction_rows(page: Page) -> list[list[str]]:
+    """The prediction table's rows (`propagate` runs once per scratch folder)."""
+    depths = page.pick([24, 96], [6, 9])
     config = ["--config", page.config("depth/tanh.yaml"), "--config", page.config("presets/mnist_10k.yaml")]
     folder = page.train(
         "propagate", "propagate", *config, *page.data, "--config", page.config("depth/search_all.yaml"),
@@ -126,12 +142,7 @@ def prediction(page: Page) -> str:
             "outside the theory" if theory[variant] == "n/a" else theory[variant],
             original_depth(variant),
         ])  # fmt: skip
-    seeds = len(at[depths[1]])
-    header = [
-        "variant", f"predicted k, probe k = {depths[1]} (range over {seeds} seeds)", f"from k = {depths[0]}",
-        f"binding scale at k = {depths[1]}", "mean-field prediction", "original's k (full MNIST)",
-    ]  # fmt: skip
-    return table(header, rows)
+    return rows
 
 
 def predicted_search(page: Page) -> tuple[list[dict], list[dict]]:
@@ -186,6 +197,54 @@ def predicted_trials(page: Page) -> str:
     return "\n".join(lines)
 
 
+def minutes(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def row_search(page: Page, variant: str) -> tuple[dict, list[dict], str]:
+    """One of the ROWS searched on its own: its summary, its trials and the command's key."""
+    bound, bracket = ROWS[variant]
+    key = f"rows/{variant}"
+    args = ["--upper", str(page.pick(bound, 6)), "--seeds", "1", "--bracket", bracket]
+    if bracket == "predicted":
+        args += page.pick([], ["--probe_depth", "6"])
+    summary, trials = search(page, key, variant, *args)
+    return summary[0], trials, key
+
+
+def seven_rows(page: Page) -> str:
+    """The spec's table: each variant's deepest trainable k found here, beside its prediction and the original's,
+    with the search that found it (its bracket, seeds, trials and wall time); `--rows` picks which ROWS run."""
+    predicted = {}
+    for line in prediction_rows(page):
+        predicted[line[0]] = line[1]
+    rows = []
+    for variant in TABLE:
+        if variant in BINARY:
+            summary, trials = search(page, f"binary/{variant}", variant, "--upper", str(page.pick(BINARY[variant], 3)),
+                                     "--seeds", str(page.options.seeds))  # fmt: skip
+            key = f"binary/{variant}"
+            found = [deepest(summary[0]), "binary", page.options.seeds, len(trials), minutes(page.seconds(key))]
+        elif variant in PREDICTED and variant in page.options.searched:
+            summaries, trials = predicted_search(page)
+            summary = next(s for s in summaries if name(s["variant"]) == variant)
+            own = [t for t in trials if name(t["variant"]) == variant]
+            key = f"predicted/{variant}"
+            found = [deepest(summary), "from the prediction", 1, len(own), minutes(page.seconds(key))]
+        elif variant in ROWS and variant in page.options.rows:
+            summary, trials, key = row_search(page, variant)
+            bracket = {"binary": "binary", "predicted": "from the prediction"}[ROWS[variant][1]]
+            found = [deepest(summary), bracket, 1, len(trials), minutes(page.seconds(key))]
+        else:
+            found = ["not run", "", "", "", ""]
+        bound = BINARY.get(variant) or PREDICTED.get(variant) or ROWS[variant][0]
+        rows.append([LABELS[variant], page.pick(bound, 6), found[0], predicted.get(LABELS[variant], ""),
+                     original_depth(variant), *found[1:]])  # fmt: skip
+    header = ["variant", "search bound", "deepest trainable k found", f"predicted k (probe k = {page.pick(96, 9)})", "original's k",
+              "search", "seeds per depth", "trials", "wall time"]  # fmt: skip
+    return table(header, rows)
+
+
 def seeds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per depth of the binary searches")
     parser.add_argument(
@@ -195,10 +254,18 @@ def seeds(parser: argparse.ArgumentParser) -> None:
         default=list(PREDICTED),
         help="the bound-120 variants to search from the prediction (the others: 'not run')",
     )
+    parser.add_argument(
+        "--rows",
+        nargs="*",
+        choices=list(ROWS),
+        default=["elu", "tanh_bn"],
+        help="the other rows of the spec's table to search, one seed per depth (the others: 'not run')",
+    )
 
 
 BLOCKS = {
     "depth/binary-search": binary_search,
+    "depth/seven-rows": seven_rows,
     "depth/prediction": prediction,
     "depth/predicted-search": predicted_table,
     "depth/predicted-trials": predicted_trials,

@@ -74,9 +74,15 @@ class Page:
             tail = log.read_text(errors="replace").strip().splitlines()[-12:] if log.is_file() else []
             print("\n".join(tail), file=sys.stderr)
             raise RegenerationError(f"train.py {subcommand} {key} failed (exit {process.exitcode}); its log: {log}")
+        (self.runs / "logs" / f"{key}.seconds").write_text(f"{time.perf_counter() - start:.0f}\n")
         done.write_text(json.dumps(argv))
         print(f"  {subcommand} {key}: {elapsed(start)}", flush=True)
         return self.folder(key)
+
+    def seconds(self, key: str) -> float | None:
+        """How long a command of this scratch folder took, when it was timed."""
+        path = self.runs / "logs" / f"{key}.seconds"
+        return float(path.read_text()) if path.is_file() else None
 
     def folder(self, key: str) -> Path:
         """The newest run folder of a command's key."""
