@@ -3,6 +3,7 @@
 from callbacks.activation_stats import ActivationStats
 from callbacks.complexity import Complexity
 from callbacks.dead_units import DeadUnits
+from callbacks.task_accuracy import TaskAccuracy
 from callbacks.training_dynamics import TrainingDynamics
 
-__all__ = ["ActivationStats", "Complexity", "DeadUnits", "TrainingDynamics"]
+__all__ = ["ActivationStats", "Complexity", "DeadUnits", "TaskAccuracy", "TrainingDynamics"]

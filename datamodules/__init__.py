@@ -7,6 +7,7 @@ from datamodules.digits import Digits
 from datamodules.image_folder import ImageFolderData
 from datamodules.mnist import MNIST, FashionMNIST
 from datamodules.speech_commands import SpeechCommands
+from datamodules.task_stream import TaskStream
 from datamodules.tensor_data import (
     CorruptDataError,
     DataError,
@@ -29,5 +30,6 @@ __all__ = [
     "NoTestSplitError",
     "SpeechCommands",
     "SplitSizeError",
+    "TaskStream",
     "TensorDataModule",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import socket
 import subprocess
 import sys
 from collections import OrderedDict
@@ -56,6 +57,13 @@ def no_wandb_run_left_open():
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first, so that in parallel runs the short ones fill in around them at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for the rendezvous of DDP ranks a test starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:

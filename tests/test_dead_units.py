@@ -1,7 +1,6 @@
 """DeadUnits: exact counts on a net whose every activation is known, the original's format, padding."""
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from datamodules.tensor_data import ShardedOrder
 from lightning_modules import Classifier
 from lightning_modules.layers import KWinners
 from lightning_modules.nets import VGG
-from tests.conftest import CONFIGS, QUIET, TinyImages, fit_quickstart, probe_images, probe_net
+from tests.conftest import CONFIGS, QUIET, TinyImages, fit_quickstart, free_port, probe_images, probe_net
 
 
 def run_test(callback: pl.Callback, batch_size: int = 4) -> dict[str, float]:
@@ -288,12 +287,6 @@ def held_by(dead: DeadUnits, stats: ActivationStats) -> dict:
         "variances": {k: torch.from_numpy(v) for k, v in stats.variances.items()},
         "summaries": {f"{k}/{key}": torch.tensor(v) for k, row in stats.summaries.items() for key, v in row.items()},
     }  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.subprocess
