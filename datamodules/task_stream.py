@@ -84,6 +84,7 @@ class TaskStream(TensorDataModule):
         seed: int = 0,
         identity_first: bool = True,
         random_label_samples: int = 1000,
+        batch_size: int | None = None,
     ):
         """
         Args:
@@ -95,13 +96,15 @@ class TaskStream(TensorDataModule):
             seed: the stream's seed: task t is drawn from (seed, t), whatever the run's seed.
             identity_first: task 0 is the unpermuted data (permuted inputs or labels).
             random_label_samples: N, the training images that get random labels.
+            batch_size: samples per batch, per device (default: `data`'s).
         """
         if not isinstance(data, TensorDataModule):
             raise ConfigError(f"a task stream needs an in-memory datamodule, got {type(data).__name__}")
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         require("positive", tasks=tasks, steps_per_task=steps_per_task, random_label_samples=random_label_samples)
-        super().__init__(data.batch_size, data.val_size, data.seed, data.on_device, None, data.test_size)
+        batch_size = data.batch_size if batch_size is None else batch_size
+        super().__init__(batch_size, data.val_size, data.seed, data.on_device, None, data.test_size)
         self.data, self.kind, self.steps_per_task = data, kind, steps_per_task
         self.tasks = Tasks(kind, tasks, seed, identity_first)
         self.random_label_samples = random_label_samples
@@ -115,7 +118,7 @@ class TaskStream(TensorDataModule):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         trainer = self.trainer
-        if trainer is None or stage != "fit":
+        if trainer is None or stage != "fit" or trainer.fast_dev_run:  # fast_dev_run: a batch or two, no stream
             return
         total = self.tasks.count * self.steps_per_task
         if trainer.max_steps != total:
