@@ -15,9 +15,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.errors import LossExplodedError, NonFiniteLossError, require
+from lightning_modules.errors import ConfigError, LossExplodedError, NonFiniteLossError, require
 from lightning_modules.layers.kwinners import KWinnersBase
 from lightning_modules.layers.sparse_weights import RezeroAfterStep
+from lightning_modules.plasticity import Interventions, Plasticity
 from lightning_modules.recycling import Recycler, Recycling
 from lightning_modules.run.console import say
 from lightning_modules.run.rank_seeds import seed_this_rank
@@ -39,6 +40,7 @@ class Classifier(pl.LightningModule):
         max_loss: float | None = None,
         on_divergence: Literal["stop", "warn"] = "stop",
         recycle: Recycling | None = None,
+        plasticity: Plasticity | None = None,
     ):
         """
         Args:
@@ -64,13 +66,16 @@ class Classifier(pl.LightningModule):
                 ones that were alive move it, by `recycle/logit_change`); logs `recycle/<layer>/recycled` and
                 `.../dormant_again` at each event, `.../fresh` at each validation. For nets with recyclable units
                 (MLP, VGG, DepthCNN); off by default.
+            plasticity: interventions against loss of plasticity on a task stream (spec 07, `lightning_modules.
+                plasticity`): L2 towards the initial weights, shrink and perturb (at task boundaries or every step),
+                head reset at task boundaries; off by default.
         """
         require(
             "positive", num_classes=num_classes, finite_check_every=finite_check_every, max_loss_ratio=max_loss_ratio
         )
         super().__init__()
         self.save_hyperparameters(
-            ignore=["net", "teacher", "optimizer", "scheduler", "recycle"]
+            ignore=["net", "teacher", "optimizer", "scheduler", "recycle", "plasticity"]
         )  # modules live in the state dict
         self.net = net
         self.optimizer_factory = optimizer
@@ -80,6 +85,8 @@ class Classifier(pl.LightningModule):
         self.param_groups = {pattern: dict(options) for pattern, options in (param_groups or {}).items()}
         self.max_loss_ratio, self.max_loss, self.on_divergence = max_loss_ratio, max_loss, on_divergence
         self.recycle, self.recycler, self.saved_recycling = recycle, None, None
+        self.interventions = Interventions(plasticity, net) if plasticity is not None else None
+        self.initial_weights = self.interventions.initial_weights(net) if self.interventions else None  # theta_0
         for split in ("train", "val", "test"):  # one set of metrics per split: train_metrics, val_metrics, ...
             setattr(
                 self,
@@ -99,6 +106,12 @@ class Classifier(pl.LightningModule):
     def on_fit_start(self) -> None:
         # the net is built alike on every rank; from here each rank augments and drops out on its own stream
         seed_this_rank(self.global_rank, self.trainer.world_size)
+        if self.interventions is not None and self.interventions.needs_tasks():
+            if not hasattr(self.trainer.datamodule, "steps_per_task"):
+                raise ConfigError(
+                    "plasticity: head_reset and shrink and perturb at task boundaries need a task stream "
+                    "(data: datamodules.TaskStream); shrink_perturb_every: step needs none"
+                )
         if self.recycle is not None:  # a checkpoint's events and scores, else those of an earlier fit of this module
             if self.recycler is None:
                 self.recycler = Recycler(self.recycle, self.net)
@@ -141,6 +154,8 @@ class Classifier(pl.LightningModule):
         task = self.task_loss(x, logits, y)
         extra, logged = self.extra_loss(x, logits, y, split)
         loss = task + extra
+        if self.interventions is not None and split == "train":
+            loss = loss + self.interventions.penalty(self.net, self.initial_weights)
         metrics = getattr(self, f"{split}_metrics")
         metrics["acc"].update(logits.detach(), y)
         metrics["loss"].update((loss if self.total_is_loss else task).detach(), weight=len(y))
@@ -171,6 +186,13 @@ class Classifier(pl.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # ReDo's events come here, before the step Lightning logs at global_step: every checkpoint (written after a
         # step) lies between events, and what is logged before that step saw the net before the event
+        if self.interventions is not None:
+            stream = self.trainer.datamodule
+            boundary = hasattr(stream, "steps_per_task") and self.global_step % stream.steps_per_task == 0
+            done = self.interventions.before_step(self.net, self.trainer.optimizers[0], self.global_step, boundary)
+            if done and self.trainer.is_global_zero:
+                for logger in self.loggers:
+                    logger.log_metrics(done, step=self.global_step)
         if self.recycler is not None:
             report = self.recycler.step(self.global_step, self.trainer.optimizers[0], self.as_input(batch[0]))
             if report and self.trainer.is_global_zero:

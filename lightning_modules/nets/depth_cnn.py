@@ -146,6 +146,10 @@ class DepthCNN(nn.Module):
                 nn.init.normal_(module.weight, 0.0, self.conv_std(module))
                 init_bias(module, settings["bias_std"])
 
+    def reset_parameters(self) -> None:
+        """The convs drawn again from the net's own init (what shrink and perturb draws fresh weights from)."""
+        self.reset_conv_parameters(self.settings["init_std"])
+
     def weight_variance(self, conv: nn.Conv2d) -> float:
         """Mean-field theory's sigma_w^2 of a conv at initialisation: 9 C_in std^2 for N(0, std^2) weights (Xiao et
         al., 2018), gain^2 for the delta-orthogonal init."""

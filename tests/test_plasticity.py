@@ -1,0 +1,95 @@
+"""Weight interventions against loss of plasticity (lightning_modules/plasticity.py), from spec 07's formulas on
+hand-built nets: L2 Init's gradient, shrink and perturb's closed form, a head reset that re-draws the head alone."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_modules import Classifier
+from lightning_modules.errors import ConfigError
+from lightning_modules.nets import MLP, DepthCNN
+from lightning_modules.plasticity import Interventions, Plasticity, draw_seed, reinitialise
+from tests.conftest import CONFIGS, QUIET, cli, cli_error
+
+PERMUTED = CONFIGS / "plasticity" / "permuted_digits.yaml"
+SHORT = ["--data.init_args.tasks", "3", "--data.init_args.steps_per_task", "5", "--trainer.max_steps", "15",
+         "--trainer.val_check_interval", "5", "--trainer.callbacks", "[]", *QUIET]  # fmt: skip
+
+
+def test_l2_init_adds_lambda_times_the_squared_distance_to_the_initial_weights_and_its_gradient():
+    torch.manual_seed(0)
+    model = Classifier(MLP(width=8), plasticity=Plasticity(l2_init=0.1))
+    start = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(torch.randn_like(p))
+    penalty = model.interventions.penalty(model.net, model.initial_weights)
+    distance = sum(((p - start[n]) ** 2).sum() for n, p in model.net.named_parameters())
+    torch.testing.assert_close(penalty, 0.1 * distance)
+    grads = torch.autograd.grad(penalty, list(model.net.parameters()))
+    for (name, param), grad in zip(model.net.named_parameters(), grads, strict=True):
+        torch.testing.assert_close(grad, 2 * 0.1 * (param - start[name]))
+    assert "initial_weights.hidden__linear__weight" in model.state_dict()  # theta_0 goes into checkpoints
+
+
+def test_shrink_and_perturb_is_lambda_theta_plus_p_times_a_fresh_draw_of_the_nets_own_init():
+    torch.manual_seed(0)
+    settings = Plasticity(shrink=0.8, perturb=0.01, seed=3)
+    net = DepthCNN(depth=6, activation="elu", init_std=0.3)  # an init of its own, not PyTorch's default
+    before = copy.deepcopy(net)
+    done = Interventions(settings, net).before_step(net, torch.optim.SGD(net.parameters(), lr=0.1), 10, True)
+    assert done == {"plasticity/shrink_perturb": 1.0}
+    torch.manual_seed(draw_seed(settings, 10, 0))  # the fresh draw, made here again: the net's own init
+    fresh = DepthCNN(depth=6, activation="elu", init_std=0.3)
+    for (name, new), old, drawn in zip(net.named_parameters(), before.parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(new, 0.8 * old + 0.01 * drawn, msg=name)
+    conv = fresh.features[0].conv.weight
+    assert abs(conv.std().item() - 0.3) < 0.1  # N(0, 0.3^2), the net's init, not PyTorch's default
+    untouched = copy.deepcopy(net)
+    Interventions(settings, net).before_step(net, torch.optim.SGD(net.parameters(), lr=0.1), 11, False)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), untouched.parameters(), strict=True))
+
+
+def test_a_head_reset_redraws_the_head_alone_and_clears_its_optimizer_state():
+    torch.manual_seed(0)
+    net = MLP(width=8)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(4, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    before = copy.deepcopy(net)
+    settings = Plasticity(head_reset=True, seed=1)
+    Interventions(settings, net).before_step(net, optimizer, 20, task_boundary=True)
+    fresh = nn.Linear(8, 10)
+    reinitialise(fresh, draw_seed(settings, 20, 1))
+    assert torch.equal(net.out.weight, fresh.weight) and torch.equal(net.out.bias, fresh.bias)
+    assert not torch.equal(net.out.weight, before.out.weight)
+    assert all(torch.equal(a, b) for a, b in zip(net.hidden.parameters(), before.hidden.parameters(), strict=True))
+    assert net.out.weight not in optimizer.state and net.hidden.linear.weight in optimizer.state
+
+
+def test_interventions_at_task_boundaries_on_data_that_is_no_stream_are_refused_in_one_line(in_tmp, capsys):
+    error = cli_error("fit", "--config", CONFIGS / "quickstart.yaml", "--model.init_args.plasticity.head_reset",
+                      "true", "--trainer.max_steps", "2", *QUIET, capsys=capsys)  # fmt: skip
+    assert "head_reset and shrink and perturb at task boundaries need a task stream" in error
+
+
+def test_a_stream_fit_with_every_intervention_acts_at_its_task_boundaries(in_tmp):
+    args = ["--model.init_args.plasticity.l2_init", "0.001", "--model.init_args.plasticity.shrink", "0.9",
+            "--model.init_args.plasticity.perturb", "0.01", "--model.init_args.plasticity.head_reset", "true"]  # fmt: skip
+    trainer = cli("fit", "--config", PERMUTED, *SHORT, *args).trainer
+    assert trainer.global_step == 15
+    rows = (in_tmp / "runs" / "plasticity" / "permuted_digits" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    steps = [
+        r.split(",")[header.index("step")] for r in rows[1:] if r.split(",")[header.index("plasticity/head_reset")]
+    ]
+    assert steps == ["5", "10"]  # the boundaries before tasks 1 and 2
+
+
+def test_settings_that_cannot_work_are_refused():
+    with pytest.raises(ConfigError, match="shrink_perturb_every must be 'task' or 'step'"):
+        Interventions(Plasticity(shrink_perturb_every="epoch"), MLP(width=4))
+    with pytest.raises(ConfigError, match="head_reset needs a net whose last layer is a Linear"):
+        Interventions(Plasticity(head_reset=True), nn.Sequential(nn.Conv2d(1, 1, 1)))
