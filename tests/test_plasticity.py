@@ -2,16 +2,24 @@
 hand-built nets: L2 Init's gradient, shrink and perturb's closed form, a head reset that re-draws the head alone."""
 
 import copy
+import os
+import time
+from functools import partial
+from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
+from datamodules import Digits
+from datamodules.task_stream import TaskStream
 from lightning_modules import Classifier
 from lightning_modules.errors import ConfigError
 from lightning_modules.nets import MLP, DepthCNN
 from lightning_modules.plasticity import Interventions, Plasticity, draw_seed, reinitialise
-from tests.conftest import CONFIGS, QUIET, cli, cli_error
+from tests.conftest import CONFIGS, QUIET, cli, cli_error, free_port
 
 PERMUTED = CONFIGS / "plasticity" / "permuted_digits.yaml"
 SHORT = ["--data.init_args.tasks", "3", "--data.init_args.steps_per_task", "5", "--trainer.max_steps", "15",
@@ -93,3 +101,39 @@ def test_settings_that_cannot_work_are_refused():
         Interventions(Plasticity(shrink_perturb_every="epoch"), MLP(width=4))
     with pytest.raises(ConfigError, match="head_reset needs a net whose last layer is a Linear"):
         Interventions(Plasticity(head_reset=True), nn.Sequential(nn.Conv2d(1, 1, 1)))
+
+
+def intervened_rank(rank: int, port: int, folder: str) -> None:
+    """One of 2 DDP ranks training 15 steps of a 3-task stream with every intervention, saving its net."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    pl.seed_everything(0, verbose=False)
+    torch.set_num_threads(1)
+    stream = TaskStream(Digits(batch_size=32), "permuted_inputs", tasks=3, steps_per_task=5)
+    settings = Plasticity(l2_init=0.01, shrink=0.9, perturb=0.05, shrink_perturb_every="step", head_reset=True)
+    model = Classifier(MLP(width=16), optimizer=partial(torch.optim.Adam, lr=0.01), plasticity=settings)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=15, val_check_interval=5, check_val_every_n_epoch=None,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=stream)
+    torch.save(model.net.state_dict(), Path(folder) / f"rank{rank}.pt")
+
+
+@pytest.mark.subprocess
+def test_two_ranks_draw_the_same_fresh_weights_and_keep_one_net(tmp_path):
+    """Each rank draws its own dropout and augmentation (seed_this_rank), so fresh weights from a rank's own stream
+    would part the nets; drawn from (seed, step) they stay one net, bit for bit."""
+    ranks = mp.start_processes(intervened_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("2 DDP ranks did not finish in 120 s")
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    pl.seed_everything(0, verbose=False)
+    assert not torch.equal(first["out.weight"], MLP(width=16).out.weight)  # trained, shrunk, perturbed and reset
