@@ -68,7 +68,7 @@ class Classifier(pl.LightningModule):
                 (MLP, VGG, DepthCNN); off by default.
             plasticity: interventions against loss of plasticity on a task stream (spec 07, `lightning_modules.
                 plasticity`): L2 towards the initial weights, shrink and perturb (at task boundaries or every step),
-                head reset at task boundaries; off by default.
+                head reset at task boundaries, continual backprop; off by default.
         """
         require(
             "positive", num_classes=num_classes, finite_check_every=finite_check_every, max_loss_ratio=max_loss_ratio
@@ -106,12 +106,13 @@ class Classifier(pl.LightningModule):
     def on_fit_start(self) -> None:
         # the net is built alike on every rank; from here each rank augments and drops out on its own stream
         seed_this_rank(self.global_rank, self.trainer.world_size)
-        if self.interventions is not None and self.interventions.needs_tasks():
-            if not hasattr(self.trainer.datamodule, "steps_per_task"):
+        if self.interventions is not None:
+            if self.interventions.needs_tasks() and not hasattr(self.trainer.datamodule, "steps_per_task"):
                 raise ConfigError(
                     "plasticity: head_reset and shrink and perturb at task boundaries need a task stream "
                     "(data: datamodules.TaskStream); shrink_perturb_every: step needs none"
                 )
+            self.interventions.attach()
         if self.recycle is not None:  # a checkpoint's events and scores, else those of an earlier fit of this module
             if self.recycler is None:
                 self.recycler = Recycler(self.recycle, self.net)
@@ -123,6 +124,8 @@ class Classifier(pl.LightningModule):
     def on_fit_end(self) -> None:
         if self.recycler is not None:  # its hooks go; its events and scores stay for a checkpoint saved after the fit
             self.recycler.remove()
+        if self.interventions is not None:
+            self.interventions.remove()
 
     def as_input(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of inputs in the memory order the net's weights use."""
@@ -240,11 +243,15 @@ class Classifier(pl.LightningModule):
             checkpoint["train_metric_states"] = self.metric_states("train")
         if self.recycler is not None:
             checkpoint["recycling"] = self.recycler.state_dict()
+        if self.interventions is not None:
+            checkpoint["plasticity"] = self.interventions.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.first_loss.fill_(checkpoint.get("first_loss", math.nan))
         self.saved_train_states = checkpoint.get("train_metric_states")
         self.saved_recycling = checkpoint.get("recycling")
+        if self.interventions is not None:
+            self.interventions.load_state_dict(checkpoint.get("plasticity", {}))
 
     def metric_states(self, split: str) -> dict[str, dict[str, torch.Tensor]]:
         """The epoch-so-far sums of a split's metrics, summed over ranks: a mid-epoch checkpoint's share of the

@@ -1,5 +1,6 @@
 """Interventions against loss of plasticity that act on the weights (spec 07): L2 towards the initial weights, shrink
-and perturb, and head reset; the Classifier's `plasticity` setting, off by default, with any optimizer.
+and perturb, head reset and continual backprop; the Classifier's `plasticity` setting, off by default, with any
+optimizer.
 
 They change the weights (and, for a head reset, the optimizer's state), so they are part of training, not
 callbacks. Fresh weights come from the net's own initialisation with a generator seeded by (seed, step), alike on
@@ -16,6 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_modules.continual_backprop import ContinualBackprop
 from lightning_modules.errors import ConfigError, require
 
 
@@ -28,6 +30,10 @@ class Plasticity:
     perturb: float = 0.0  # p of the same
     shrink_perturb_every: Literal["task", "step"] = "task"  # at every task boundary, or after every step
     head_reset: bool = False  # the last linear layer re-drawn at every task boundary (Nikishin et al., 2022)
+    cbp: bool = False  # continual backprop (Dohare et al., 2024): lightning_modules/continual_backprop.py
+    cbp_rate: float = 1e-4  # rho: units replaced per unit and step
+    cbp_maturity: int = 100  # m: a unit can be replaced once older than this many steps
+    cbp_decay: float = 0.99  # eta: the utility's running-average decay
     seed: int = 0  # fresh weights come from (seed, step)
 
     @property
@@ -71,6 +77,26 @@ class Interventions:
         self.settings = settings
         if settings.head_reset:
             head_of(net)  # refused now, not at the first boundary
+        self.cbp = (
+            ContinualBackprop(net, settings.cbp_rate, settings.cbp_maturity, settings.cbp_decay, settings.seed)
+            if settings.cbp
+            else None
+        )
+
+    def attach(self) -> None:
+        if self.cbp is not None:
+            self.cbp.attach()
+
+    def remove(self) -> None:
+        if self.cbp is not None:
+            self.cbp.remove()
+
+    def state_dict(self) -> dict:
+        return {"cbp": self.cbp.state_dict()} if self.cbp is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.cbp is not None and "cbp" in state:
+            self.cbp.load_state_dict(state["cbp"])
 
     def initial_weights(self, net: nn.Module) -> nn.Module | None:
         """theta_0 as buffers of a module (kept in checkpoints), when L2 Init is on."""
@@ -110,4 +136,6 @@ class Interventions:
             for param in head.parameters():
                 optimizer.state.pop(param, None)  # its momentum or moments belong to the weights just replaced
             done["plasticity/head_reset"] = 1.0
+        if step > 0 and self.cbp is not None:
+            done.update(self.cbp.step(step, optimizer))
         return done

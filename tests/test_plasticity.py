@@ -16,7 +16,9 @@ from torch import nn
 from datamodules import Digits
 from datamodules.task_stream import TaskStream
 from lightning_modules import Classifier
+from lightning_modules.continual_backprop import ContinualBackprop
 from lightning_modules.errors import ConfigError
+from lightning_modules.layers.recycling import uniform_draw
 from lightning_modules.nets import MLP, DepthCNN
 from lightning_modules.plasticity import Interventions, Plasticity, draw_seed, reinitialise
 from tests.conftest import CONFIGS, QUIET, cli, cli_error, free_port
@@ -85,7 +87,9 @@ def test_interventions_at_task_boundaries_on_data_that_is_no_stream_are_refused_
 
 def test_a_stream_fit_with_every_intervention_acts_at_its_task_boundaries(in_tmp):
     args = ["--model.init_args.plasticity.l2_init", "0.001", "--model.init_args.plasticity.shrink", "0.9",
-            "--model.init_args.plasticity.perturb", "0.01", "--model.init_args.plasticity.head_reset", "true"]  # fmt: skip
+            "--model.init_args.plasticity.perturb", "0.01", "--model.init_args.plasticity.head_reset", "true",
+            "--model.init_args.plasticity.cbp", "true", "--model.init_args.plasticity.cbp_rate", "0.01",
+            "--model.init_args.plasticity.cbp_maturity", "2"]  # fmt: skip
     trainer = cli("fit", "--config", PERMUTED, *SHORT, *args).trainer
     assert trainer.global_step == 15
     rows = (in_tmp / "runs" / "plasticity" / "permuted_digits" / "version_0" / "metrics.csv").read_text().splitlines()
@@ -94,6 +98,14 @@ def test_a_stream_fit_with_every_intervention_acts_at_its_task_boundaries(in_tmp
         r.split(",")[header.index("step")] for r in rows[1:] if r.split(",")[header.index("plasticity/head_reset")]
     ]
     assert steps == ["5", "10"]  # the boundaries before tasks 1 and 2
+    replaced = [float(r.split(",")[header.index("cbp/hidden/replaced")] or 0) for r in rows[1:]]
+    # 2.56 units owed a step, whole ones replaced once mature (older than 2 steps: from the third of 14 events on)
+    assert sum(replaced) == 30
+    saved = torch.load(next((in_tmp / "runs").rglob("last.ckpt")), weights_only=True)
+    assert (
+        saved["plasticity"]["cbp"]["age"]["hidden"].shape == (256,)
+        and "initial_weights.out__bias" in saved["state_dict"]
+    )
 
 
 def test_settings_that_cannot_work_are_refused():
@@ -110,7 +122,8 @@ def intervened_rank(rank: int, port: int, folder: str) -> None:
     pl.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
     stream = TaskStream(Digits(batch_size=32), "permuted_inputs", tasks=3, steps_per_task=5)
-    settings = Plasticity(l2_init=0.01, shrink=0.9, perturb=0.05, shrink_perturb_every="step", head_reset=True)
+    settings = Plasticity(l2_init=0.01, shrink=0.9, perturb=0.05, shrink_perturb_every="step", head_reset=True,
+                          cbp=True, cbp_rate=0.02, cbp_maturity=2)  # fmt: skip
     model = Classifier(MLP(width=16), optimizer=partial(torch.optim.Adam, lr=0.01), plasticity=settings)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=15, val_check_interval=5, check_val_every_n_epoch=None,
@@ -137,3 +150,67 @@ def test_two_ranks_draw_the_same_fresh_weights_and_keep_one_net(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
     pl.seed_everything(0, verbose=False)
     assert not torch.equal(first["out.weight"], MLP(width=16).out.weight)  # trained, shrunk, perturbed and reset
+
+
+def known_mlp() -> MLP:
+    """4 hidden ReLU units that all output 1 (zero weights, bias 1), unit i feeding the head with |w| = i + 1 each,
+    but unit 2 with 0.1: the least useful."""
+    net = MLP(width=4)
+    with torch.no_grad():
+        net.hidden.linear.weight.zero_()
+        net.hidden.linear.bias.fill_(1.0)
+        for unit, magnitude in enumerate([1.0, 2.0, 0.1, 4.0]):
+            net.out.weight[:, unit] = magnitude * torch.where(torch.arange(10) % 2 == 0, 1.0, -1.0)
+    return net
+
+
+def test_cbp_utility_is_the_decayed_mean_activation_times_the_outgoing_magnitudes():
+    net = known_mlp()
+    cbp = ContinualBackprop(net, rate=1e-4, decay=0.9)
+    cbp.attach()
+    net.train()(torch.randn(8, 1, 28, 28))
+    torch.testing.assert_close(cbp.utility["hidden"], 0.1 * 1.0 * 10 * torch.tensor([1.0, 2.0, 0.1, 4.0]))
+    net(torch.randn(8, 1, 28, 28))
+    torch.testing.assert_close(cbp.utility["hidden"], (0.9 * 0.1 + 0.1) * 10 * torch.tensor([1.0, 2.0, 0.1, 4.0]))
+    net.eval()(torch.randn(8, 1, 28, 28))  # evaluation batches leave it
+    torch.testing.assert_close(cbp.utility["hidden"], 0.19 * 10 * torch.tensor([1.0, 2.0, 0.1, 4.0]))
+
+
+def test_cbp_replaces_the_least_useful_mature_unit_as_redo_does_and_resets_its_utility_and_age():
+    torch.manual_seed(0)
+    net = known_mlp()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    cbp = ContinualBackprop(net, rate=0.25, maturity=0, seed=2)  # 4 units x 0.25: one a step
+    cbp.attach()
+    net.train()(torch.randn(8, 1, 28, 28))
+    assert cbp.step(1, optimizer) == {"cbp/hidden/replaced": 1.0}
+    fresh = uniform_draw(1 / 28)(torch.Size((1, 784)), torch.Generator().manual_seed((2 << 40) + (1 << 8)))
+    torch.testing.assert_close(net.hidden.linear.weight[2], fresh[0])
+    assert net.hidden.linear.bias[2] == 0 and not net.out.weight[:, 2].any()
+    assert not optimizer.state[net.out.weight]["momentum_buffer"][:, 2].any()
+    assert cbp.utility["hidden"][2] == 0 and cbp.age["hidden"].tolist() == [1, 1, 0, 1]
+    assert net.hidden.linear.weight[[0, 1, 3]].abs().sum() == 0  # the others untouched
+
+
+def test_cbp_replaces_rho_n_units_a_step_as_a_carried_fraction_and_only_mature_ones():
+    net = known_mlp()
+    cbp = ContinualBackprop(net, rate=0.125, maturity=3)  # 0.5 units a step: one every second step
+    cbp.attach()
+    replaced = []
+    for step in range(1, 11):
+        net.train()(torch.randn(4, 1, 28, 28))
+        replaced.append(cbp.step(step, None).get("cbp/hidden/replaced", 0.0))
+    # owed at steps 2, 4, 6, 8 and 10; at step 2 every unit is 2 steps old, not older than 3: none is replaced
+    assert replaced == [0, 0, 0, 1, 0, 1, 0, 1, 0, 1]
+    # unit 2 (the least useful) at 4, then unit 0 at 6; with no training a fresh unit keeps zero outgoing weights,
+    # so utility 0, and goes again once mature: unit 2 at 8, unit 0 at 10; units 1 and 3 never
+    assert cbp.age["hidden"].tolist() == [0, 10, 2, 10]
+
+
+def test_cbp_refuses_a_net_it_cannot_weigh():
+    with pytest.raises(ConfigError, match="continual backprop hidden: a flexible layer learns its own size"):
+        ContinualBackprop(MLP(width=4, layer="flexible"))
+    with pytest.raises(ConfigError, match="has no recyclable units"):
+        ContinualBackprop(nn.Sequential(nn.Linear(2, 2)))
