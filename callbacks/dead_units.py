@@ -265,11 +265,11 @@ class DeadUnits(ActivationObserver):
                 lines.append("{" + ",\n ".join(f"{k!r}: ({d}, {t})" for k, (d, t) in keyed.items()) + "}")
             say("\n".join(lines))
         rows = [(name, d, t) for name, (d, t) in self.counts.items()]
+        log_now(trainer, self.health_scalars)  # to any logger, also one without a folder (a study's trial)
         if folder is None:
             return
         atomic_save(self.peaks, folder / "dead_units" / f"step{logged_step(trainer):07d}.pt")
         loggers, step = wandb_loggers(trainer), logged_step(trainer)
-        log_now(trainer, self.health_scalars)
         atomic_save(
             {name: {key: torch.stack(values) if key != "steps" else torch.tensor(values) for key, values in record.items()}
              for name, record in self.health.items()},

@@ -1,5 +1,5 @@
-"""The Trainer of this framework: Lightning's, plus the subcommands `count`, `propagate`, `search`, `sweep` and
-`noise`.
+"""The Trainer of this framework: Lightning's, plus the subcommands `count`, `propagate`, `search`, `sweep`,
+`noise` and `plasticity`.
 
 LightningCLI registers a subcommand from a Trainer method: its signature is the command line, its docstring the
 help. So the methods are here and each is a few lines; a study's body is its module under `studies/`.
@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 from lightning_modules.counting import CountResult, count_model
 from lightning_modules.run.run_state import Run
 from lightning_modules.studies.noise import NoiseResult, run_noise
+from lightning_modules.studies.plasticity import run_plasticity
 from lightning_modules.studies.propagate import Prediction, run_propagate
 from lightning_modules.studies.search import SearchResult, run_search
 from lightning_modules.studies.study import Study
@@ -23,7 +24,7 @@ from lightning_modules.studies.sweep import run_sweep
 
 
 class ResearchTrainer(pl.Trainer):
-    """Lightning's Trainer with this framework's subcommands: count, propagate, search, sweep, noise.
+    """Lightning's Trainer with this framework's subcommands: count, propagate, search, sweep, noise, plasticity.
 
     `run` is the run's state, set by the CLI (None when the Trainer is built by hand). The first line is the title
     of the trainer's settings in `--help`: one whole line."""
@@ -196,6 +197,38 @@ class ResearchTrainer(pl.Trainer):
         """
         args = dict(checkpoints=checkpoints, levels=levels, split=split, noise_seed=noise_seed)
         return self._study("noise", run_noise, model, datamodule, **args)
+
+    def plasticity(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        interventions: dict[str, dict] | None = None,
+        seeds: int = 3,
+        launcher: Literal["local", "ray"] = "local",
+        ray_address: str | None = None,
+        cpus_per_trial: float = 1,
+        trials_per_gpu: int = 1,
+    ) -> list[dict]:
+        """Train every intervention for `seeds` seeds over the config's task stream and compare their plasticity.
+
+        Each (intervention, seed) trains the config's model over the whole stream (data: datamodules.TaskStream)
+        with the intervention's `plasticity` settings; per task it records the online and final accuracy, the
+        share of dead and of tau-dormant (0.025) units and the mean srank of the monitored layers. Writes
+        results.csv (trial by trial: the same command continues a killed study), results.md (per task: mean and
+        spread over seeds; the first and last 3 tasks), plasticity.png and mechanism.png, and the W&B tables.
+
+        Args:
+            interventions: name: the Classifier's `plasticity` settings (docs/plasticity.md), e.g.
+                `{none: {}, l2_init: {l2_init: 0.001}, cbp: {cbp: true}}`; default: none alone.
+            seeds: seeds per intervention, from the run's seed on.
+            launcher: where the trials train: `local` (one after another) or `ray` (in parallel).
+            ray_address: the Ray cluster to run on (`ray` launcher; default: a Ray instance started here).
+            cpus_per_trial: CPUs each Ray trial asks for (and its torch threads).
+            trials_per_gpu: Ray trials sharing one GPU when the cluster has GPUs; 0 trains on CPUs only.
+        """
+        launch = dict(launcher=launcher, ray_address=ray_address, cpus_per_trial=cpus_per_trial)
+        return self._study("plasticity", run_plasticity, model, datamodule, interventions=interventions, seeds=seeds,
+                           **launch, trials_per_gpu=trials_per_gpu)  # fmt: skip
 
     def _study(self, name: str, body: Callable, model: pl.LightningModule, datamodule, **args):
         """Run a study's body; if it fails before anything trained, its new run folder and W&B run go again."""

@@ -1,0 +1,222 @@
+"""The `plasticity` subcommand (spec 07): every intervention x seed trained on the config's task stream, per task its
+online and final accuracy, dead and dormant shares and srank; results.csv (trial by trial, so the same command
+continues a killed study), results.md (per task: mean and spread over seeds; the summary of the first and last 3
+tasks), plasticity.png and mechanism.png, and the W&B tables.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import Logger
+
+from callbacks import ActivationStats, DeadUnits, TaskAccuracy
+from lightning_modules.errors import ConfigError
+from lightning_modules.plasticity import Interventions, Plasticity, reinitialise
+from lightning_modules.run.files import atomic_savefig, atomic_write, atomic_write_csv
+from lightning_modules.studies.study import Study, StudyFiles
+from lightning_modules.studies.trials import bare_trainer, portable, quiet_lightning, worker_device
+
+FILES = StudyFiles(progress="results.csv", final="results.md")
+COLUMNS = ("intervention", "seed", "task", "acc_online", "acc_final", "dead", "dormant", "srank")
+MEASURES = {"acc_online": "task/acc_online", "acc_final": "task/acc_final", "dead": "dead/fraction",
+            "dormant": "dormant/tau0.025/total"}  # fmt: skip
+
+
+class RecordingLogger(Logger):
+    """Keeps what a trial's callbacks log, by step, in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: dict[int, dict[str, float]] = {}
+
+    @property
+    def name(self) -> str:
+        return "trial"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float | torch.Tensor)}
+        self.steps.setdefault(step or 0, {}).update(numbers)
+
+
+@dataclass
+class StreamTrial:
+    """One intervention and seed over the whole stream: `trial(name, settings, seed)` trains a fresh copy of the
+    model, its net drawn from `seed` (each module's init, as `fit --seed_everything seed` draws an MLP) with
+    `Plasticity(**settings)`, and returns one row per task."""
+
+    template: pl.LightningModule
+    datamodule: pl.LightningDataModule
+    device: str | None = None
+
+    def __call__(self, name: str, settings: dict, seed: int) -> list[dict]:
+        pl.seed_everything(seed, verbose=False)
+        model = copy.deepcopy(self.template)
+        reinitialise(model.net, seed)
+        model.interventions = Interventions(Plasticity(**settings), model.net) if settings else None
+        model.initial_weights = model.interventions.initial_weights(model.net) if model.interventions else None
+        stream, device = self.datamodule, worker_device(self.device)
+        steps = stream.tasks.count * stream.steps_per_task
+        recorder = RecordingLogger()
+        with quiet_lightning():
+            trainer = bare_trainer(
+                -1, max_steps=steps, val_check_interval=stream.steps_per_task, check_val_every_n_epoch=None,
+                callbacks=[TaskAccuracy(), DeadUnits(print_table=False), ActivationStats(pca=False, print_table=False)],
+                logger=recorder, accelerator="gpu" if device.type == "cuda" else "cpu",
+                devices=[device.index or 0] if device.type == "cuda" else 1,
+            )  # fmt: skip
+            trainer.fit(model, datamodule=stream)
+        rows = []
+        for logged in recorder.steps.values():
+            if "task/index" in logged:
+                ranks = [v for k, v in logged.items() if k.startswith("act/") and k.endswith("/srank")]
+                row = {"intervention": name, "seed": seed, "task": int(logged["task/index"])}
+                row.update({column: logged.get(key, math.nan) for column, key in MEASURES.items()})
+                rows.append({**row, "srank": statistics.mean(ranks) if ranks else math.nan})
+        return rows
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of the trials a killed study finished."""
+    if not path.is_file():
+        return []
+    rows = list(csv.DictReader(path.open(newline="")))
+    numeric = ("acc_online", "acc_final", "dead", "dormant", "srank")
+    return [{**r, "seed": int(r["seed"]), "task": int(r["task"]), **{k: float(r[k]) for k in numeric}} for r in rows]
+
+
+def finite(values: list[float]) -> list[float]:
+    return [v for v in values if not math.isnan(v)]
+
+
+def spread(values: list[float]) -> str:
+    """`0.912 (0.004)`: the mean and standard deviation over seeds of the finite values."""
+    kept = finite(values)
+    if not kept:
+        return ""
+    return f"{statistics.mean(kept):.3f}" + (f" ({statistics.stdev(kept):.3f})" if len(kept) > 1 else "")
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    kept = finite(values)
+    if not kept:
+        return math.nan, math.nan
+    return statistics.mean(kept), statistics.stdev(kept) if len(kept) > 1 else 0.0
+
+
+def write_results(rows: list[dict], names: list[str], folder: Path) -> dict[str, Path]:
+    """results.md (per intervention and task: mean (sd) over seeds; the first and last 3 tasks), the plots."""
+    paths = {"csv": folder / FILES.progress, "md": folder / FILES.final}
+    tasks = sorted({r["task"] for r in rows})
+    lines = ["Per intervention and task, mean (standard deviation) over seeds.", ""]
+    lines += ["| intervention | task | acc online | acc final | dead | dormant (tau 0.025) | srank |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for name in names:
+        for task in tasks:
+            own = [r for r in rows if r["intervention"] == name and r["task"] == task]
+            cells = [spread([r[c] for r in own]) for c in ("acc_online", "acc_final", "dead", "dormant", "srank")]
+            lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
+    first, last = tasks[:3], tasks[-3:]
+    lines += ["", f"Online accuracy on the first 3 tasks ({first[0]}-{first[-1]}) and the last 3 "
+              f"({last[0]}-{last[-1]}), mean over tasks and seeds:", "",
+              "| intervention | first 3 | last 3 | change |", "| --- | ---: | ---: | ---: |"]  # fmt: skip
+    for name in names:
+        early = [r["acc_online"] for r in rows if r["intervention"] == name and r["task"] in first]
+        late = [r["acc_online"] for r in rows if r["intervention"] == name and r["task"] in last]
+        change = statistics.mean(late) - statistics.mean(early)
+        lines.append(f"| {name} | {statistics.mean(early):.3f} | {statistics.mean(late):.3f} | {change:+.3f} |")
+    atomic_write(paths["md"], "\n".join(lines) + "\n")
+    paths["plasticity"] = plot(rows, names, tasks, ["acc_online", "acc_final"], folder / "plasticity.png")
+    paths["mechanism"] = plot(rows, names, tasks, ["dormant", "srank"], folder / "mechanism.png")
+    return paths
+
+
+def plot(rows: list[dict], names: list[str], tasks: list[int], columns: list[str], path: Path) -> Path:
+    """One panel per column: the measure against the task, one line per intervention, a band of +-1 sd over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(columns), figsize=(5 * len(columns), 3.5))
+    for ax, column in zip(axes, columns, strict=True):
+        for i, name in enumerate(names):
+            values = [[r[column] for r in rows if r["intervention"] == name and r["task"] == t] for t in tasks]
+            mean, sd = zip(*(mean_sd(v) for v in values), strict=True)
+            ax.plot(tasks, mean, color=f"C{i}", label=name)
+            low, high = ([m + sign * s for m, s in zip(mean, sd, strict=True)] for sign in (-1, 1))
+            ax.fill_between(tasks, low, high, color=f"C{i}", alpha=0.2)
+        ax.set(xlabel="task", ylabel=column.replace("_", " "))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_plasticity(
+    study: Study,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    interventions: dict[str, dict] | None,
+    seeds: int,
+    launcher: str,
+    ray_address: str | None,
+    cpus_per_trial: float,
+    trials_per_gpu: int,
+) -> list[dict]:
+    """The `plasticity` subcommand (its arguments are documented on the Trainer's method)."""
+    study.require_one_process("each trial trains on one device; --launcher ray trains trials in parallel")
+    study.refuse_unhonoured(honoured=("max_steps",))
+    if not hasattr(datamodule, "steps_per_task"):
+        raise ConfigError("plasticity needs a task stream: data: datamodules.TaskStream (docs/plasticity.md)")
+    interventions = interventions or {"none": {}}
+    for name, settings in interventions.items():
+        try:
+            Interventions(Plasticity(**(settings or {})), copy.deepcopy(model.net))
+        except TypeError as e:
+            raise ConfigError(f"interventions.{name}: {e}") from e
+    first_seed = pl.seed_everything(verbose=False)
+    progress = study.folder / FILES.progress
+    rows = read_rows(progress)
+    done = {(r["intervention"], r["seed"]) for r in rows}
+    todo = [(n, s) for n in interventions for s in range(first_seed, first_seed + seeds) if (n, s) not in done]
+    if done:
+        print(f"plasticity: {len(done)} trial(s) already in {progress}, not trained again")
+    with study.trials(datamodule, launcher, ray_address, cpus_per_trial, trials_per_gpu) as (runner, where):
+        trial = StreamTrial(portable(model), **where)
+        handles = {}
+        queue = list(todo)
+        while queue or handles:
+            while queue and len(handles) < runner.slots:
+                name, seed = queue.pop(0)
+                handles[runner.submit(f"{name} seed={seed}", trial, name, interventions[name] or {}, seed)] = name, seed
+            handle, outcome = runner.wait()
+            name, seed = handles.pop(handle)
+            if not isinstance(outcome, list):
+                raise ConfigError(f"plasticity {name} seed={seed} failed twice: {outcome.error}")
+            rows += outcome
+            atomic_write_csv(progress, list(COLUMNS), rows)
+            accs = ", ".join(f"{r['acc_online']:.3f}" for r in outcome)
+            print(f"  {name} seed={seed}: online accuracy per task {accs}", flush=True)
+    names = list(interventions)
+    paths = write_results(rows, names, study.folder)
+    print(paths["md"].read_text())
+    print(f"plasticity results: {progress}, {paths['md']}, {paths['plasticity']}, {paths['mechanism']}")
+    study.report(tables={"plasticity/tasks": rows}, images={"plasticity/curves": paths["plasticity"],
+                                                            "plasticity/mechanism": paths["mechanism"]})  # fmt: skip
+    return rows
