@@ -8,6 +8,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -64,6 +65,27 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _rank(rank: int, fn, port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    fn(rank, *args)
+
+
+def two_ranks(fn, *args, timeout: float = 120) -> None:
+    """`fn(rank, *args)` as 2 DDP ranks (processes spawned from this one, their rendezvous on a free port, for a
+    Trainer with strategy ddp on 2 CPU devices); ranks that do not finish in `timeout` are killed and fail the test:
+    a hang (one rank waits in a collective the other skipped)."""
+    import torch.multiprocessing as mp
+
+    ranks = mp.start_processes(_rank, args=(fn, free_port(), args), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"2 DDP ranks did not finish in {timeout:g} s: a rank skipped a collective the other waits in")
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:

@@ -35,7 +35,7 @@ EXPERIMENTS = sorted(
     if not {"presets", "nets", "variants", "sweeps"} & set(p.parts)
     and p.name != "search_all.yaml"
     and not p.name.startswith("sweep_")
-    and "model" in (yaml.safe_load(p.read_text()) or {})  # not a study's arguments (plasticity/compare_digits.yaml)
+    and "model" in (yaml.safe_load(p.read_text()) or {})  # not a study's arguments (plasticity/interventions.yaml)
 )
 PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
 TWO_DDP_RANKS = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]

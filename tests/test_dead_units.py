@@ -1,13 +1,10 @@
 """DeadUnits: exact counts on a net whose every activation is known, the original's format, padding."""
 
-import os
-import time
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -18,7 +15,7 @@ from datamodules.tensor_data import ShardedOrder
 from lightning_modules import Classifier
 from lightning_modules.layers import KWinners
 from lightning_modules.nets import VGG
-from tests.conftest import CONFIGS, QUIET, TinyImages, fit_quickstart, free_port, probe_images, probe_net
+from tests.conftest import CONFIGS, QUIET, TinyImages, fit_quickstart, probe_images, probe_net, two_ranks
 
 
 def run_test(callback: pl.Callback, batch_size: int = 4) -> dict[str, float]:
@@ -260,11 +257,9 @@ def test_the_table_starts_on_a_line_of_its_own_after_a_progress_bar_written_to_a
     assert "\ndead units (val, epoch 0, step 0): " in out
 
 
-def observed_alone(rank: int, port: int, folder: str) -> None:
+def observed_alone(rank: int, folder: str) -> None:
     """One of 2 DDP ranks (gloo) validating on 1 sample: Lightning's sampler gives rank 1 a repeat of it, which the
     callbacks cut off, so rank 1 observes nothing. What each rank's callbacks hold is saved for the test."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                      LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     dead, stats = DeadUnits(), ActivationStats(pca_samples=4)
     trainer = pl.Trainer(
@@ -291,13 +286,7 @@ def held_by(dead: DeadUnits, stats: ActivationStats) -> dict:
 
 @pytest.mark.subprocess
 def test_a_rank_that_sees_no_sample_enters_every_collective_and_both_count_as_one_process(tmp_path):
-    ranks = mp.start_processes(observed_alone, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ranks.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail("2 DDP ranks did not finish in 120 s: a rank skipped a collective the other waits in")
+    two_ranks(observed_alone, str(tmp_path))
     dead, stats = DeadUnits(), ActivationStats(pca_samples=4)
     trainer = pl.Trainer(logger=False, callbacks=[dead, stats], enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(Classifier(SaturatingBranches(), channels_last=False), dataloaders=one_sample())

@@ -2,15 +2,12 @@
 hand-built nets: L2 Init's gradient, shrink and perturb's closed form, a head reset that re-draws the head alone."""
 
 import copy
-import os
-import time
 from functools import partial
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from datamodules import Digits
@@ -21,7 +18,7 @@ from lightning_modules.errors import ConfigError
 from lightning_modules.layers.recycling import uniform_draw
 from lightning_modules.nets import MLP, DepthCNN
 from lightning_modules.plasticity import Interventions, Plasticity, draw_seed, reinitialise
-from tests.conftest import CONFIGS, QUIET, cli, cli_error, free_port
+from tests.conftest import CONFIGS, QUIET, cli, cli_error, two_ranks
 
 PERMUTED = CONFIGS / "plasticity" / "permuted_digits.yaml"
 SHORT = ["--data.init_args.tasks", "3", "--data.init_args.steps_per_task", "5", "--trainer.max_steps", "15",
@@ -115,10 +112,8 @@ def test_settings_that_cannot_work_are_refused():
         Interventions(Plasticity(head_reset=True), nn.Sequential(nn.Conv2d(1, 1, 1)))
 
 
-def intervened_rank(rank: int, port: int, folder: str) -> None:
+def intervened_rank(rank: int, folder: str) -> None:
     """One of 2 DDP ranks training 15 steps of a 3-task stream with every intervention, saving its net."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                      LOCAL_RANK=str(rank))  # fmt: skip
     pl.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
     stream = TaskStream(Digits(batch_size=32), "permuted_inputs", tasks=3, steps_per_task=5)
@@ -138,13 +133,7 @@ def intervened_rank(rank: int, port: int, folder: str) -> None:
 def test_two_ranks_draw_the_same_fresh_weights_and_keep_one_net(tmp_path):
     """Each rank draws its own dropout and augmentation (seed_this_rank), so fresh weights from a rank's own stream
     would part the nets; drawn from (seed, step) they stay one net, bit for bit."""
-    ranks = mp.start_processes(intervened_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ranks.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail("2 DDP ranks did not finish in 120 s")
+    two_ranks(intervened_rank, str(tmp_path))
     first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -2,15 +2,12 @@
 batches of the real in-memory loaders (the embedded digits), switching at the stream's own batch count."""
 
 import csv
-import os
-import time
 from functools import partial
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.multiprocessing as mp
 from pytorch_lightning.loggers import CSVLogger
 
 from callbacks import TaskAccuracy
@@ -19,7 +16,7 @@ from datamodules.task_stream import Tasks, TaskStream
 from lightning_modules import Classifier
 from lightning_modules.errors import ConfigError
 from lightning_modules.nets import MLP
-from tests.conftest import CONFIGS, QUIET, cli, cli_error, free_port
+from tests.conftest import CONFIGS, QUIET, cli, cli_error, two_ranks
 
 STEPS = 5  # training batches per task: 1,200 training digits in batches of 64 are 19 batches an epoch
 
@@ -166,9 +163,7 @@ def stream_fit(folder: str, devices: int, batch_size: int) -> None:
     trainer.fit(Classifier(net, optimizer=partial(torch.optim.SGD, lr=0.0), channels_last=False), datamodule=stream)
 
 
-def stream_rank(rank: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                      LOCAL_RANK=str(rank))  # fmt: skip
+def stream_rank(rank: int, folder: str) -> None:
     stream_fit(folder, devices=2, batch_size=64)
 
 
@@ -181,13 +176,7 @@ def task_rows(folder: Path) -> list[tuple[str, str]]:
 def test_two_ranks_count_each_tasks_online_accuracy_as_one_process_with_their_batches_together(tmp_path):
     """Rank r trains samples r, r + 2, ... of each shuffled order in batches of 64: at every position the two
     ranks' batches are together one process's batch of 128, of the same task. With lr 0 the summed counts equal it."""
-    ranks = mp.start_processes(stream_rank, args=(free_port(), str(tmp_path / "ddp")), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ranks.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail("2 DDP ranks did not finish in 120 s")
+    two_ranks(stream_rank, str(tmp_path / "ddp"))
     stream_fit(str(tmp_path / "one"), devices=1, batch_size=128)
     together, alone = task_rows(tmp_path / "ddp"), task_rows(tmp_path / "one")
     assert [t for t, _ in alone] == ["0.0", "1.0", "2.0"] and len({a for _, a in alone}) == 3

@@ -237,12 +237,15 @@ def seven_rows(page: Page) -> str:
             found = [deepest(summary), bracket, 1, len(trials), minutes(page.seconds(key))]
         else:
             found = ["not run", "", "", "", ""]
-        bound = BINARY.get(variant) or PREDICTED.get(variant) or ROWS[variant][0]
-        rows.append([LABELS[variant], page.pick(bound, 6), found[0], predicted.get(LABELS[variant], ""),
+        bounds = {**PREDICTED, **{v: upper for v, (upper, _) in ROWS.items()}}
+        bound = page.pick(BINARY[variant], 3) if variant in BINARY else page.pick(bounds[variant], 6)
+        rows.append([LABELS[variant], bound, found[0], predicted.get(LABELS[variant], ""),
                      original_depth(variant), *found[1:]])  # fmt: skip
-    header = ["variant", "search bound", "deepest trainable k found", f"predicted k (probe k = {page.pick(96, 9)})", "original's k",
-              "search", "seeds per depth", "trials", "wall time"]  # fmt: skip
-    return table(header, rows)
+    header = ["variant", "search bound", "deepest trainable k found", f"predicted k (probe k = {page.pick(96, 9)})",
+              "original's k", "search", "seeds per depth", "trials", "wall time"]  # fmt: skip
+    plots = [f"![{LABELS[v]}](../figures/depth_search_{v}.png)" for v in ROWS if v in page.options.rows]
+    trials = "The searches' trials: " + ", ".join(f"[{v}](runs/depth_{v}.md)" for v in ROWS if v in page.options.rows)
+    return "\n\n".join([table(header, rows), *([trials, " ".join(plots)] if plots else [])])
 
 
 def seeds(parser: argparse.ArgumentParser) -> None:

@@ -95,6 +95,13 @@ class Page:
         """A config of the repository (`dead_units/mnist_vgg_adam.yaml`), found from the scratch folder."""
         return str(ROOT / "configs" / path)
 
+    def keep(self, source: Path, name: str) -> None:
+        """Copy a run's results file beside the page (docs/results/runs/NAME), so it is committed with the table."""
+        folder = self.runs / "kept" if self.smoke else ROOT / "docs" / "results" / "runs"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, folder / name)
+        print(f"  kept {name} from {source.relative_to(self.runs)}")
+
     def figure(self, source: Path, name: str) -> None:
         """Copy a run's plot to the page's figures (docs/figures/NAME)."""
         self.figures.mkdir(parents=True, exist_ok=True)
