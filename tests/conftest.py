@@ -240,23 +240,31 @@ def make_speech_commands(root: Path, clips: int = 4, words: tuple[str, ...] = SP
 
 def data_args(config: Path, root: Path) -> list[str]:
     """Tiny files in the real format of the config's dataset, and the arguments that point at them."""
-    data = yaml.safe_load(config.read_text()).get("data", {})
+    return data_args_of(yaml.safe_load(config.read_text()).get("data", {}), root)
+
+
+def data_args_of(data: dict, root: Path, prefix: str = "--data.") -> list[str]:
+    """`data_args` for a config's `data:` section (a task stream's: its own data's, under its `data` argument)."""
     data_class = data.get("class_path", "")
+    init_args = data.get("init_args") or {}
+    args: list[str]
+    if data_class.endswith("TaskStream"):
+        return data_args_of(init_args["data"], root, f"{prefix}init_args.data.init_args.")
     if "MNIST" in data_class:
         make_mnist(root)
-        if (data.get("init_args") or {}).get("test_size"):  # the 10k split's 1,000 test images, of 48 here
-            return [*small_splits(root), "--data.test_size", "8"]
+        args = [*small_splits(root), "--data.test_size", "8"] if init_args.get("test_size") else small_splits(root)
     elif "CIFAR10" in data_class:
         make_cifar10(root)
+        args = small_splits(root)
     elif "SpeechCommands" in data_class:
         make_speech_commands(root / "speech")
-        return ["--data.data_dir", str(root / "speech")]
+        args = ["--data.data_dir", str(root / "speech")]
     elif "ImageFolder" in data_class:
         make_image_folder(root)
-        return ["--data.data_dir", str(root), "--data.image_size", "32", "--data.num_workers", "0"]
+        args = ["--data.data_dir", str(root), "--data.image_size", "32", "--data.num_workers", "0"]
     else:
-        return []
-    return small_splits(root)
+        args = []
+    return [a.replace("--data.", prefix, 1) if str(a).startswith("--data.") else a for a in args]
 
 
 def small_net_args(config: Path) -> list[str]:

@@ -202,13 +202,17 @@ def minutes(seconds: float | None) -> str:
 
 
 def row_search(page: Page, variant: str) -> tuple[dict, list[dict], str]:
-    """One of the ROWS searched on its own: its summary, its trials and the command's key."""
+    """One of the ROWS searched on its own: its summary, its trials and the command's key; its results.md and
+    results.csv are kept beside the page (docs/results/searches/depth_VARIANT.*), its plot in the figures."""
     bound, bracket = ROWS[variant]
     key = f"rows/{variant}"
     args = ["--upper", str(page.pick(bound, 6)), "--seeds", "1", "--bracket", bracket]
     if bracket == "predicted":
         args += page.pick([], ["--probe_depth", "6"])
     summary, trials = search(page, key, variant, *args)
+    for suffix in ("md", "csv"):
+        page.keep(page.folder(key) / f"results.{suffix}", f"depth_{variant}.{suffix}")
+    page.figure(page.folder(key) / "error_vs_depth.png", f"depth_search_{variant}.png")
     return summary[0], trials, key
 
 
@@ -244,7 +248,9 @@ def seven_rows(page: Page) -> str:
     header = ["variant", "search bound", "deepest trainable k found", f"predicted k (probe k = {page.pick(96, 9)})",
               "original's k", "search", "seeds per depth", "trials", "wall time"]  # fmt: skip
     plots = [f"![{LABELS[v]}](../figures/depth_search_{v}.png)" for v in ROWS if v in page.options.rows]
-    trials = "The searches' trials: " + ", ".join(f"[{v}](runs/depth_{v}.md)" for v in ROWS if v in page.options.rows)
+    trials = "The searches' trials: " + ", ".join(
+        f"[{v}](searches/depth_{v}.md)" for v in ROWS if v in page.options.rows
+    )
     return "\n\n".join([table(header, rows), *([trials, " ".join(plots)] if plots else [])])
 
 

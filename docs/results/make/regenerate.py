@@ -96,8 +96,8 @@ class Page:
         return str(ROOT / "configs" / path)
 
     def keep(self, source: Path, name: str) -> None:
-        """Copy a run's results file beside the page (docs/results/runs/NAME), so it is committed with the table."""
-        folder = self.runs / "kept" if self.smoke else ROOT / "docs" / "results" / "runs"
+        """Copy a run's results file beside the page (docs/results/searches/NAME), so it is committed with the table."""
+        folder = self.runs / "kept" if self.smoke else ROOT / "docs" / "results" / "searches"
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, folder / name)
         print(f"  kept {name} from {source.relative_to(self.runs)}")
