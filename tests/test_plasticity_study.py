@@ -14,7 +14,7 @@ TWO = ["--interventions", "{none: {}, head_reset: {head_reset: true}}", "--seeds
 
 
 @pytest.mark.slow
-def test_the_study_trains_every_intervention_and_seed_and_reports_each_task(in_tmp, capsys):
+def test_the_study_reports_each_task_and_a_killed_one_continues_without_training_its_finished_trials(in_tmp, capsys):
     cli("plasticity", *STREAM, *TWO)
     folder = in_tmp / "runs" / "plasticity" / "permuted_digits" / "version_0"
     table = list(csv.DictReader((folder / "results.csv").open()))
@@ -31,11 +31,6 @@ def test_the_study_trains_every_intervention_and_seed_and_reports_each_task(in_t
     assert (folder / "plasticity.png").stat().st_size > 1000 and (folder / "mechanism.png").stat().st_size > 1000
     assert all(0 <= float(r["dormant"]) <= 1 and float(r["srank"]) > 0 for r in table)
 
-
-@pytest.mark.slow
-def test_a_killed_study_is_continued_by_the_same_command_without_training_its_finished_trials_again(in_tmp, capsys):
-    cli("plasticity", *STREAM, *TWO)
-    folder = in_tmp / "runs" / "plasticity" / "permuted_digits" / "version_0"
     (folder / "results.md").unlink()  # killed before its end: the trials so far are in results.csv
     rows = list(csv.DictReader((folder / "results.csv").open()))
     with (folder / "results.csv").open("w", newline="") as f:  # and the last trial had not finished

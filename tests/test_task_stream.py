@@ -149,13 +149,13 @@ def test_a_stream_whose_trainer_does_not_stop_or_validate_at_task_ends_is_refuse
 
 
 def stream_fit(folder: str, devices: int, batch_size: int) -> None:
-    """30 steps of lr 0 over a 3-task stream, the task accuracies logged to `folder`'s metrics.csv."""
+    """15 steps of lr 0 over a 3-task stream, the task accuracies logged to `folder`'s metrics.csv."""
     pl.seed_everything(0, verbose=False)  # the shuffling seed every rank takes from rank 0
     torch.set_num_threads(1)
-    stream = TaskStream(Digits(batch_size=batch_size), "permuted_inputs", tasks=3, steps_per_task=10, seed=5)
+    stream = TaskStream(Digits(batch_size=batch_size), "permuted_inputs", tasks=3, steps_per_task=5, seed=5)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=30,
-        val_check_interval=10, check_val_every_n_epoch=None, callbacks=[TaskAccuracy()],
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=15,
+        val_check_interval=5, check_val_every_n_epoch=None, callbacks=[TaskAccuracy()],
         logger=CSVLogger(folder, name="", version=""), enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0,
     )  # fmt: skip
