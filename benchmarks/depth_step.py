@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,13 +31,13 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_modules.layers.cpu_fast import with_pytorch_modules  # noqa: E402
 from lightning_modules.nets.depth_cnn import DepthBlock, DepthCNN  # noqa: E402
+from lightning_modules.run.config_files import net_from_config  # noqa: E402
 
 
 def net_of(variant: str) -> DepthCNN:
     """The variant's net at its config's depth, seeded as `fit --seed_everything 0` seeds it."""
-    config = yaml.safe_load((ROOT / "configs" / "depth" / f"{variant}.yaml").read_text())
     torch.manual_seed(0)
-    return DepthCNN(**config["model"]["init_args"]["net"]["init_args"])
+    return net_from_config(ROOT / "configs" / "depth" / f"{variant}.yaml")
 
 
 def prepared(variant: str, mode: str) -> tuple[nn.Module, torch.optim.Optimizer]:

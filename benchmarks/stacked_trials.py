@@ -25,20 +25,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_modules.nets.depth_cnn import DepthBlock, DepthCNN  # noqa: E402
+from lightning_modules.run.config_files import net_from_config  # noqa: E402
 
 BATCH = 256
 
 
 def settings(variant: str) -> dict:
-    config = yaml.safe_load((ROOT / "configs" / "depth" / f"{variant}.yaml").read_text())
-    return config["model"]["init_args"]["net"]["init_args"]
+    """The DepthCNN settings of a variant's config."""
+    return net_from_config(ROOT / "configs" / "depth" / f"{variant}.yaml").settings
 
 
 def batches(seed: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -49,8 +49,10 @@ def batches(seed: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def own_net(variant: str, seed: int) -> DepthCNN:
+    """The variant's net drawn from `seed` alone (its settings read first: reading builds a net)."""
+    args = settings(variant)
     torch.manual_seed(seed)
-    return DepthCNN(**settings(variant))
+    return DepthCNN(**args)
 
 
 def train(net: nn.Module, data: list, members: int = 1) -> list[float]:
@@ -143,9 +145,11 @@ def members_match(variant: str, seeds: int, steps: int = 5, depth: int = 9) -> f
     """The largest relative difference between a grouped member's losses and its own net's, at a shallow depth
     (deep nets amplify any rounding difference from step to step, grouped or not: tests/test_cpu_fast.py)."""
 
+    args = {**settings(variant), "depth": depth}
+
     def net(seed: int) -> DepthCNN:
         torch.manual_seed(seed)
-        return DepthCNN(**{**settings(variant), "depth": depth})
+        return DepthCNN(**args)
 
     together = train(Grouped([net(seed) for seed in range(seeds)]), grouped_data(seeds, steps), seeds)
     worst = 0.0

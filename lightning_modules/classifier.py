@@ -192,15 +192,17 @@ class Classifier(pl.LightningModule):
         if self.interventions is not None:
             stream = self.trainer.datamodule
             boundary = hasattr(stream, "steps_per_task") and self.global_step % stream.steps_per_task == 0
-            done = self.interventions.before_step(self.net, self.trainer.optimizers[0], self.global_step, boundary)
-            if done and self.trainer.is_global_zero:
-                for logger in self.loggers:
-                    logger.log_metrics(done, step=self.global_step)
+            self.log_event(self.interventions.before_step(self.net, self.trainer.optimizers[0], self.global_step,
+                                                          boundary))  # fmt: skip
         if self.recycler is not None:
-            report = self.recycler.step(self.global_step, self.trainer.optimizers[0], self.as_input(batch[0]))
-            if report and self.trainer.is_global_zero:
-                for logger in self.loggers:  # straight to the loggers, at the event's step
-                    logger.log_metrics(report, step=self.global_step)
+            self.log_event(self.recycler.step(self.global_step, self.trainer.optimizers[0], self.as_input(batch[0])))
+
+    def log_event(self, report: dict[str, float]) -> None:
+        """What an event that changed the weights before this step did: straight to the loggers, at its step (the
+        values are alike on every rank, so rank 0 logs them)."""
+        if report and self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(report, step=self.global_step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % self.finite_check_every == 0:
