@@ -15,6 +15,7 @@ The grouped net is built here only to measure it; a member's losses are checked 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -36,8 +37,9 @@ from lightning_modules.run.config_files import net_from_config  # noqa: E402
 BATCH = 256
 
 
+@functools.cache
 def settings(variant: str) -> dict:
-    """The DepthCNN settings of a variant's config."""
+    """The DepthCNN settings of a variant's config (read once: reading builds a net, which no timing should hold)."""
     return net_from_config(ROOT / "configs" / "depth" / f"{variant}.yaml").settings
 
 
