@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -198,11 +199,12 @@ class Classifier(pl.LightningModule):
             self.log_event(self.recycler.step(self.global_step, self.trainer.optimizers[0], self.as_input(batch[0])))
 
     def log_event(self, report: dict[str, float]) -> None:
-        """What an event that changed the weights before this step did: straight to the loggers, at its step (the
-        values are alike on every rank, so rank 0 logs them)."""
+        """What an event that changed the weights before this step did: straight to the loggers, at its step and
+        epoch as Lightning logs the step's own metrics (so a resumed run's metrics.csv drops it with them); the values
+        are alike on every rank, so rank 0 logs them."""
         if report and self.trainer.is_global_zero:
             for logger in self.loggers:
-                logger.log_metrics(report, step=self.global_step)
+                logger.log_metrics({**report, "epoch": self.current_epoch}, step=self.global_step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % self.finite_check_every == 0:
@@ -241,7 +243,8 @@ class Classifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["first_loss"] = float(self.first_loss)  # the guard's reference survives a resume
         loop = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        if self.trainer.training and 0 < loop.completed < self.trainer.num_training_batches:  # mid-epoch
+        # mid-epoch: at a requeue signal, or at a validation within the epoch (a task stream's end of task)
+        if self.trainer.state.fn == TrainerFn.FITTING and 0 < loop.completed < self.trainer.num_training_batches:
             checkpoint["train_metric_states"] = self.metric_states("train")
         if self.recycler is not None:
             checkpoint["recycling"] = self.recycler.state_dict()

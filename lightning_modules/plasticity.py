@@ -10,7 +10,6 @@ weights of L2 Init are buffers of the Classifier, so they are in its checkpoints
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,6 +59,18 @@ def reinitialise(module: nn.Module, generator_seed: int) -> None:
                 child.reset_parameters()
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
+
+
+@torch.no_grad()
+def fresh_parameters(net: nn.Module, generator_seed: int) -> list[torch.Tensor]:
+    """A fresh draw of `net`'s parameters from its initialisation (`reinitialise`), the net left as it was. Drawn in
+    place and restored, not on a copy: the net may carry the hooks of callbacks, which cannot be copied."""
+    kept = [t.detach().clone() for t in (*net.parameters(), *net.buffers())]
+    reinitialise(net, generator_seed)
+    fresh = [p.detach().clone() for p in net.parameters()]
+    for tensor, old in zip((*net.parameters(), *net.buffers()), kept, strict=True):
+        tensor.copy_(old)
+    return fresh
 
 
 def draw_seed(settings: Plasticity, step: int, what: int) -> int:
@@ -125,9 +136,7 @@ class Interventions:
         Returns what it did, for the loggers."""
         s, done = self.settings, {}
         if step > 0 and s.shrinks and (s.shrink_perturb_every == "step" or task_boundary):
-            fresh = copy.deepcopy(net)
-            reinitialise(fresh, draw_seed(s, step, 0))
-            for param, new in zip(net.parameters(), fresh.parameters(), strict=True):
+            for param, new in zip(net.parameters(), fresh_parameters(net, draw_seed(s, step, 0)), strict=True):
                 param.mul_(s.shrink).add_(new, alpha=s.perturb)
             done["plasticity/shrink_perturb"] = 1.0
         if step > 0 and s.head_reset and task_boundary:

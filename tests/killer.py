@@ -24,3 +24,16 @@ class KillAt(SignalAt):
 
     def __init__(self, epoch: int = 1, batch: int = 7):
         super().__init__(epoch, batch, int(signal.SIGKILL))
+
+
+
+class CrashAtStep(pl.Callback):
+    """Raise before the training batch that would be optimizer step `step`, as a crash in the middle of a run counted
+    in steps (a task stream) would: the run keeps what it wrote until then."""
+
+    def __init__(self, step: int = 25):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"crashed before step {self.step}")

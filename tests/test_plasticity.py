@@ -2,6 +2,7 @@
 hand-built nets: L2 Init's gradient, shrink and perturb's closed form, a head reset that re-draws the head alone."""
 
 import copy
+import csv
 from functools import partial
 from pathlib import Path
 
@@ -104,6 +105,51 @@ def test_a_stream_fit_with_every_intervention_acts_at_its_task_boundaries(in_tmp
         and "initial_weights.out__bias" in saved["state_dict"]
     )
 
+
+
+EVERY_INTERVENTION = ["--model.init_args.plasticity.l2_init", "0.001", "--model.init_args.plasticity.shrink", "0.9",
+                      "--model.init_args.plasticity.perturb", "0.01", "--model.init_args.plasticity.head_reset", "true",
+                      "--model.init_args.plasticity.cbp", "true", "--model.init_args.plasticity.cbp_rate", "0.01",
+                      "--model.init_args.plasticity.cbp_maturity", "2"]  # fmt: skip
+
+
+def metric_rows(run: Path) -> list[dict]:
+    return list(csv.DictReader((run / "metrics.csv").open()))
+
+
+@pytest.mark.slow
+def test_a_stream_crashed_mid_task_resumes_in_place_as_if_never_stopped(tmp_path, monkeypatch):
+    """4 tasks of 10 steps with every intervention and the stream's callbacks; a crash before step 25 (in task 2,
+    after the checkpoint of task 1's end), then `--ckpt_path last`: the same weights, theta_0, CBP state, optimizer
+    state and metrics.csv rows as the run never stopped (the loader's position, TaskAccuracy's counts and the draws
+    from (seed, step) included)."""
+    args = ["fit", "--config", PERMUTED, "--data.init_args.tasks", "4", "--data.init_args.steps_per_task", "10",
+            "--trainer.max_steps", "40", "--trainer.val_check_interval", "10", *QUIET, *EVERY_INTERVENTION]  # fmt: skip
+    runs = {}
+    for name in ("whole", "crashed"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        runs[name] = tmp_path / name / "runs" / "plasticity" / "permuted_digits" / "version_0"
+        if name == "whole":
+            cli(*args)
+            continue
+        with pytest.raises(RuntimeError, match="crashed before step 25"):
+            cli(*args, "--trainer.callbacks+=tests.killer.CrashAtStep")
+        assert any(int(r["step"]) > 20 for r in metric_rows(runs[name]))  # rows of the steps lost were written
+        assert torch.load(runs[name] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
+        assert cli(*args, "--ckpt_path", "last").trainer.global_step == 40
+    whole, resumed = (torch.load(runs[n] / "checkpoints" / "last.ckpt", weights_only=True) for n in runs)
+    for key, value in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(resumed["plasticity"], whole["plasticity"], rtol=0, atol=0)
+    torch.testing.assert_close(resumed["optimizer_states"][0]["state"], whole["optimizer_states"][0]["state"])
+    rows_whole, rows_resumed = metric_rows(runs["whole"]), metric_rows(runs["crashed"])
+    assert [r["step"] for r in rows_resumed] == [r["step"] for r in rows_whole]  # no row twice, none missing
+    for got, want in zip(rows_resumed, rows_whole, strict=True):
+        for key, value in want.items():
+            assert (float(got[key]) if got[key] else None) == pytest.approx(float(value) if value else None), key
+    events = [r["step"] for r in rows_resumed if r["plasticity/head_reset"]]
+    assert events == ["10", "20", "30"]
 
 def test_settings_that_cannot_work_are_refused():
     with pytest.raises(ConfigError, match="shrink_perturb_every must be 'task' or 'step'"):

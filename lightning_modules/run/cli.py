@@ -235,7 +235,7 @@ class ResearchCLI(LightningCLI):
             kwargs["logger"] = False
         elif run is not None and given is not False:
             checkpoint = self.checkpoint
-            resume = (checkpoint.epoch, checkpoint.step) if self.subcommand == "fit" and checkpoint else None
+            resume = (checkpoint.epoch, checkpoint.logged_step) if self.subcommand == "fit" and checkpoint else None
             study = self.subcommand in WITH_TRIALS
             # a logger the user adds joins the run's CSV and W&B (a W&B logger of their own takes the run's W&B place)
             added = [] if given in (None, True) else list(given) if isinstance(given, Iterable) else [given]

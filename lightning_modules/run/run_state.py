@@ -19,12 +19,14 @@ from lightning_modules.run.run_folder import discard, untrained, wandb_run_id
 @dataclass(frozen=True)
 class Checkpoint:
     """The checkpoint a run starts from: its path, the weights it holds (to check against the model once it is
-    built) and its position (the epoch and global step a resumed run's metrics continue after)."""
+    built) and its position: the epoch, the global step, and the step of the last row it had logged (a resumed run's
+    metrics continue after it; one less than the global step in a checkpoint saved at a validation mid-epoch)."""
 
     path: Path
     keys: frozenset[str]
     epoch: int
     step: int
+    logged_step: int
 
     @classmethod
     def read(cls, path: str | Path) -> Checkpoint:
@@ -32,7 +34,10 @@ class Checkpoint:
         checkpoint = read_checkpoint(path)
         check_version(checkpoint, path)
         keys = frozenset(state_dict_of(checkpoint, path))
-        return cls(Path(path), keys, int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
+        step = int(checkpoint.get("global_step", 0))
+        loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        logged = int(loop.get("_batches_that_stepped", step))  # Lightning's logging step
+        return cls(Path(path), keys, int(checkpoint.get("epoch", 0)), step, logged)
 
 
 def new_run_id() -> str:
