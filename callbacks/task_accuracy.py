@@ -1,12 +1,13 @@
 """Per-task accuracy of a task stream (spec 07): online accuracy over the training batches of each task as they are
-trained on, and final accuracy at each task's end, logged with the task's index."""
+trained on, final accuracy and the weight norms at each task's end, logged with the task's index."""
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
 
-from callbacks.activation_observer import log_now
+from callbacks.activation_observer import log_now, network_of
+from callbacks.training_dynamics import weighted_layers
 from datamodules.task_stream import TaskStream
 from lightning_modules.collectives import sum_over_ranks
 from lightning_modules.errors import ConfigError
@@ -15,7 +16,9 @@ from lightning_modules.errors import ConfigError
 class TaskAccuracy(pl.Callback):
     """At each validation of a TaskStream run (one per task end) logs `task/index`, `task/acc_online` (the mean
     accuracy of the task's training batches, counted on the device on every rank and summed over ranks) and
-    `task/acc_final` (the validation accuracy of the task just trained; random labels: on the labelled subset).
+    `task/acc_final` (the validation accuracy of the task just trained; random labels: on the labelled subset),
+    `task/weight_norm/<layer>` (each weighted layer's weight, as TrainingDynamics names them) and
+    `task/weight_norm` (all of them together: the root of the sum of their squares), the weights at the task's end.
     Needs the Classifier's `net` (its logits are counted through a forward hook) and a TaskStream datamodule."""
 
     def __init__(self) -> None:
@@ -23,6 +26,7 @@ class TaskAccuracy(pl.Callback):
         self.seen: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.task = 0
+        self.layers: dict[str, torch.nn.Module] = {}  # the weighted layers whose norms are logged at task ends
         self._hook = None
         self._saved: dict | None = None
 
@@ -38,6 +42,7 @@ class TaskAccuracy(pl.Callback):
             self.task = self._saved["task"]
             self._saved = None
         self._hook = pl_module.net.register_forward_hook(self._count)
+        self.layers = weighted_layers(network_of(pl_module))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._hook is not None:
@@ -60,10 +65,15 @@ class TaskAccuracy(pl.Callback):
             return
         task = trainer.datamodule.trained_task()
         correct, seen = sum_over_ranks([self.correct, self.seen])
+        norms = {f"task/weight_norm/{name}": m.weight.detach().float().norm() for name, m in self.layers.items()}
+        total = torch.linalg.vector_norm(torch.stack(list(norms.values()))) if norms else torch.tensor(float("nan"))
+        host = torch.stack([total, *norms.values()]).cpu().tolist()  # one transfer at a task's end
         values = {
             "task/index": float(task),
             "task/acc_online": float(correct / seen) if seen else float("nan"),
             "task/acc_final": float(trainer.callback_metrics["val/acc"]),
+            "task/weight_norm": host[0],
+            **dict(zip(norms, host[1:], strict=True)),
         }
         if trainer.is_global_zero:
             log_now(trainer, values)  # at the validation's step: beside val/acc and the dead units

@@ -26,7 +26,6 @@ class KillAt(SignalAt):
         super().__init__(epoch, batch, int(signal.SIGKILL))
 
 
-
 class CrashAtStep(pl.Callback):
     """Raise before the training batch that would be optimizer step `step`, as a crash in the middle of a run counted
     in steps (a task stream) would: the run keeps what it wrote until then."""

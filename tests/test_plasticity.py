@@ -106,7 +106,6 @@ def test_a_stream_fit_with_every_intervention_acts_at_its_task_boundaries(in_tmp
     )
 
 
-
 EVERY_INTERVENTION = ["--model.init_args.plasticity.l2_init", "0.001", "--model.init_args.plasticity.shrink", "0.9",
                       "--model.init_args.plasticity.perturb", "0.01", "--model.init_args.plasticity.head_reset", "true",
                       "--model.init_args.plasticity.cbp", "true", "--model.init_args.plasticity.cbp_rate", "0.01",
@@ -150,6 +149,7 @@ def test_a_stream_crashed_mid_task_resumes_in_place_as_if_never_stopped(tmp_path
             assert (float(got[key]) if got[key] else None) == pytest.approx(float(value) if value else None), key
     events = [r["step"] for r in rows_resumed if r["plasticity/head_reset"]]
     assert events == ["10", "20", "30"]
+
 
 def test_settings_that_cannot_work_are_refused():
     with pytest.raises(ConfigError, match="shrink_perturb_every must be 'task' or 'step'"):

@@ -2,6 +2,7 @@
 batches of the real in-memory loaders (the embedded digits), switching at the stream's own batch count."""
 
 import csv
+import math
 from functools import partial
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 
 from callbacks import TaskAccuracy
+from callbacks.training_dynamics import weighted_layers
 from datamodules import Digits
 from datamodules.task_stream import Tasks, TaskStream
 from lightning_modules import Classifier
@@ -138,6 +140,11 @@ def test_a_fit_on_a_stream_logs_each_tasks_online_and_final_accuracy_at_its_vali
                 seen[task] += len(y)
     for task, row in enumerate(tasks):
         assert float(row["task/acc_online"]) == pytest.approx(correct[task] / seen[task], abs=1e-6)
+    norms = {f"task/weight_norm/{name}": float(m.weight.norm()) for name, m in weighted_layers(net).items()}
+    assert sorted(norms) == ["task/weight_norm/hidden", "task/weight_norm/out"]
+    for row in tasks:  # the weights at each task's end: here the initial ones, which lr 0 never changes
+        assert {k: float(row[k]) for k in norms} == pytest.approx(norms, rel=1e-6)
+        assert float(row["task/weight_norm"]) == pytest.approx(math.hypot(*norms.values()), rel=1e-6)
 
 
 def test_a_stream_whose_trainer_does_not_stop_or_validate_at_task_ends_is_refused_in_one_line(in_tmp, capsys):

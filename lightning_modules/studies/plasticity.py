@@ -1,7 +1,7 @@
 """The `plasticity` subcommand (spec 07): every intervention x seed trained on the config's task stream, per task its
-online and final accuracy, dead and dormant shares and srank; results.csv (trial by trial, so the same command
-continues a killed study), results.md (per task: mean and spread over seeds; the summary of the first and last 3
-tasks), plasticity.png and mechanism.png, and the W&B tables.
+online and final accuracy, dead and dormant shares, srank and weight norm; results.csv (trial by trial, so the same
+command continues a killed study), results.md (per task: mean and spread over seeds; the summary of the first and
+last 3 tasks), plasticity.png and mechanism.png, and the W&B tables.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from lightning_modules.studies.study import Study, StudyFiles
 from lightning_modules.studies.trials import bare_trainer, portable, quiet_lightning, worker_device
 
 FILES = StudyFiles(progress="results.csv", final="results.md")
-COLUMNS = ("intervention", "seed", "task", "acc_online", "acc_final", "dead", "dormant", "srank")
+COLUMNS = ("intervention", "seed", "task", "acc_online", "acc_final", "dead", "dormant", "srank", "weight_norm")
+NUMERIC = COLUMNS[3:]
 MEASURES = {"acc_online": "task/acc_online", "acc_final": "task/acc_final", "dead": "dead/fraction",
-            "dormant": "dormant/tau0.025/total"}  # fmt: skip
+            "dormant": "dormant/tau0.025/total", "weight_norm": "task/weight_norm"}  # fmt: skip
 
 
 class RecordingLogger(Logger):
@@ -95,8 +96,8 @@ def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = list(csv.DictReader(path.open(newline="")))
-    numeric = ("acc_online", "acc_final", "dead", "dormant", "srank")
-    return [{**r, "seed": int(r["seed"]), "task": int(r["task"]), **{k: float(r[k]) for k in numeric}} for r in rows]
+    return [{**r, "seed": int(r["seed"]), "task": int(r["task"]), **{k: float(r.get(k) or "nan") for k in NUMERIC}}
+            for r in rows]  # fmt: skip
 
 
 def finite(values: list[float]) -> list[float]:
@@ -123,12 +124,12 @@ def write_results(rows: list[dict], names: list[str], folder: Path) -> dict[str,
     paths = {"csv": folder / FILES.progress, "md": folder / FILES.final}
     tasks = sorted({r["task"] for r in rows})
     lines = ["Per intervention and task, mean (standard deviation) over seeds.", ""]
-    lines += ["| intervention | task | acc online | acc final | dead | dormant (tau 0.025) | srank |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines += ["| intervention | task | acc online | acc final | dead | dormant (tau 0.025) | srank | weight norm |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for name in names:
         for task in tasks:
             own = [r for r in rows if r["intervention"] == name and r["task"] == task]
-            cells = [spread([r[c] for r in own]) for c in ("acc_online", "acc_final", "dead", "dormant", "srank")]
+            cells = [spread([r[c] for r in own]) for c in NUMERIC]
             lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
     first, last = tasks[:3], tasks[-3:]
     lines += ["", f"Online accuracy on the first 3 tasks ({first[0]}-{first[-1]}) and the last 3 "
@@ -141,7 +142,7 @@ def write_results(rows: list[dict], names: list[str], folder: Path) -> dict[str,
         lines.append(f"| {name} | {statistics.mean(early):.3f} | {statistics.mean(late):.3f} | {change:+.3f} |")
     atomic_write(paths["md"], "\n".join(lines) + "\n")
     paths["plasticity"] = plot(rows, names, tasks, ["acc_online", "acc_final"], folder / "plasticity.png")
-    paths["mechanism"] = plot(rows, names, tasks, ["dormant", "srank"], folder / "mechanism.png")
+    paths["mechanism"] = plot(rows, names, tasks, ["dormant", "srank", "weight_norm"], folder / "mechanism.png")
     return paths
 
 
