@@ -2,9 +2,11 @@
 a kill, and what it refuses."""
 
 import csv
+from pathlib import Path
 
 import pytest
 
+from lightning_modules.studies.launchers import written_out
 from tests.conftest import CONFIGS, QUIET, cli, cli_error
 
 STREAM = ["--config", CONFIGS / "plasticity" / "permuted_digits.yaml", "--data.init_args.tasks", "3",
@@ -50,3 +52,18 @@ def test_a_study_on_data_that_is_no_stream_or_with_unknown_settings_is_refused_i
     assert "plasticity needs a task stream: data: datamodules.TaskStream" in error
     error = cli_error("plasticity", *STREAM, "--interventions", "{odd: {shrinkage: 0.5}}", capsys=capsys)
     assert "interventions.odd:" in error and "shrinkage" in error
+
+
+@pytest.mark.slow
+def test_each_trial_is_a_wandb_run_in_the_studys_group_with_its_tasks_measures(in_tmp, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    trainer = cli("plasticity", *STREAM, "--interventions", "{none: {}}", "--seeds", "2", "--wandb", "true").trainer
+    study = (Path(trainer.log_dir) / "wandb_run_id").read_text().strip()
+    trainer.loggers[-1].experiment.finish()
+    written_out()  # as at the end of the process: W&B writes a finished run's file when it closes it
+    runs = {p.stem.split("-", 1)[1]: p.read_bytes() for p in in_tmp.glob("wandb/offline-run-*/*.wandb")}
+    assert len(runs) == 3 and study in runs  # the study's run and one per seed
+    assert all(f"{trainer.run.name}-{study}".encode() in data for data in runs.values())  # in the study's group
+    trials = [data for run, data in runs.items() if run != study]
+    assert all(b"task/acc_online" in data and b"task/weight_norm" in data for data in trials)
+    assert sorted(b"none seed=1" in data for data in trials) == [False, True]

@@ -43,7 +43,7 @@ STUDIES = {  # each study's last file: a folder of the same command without it i
     "noise": noise.FILES["md"],
     "plasticity": plasticity.FILES.final,
 }
-WITH_TRIALS = ("search", "sweep")  # studies whose trials log W&B runs of their own, in the study's group
+WITH_TRIALS = ("search", "sweep", "plasticity")  # studies whose trials log W&B runs of their own, in the study's group
 TRAINING_SETTINGS = (  # what shapes a run's training: a resume with other values would be another run's
     *("seed_everything", "model", "data", "budget", "trainer.precision", "trainer.accumulate_grad_batches"),
     *("trainer.gradient_clip_val", "trainer.gradient_clip_algorithm"),

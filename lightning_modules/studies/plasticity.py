@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers import Logger, WandbLogger
 
 from callbacks import ActivationStats, DeadUnits, TaskAccuracy
 from lightning_modules.errors import ConfigError
 from lightning_modules.plasticity import Interventions, Plasticity, reinitialise
 from lightning_modules.run.files import atomic_savefig, atomic_write, atomic_write_csv
 from lightning_modules.studies.study import Study, StudyFiles
-from lightning_modules.studies.trials import bare_trainer, portable, quiet_lightning, worker_device
+from lightning_modules.studies.trials import TrialRuns, bare_trainer, portable, quiet_lightning, worker_device
 
 FILES = StudyFiles(progress="results.csv", final="results.md")
 COLUMNS = ("intervention", "seed", "task", "acc_online", "acc_final", "dead", "dormant", "srank", "weight_norm")
@@ -58,11 +58,13 @@ class RecordingLogger(Logger):
 class StreamTrial:
     """One intervention and seed over the whole stream: `trial(name, settings, seed)` trains a fresh copy of the
     model, its net drawn from `seed` (each module's init, as `fit --seed_everything seed` draws an MLP) with
-    `Plasticity(**settings)`, and returns one row per task."""
+    `Plasticity(**settings)`, and returns one row per task; with `runs`, the trial is also a W&B run of its own in
+    the study's group, with everything its callbacks log (task/index beside each task's measures)."""
 
     template: pl.LightningModule
     datamodule: pl.LightningDataModule
     device: str | None = None
+    runs: TrialRuns | None = None
 
     def __call__(self, name: str, settings: dict, seed: int) -> list[dict]:
         pl.seed_everything(seed, verbose=False)
@@ -73,14 +75,26 @@ class StreamTrial:
         stream, device = self.datamodule, worker_device(self.device)
         steps = stream.tasks.count * stream.steps_per_task
         recorder = RecordingLogger()
-        with quiet_lightning():
-            trainer = bare_trainer(
-                -1, max_steps=steps, val_check_interval=stream.steps_per_task, check_val_every_n_epoch=None,
-                callbacks=[TaskAccuracy(), DeadUnits(print_table=False), ActivationStats(pca=False, print_table=False)],
-                logger=recorder, accelerator="gpu" if device.type == "cuda" else "cpu",
-                devices=[device.index or 0] if device.type == "cuda" else 1,
-            )  # fmt: skip
-            trainer.fit(model, datamodule=stream)
+        run = (
+            self.runs.start(f"{name} seed={seed}", {"intervention": name, "seed": seed, **settings})
+            if self.runs
+            else None
+        )
+        finished = False
+        try:
+            with quiet_lightning():
+                trainer = bare_trainer(
+                    -1, max_steps=steps, val_check_interval=stream.steps_per_task, check_val_every_n_epoch=None,
+                    callbacks=[TaskAccuracy(), DeadUnits(print_table=False), ActivationStats(pca=False, print_table=False)],
+                    logger=[recorder, WandbLogger(experiment=run)] if run is not None else recorder,
+                    accelerator="gpu" if device.type == "cuda" else "cpu",
+                    devices=[device.index or 0] if device.type == "cuda" else 1,
+                )  # fmt: skip
+                trainer.fit(model, datamodule=stream)
+            finished = True
+        finally:
+            if run is not None:  # a crashed trial's run is marked failed
+                run.finish(exit_code=0 if finished else 1)
         rows = []
         for logged in recorder.steps.values():
             if "task/index" in logged:
@@ -199,7 +213,7 @@ def run_plasticity(
     if done:
         print(f"plasticity: {len(done)} trial(s) already in {progress}, not trained again")
     with study.trials(datamodule, launcher, ray_address, cpus_per_trial, trials_per_gpu) as (runner, where):
-        trial = StreamTrial(portable(model), **where)
+        trial = StreamTrial(portable(model), runs=study.trial_runs(), **where)
         handles = {}
         queue = list(todo)
         while queue or handles:
