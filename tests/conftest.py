@@ -249,7 +249,9 @@ def data_args_of(data: dict, root: Path, prefix: str = "--data.") -> list[str]:
     init_args = data.get("init_args") or {}
     args: list[str]
     if data_class.endswith("TaskStream"):
-        return data_args_of(init_args["data"], root, f"{prefix}init_args.data.init_args.")
+        # random labels on a subset the tiny training split holds
+        subset = [f"{prefix}init_args.random_label_samples", "16"] if "random_label_samples" in init_args else []
+        return [*data_args_of(init_args["data"], root, f"{prefix}init_args.data.init_args."), *subset]
     if "MNIST" in data_class:
         make_mnist(root)
         args = [*small_splits(root), "--data.test_size", "8"] if init_args.get("test_size") else small_splits(root)
