@@ -3,7 +3,8 @@
 from callbacks.activation_stats import ActivationStats
 from callbacks.complexity import Complexity
 from callbacks.dead_units import DeadUnits
+from callbacks.sharpness import Sharpness
 from callbacks.task_accuracy import TaskAccuracy
 from callbacks.training_dynamics import TrainingDynamics
 
-__all__ = ["ActivationStats", "Complexity", "DeadUnits", "TaskAccuracy", "TrainingDynamics"]
+__all__ = ["ActivationStats", "Complexity", "DeadUnits", "Sharpness", "TaskAccuracy", "TrainingDynamics"]
