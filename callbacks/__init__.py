@@ -6,5 +6,14 @@ from callbacks.dead_units import DeadUnits
 from callbacks.sharpness import Sharpness
 from callbacks.task_accuracy import TaskAccuracy
 from callbacks.training_dynamics import TrainingDynamics
+from callbacks.weight_spectra import WeightSpectra
 
-__all__ = ["ActivationStats", "Complexity", "DeadUnits", "Sharpness", "TaskAccuracy", "TrainingDynamics"]
+__all__ = [
+    "ActivationStats",
+    "Complexity",
+    "DeadUnits",
+    "Sharpness",
+    "TaskAccuracy",
+    "TrainingDynamics",
+    "WeightSpectra",
+]

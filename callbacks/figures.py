@@ -1,4 +1,4 @@
-"""The PNG figures of the activation callbacks, drawn with matplotlib's object API (no pyplot state)."""
+"""The PNG figures of the observing callbacks, drawn with matplotlib's object API (no pyplot state)."""
 
 from __future__ import annotations
 
@@ -112,6 +112,45 @@ def variance_histograms(variances: dict[str, np.ndarray], title: str, path: Path
             ax.stairs(density, edges, fill=True, color="tab:blue")
         ax.set_title(f"{name} ({len(var)} units, {zero} zero-variance)", fontsize=9)
         ax.set_xlabel("log10 activation variance", fontsize=8)
+        ax.set_ylabel("density", fontsize=8)
+        ax.tick_params(labelsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    atomic_savefig(figure, path)
+    return path
+
+
+def spectral_density_figure(spectra: dict, title: str, path: Path) -> Path:
+    from matplotlib.ticker import NullFormatter
+
+    """Per layer, the empirical spectral density of W^T W on log-log axes (log-spaced bins) with the fitted power law
+    drawn over its tail (scaled by the tail's share of the eigenvalues) and lambda_min marked; `spectra`: name ->
+    `Spectrum`."""
+    columns = min(3, len(spectra))
+    rows = math.ceil(len(spectra) / columns)
+    figure = _figure(4 * columns, 2.8 * rows + 0.5)
+    for i, (name, s) in enumerate(spectra.items()):
+        ax = figure.add_subplot(rows, columns, i + 1)
+        values = s.eigenvalues.numpy()
+        values = values[values > 0]
+        fit = s.fit
+        if len(values) > 1 and values.max() > values.min():
+            edges = np.geomspace(values.min(), values.max(), min(40, max(5, len(values) // 4)) + 1)
+            density, edges = np.histogram(values, bins=edges, density=True)
+            ax.stairs(np.where(density > 0, density, np.nan), edges, fill=True, color="tab:blue", alpha=0.6)
+            if math.isfinite(fit.alpha):
+                x = np.geomspace(fit.lambda_min, values.max(), 50)
+                share = fit.tail / len(values)
+                ax.plot(x, share * (fit.alpha - 1) / fit.lambda_min * (x / fit.lambda_min) ** -fit.alpha,
+                        color="tab:red", label=f"alpha {fit.alpha:.2f} (KS {fit.ks:.2f}, n {fit.tail})")  # fmt: skip
+                ax.axvline(fit.lambda_min, color="tab:red", linestyle=":", linewidth=1)
+                ax.legend(fontsize=7)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow range labels every minor tick: unreadable
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{name} ({len(s.eigenvalues)} eigenvalues, stable rank {s.stable_rank:.1f})", fontsize=9)
+        ax.set_xlabel("eigenvalue of W^T W", fontsize=8)
         ax.set_ylabel("density", fontsize=8)
         ax.tick_params(labelsize=7)
     figure.suptitle(title, fontsize=10)

@@ -42,7 +42,7 @@ class Sharpness(pl.Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 1000,
+        every_n_steps: int = 2500,
         probe_samples: int = 256,
         iterations: int = 20,
         tol: float = 1e-3,
