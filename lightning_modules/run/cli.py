@@ -33,7 +33,7 @@ from lightning_modules.run.run_folder import (
 )
 from lightning_modules.run.run_state import Checkpoint, Run
 from lightning_modules.run.trainer import ResearchTrainer
-from lightning_modules.studies import noise, plasticity, propagate, search, sweep
+from lightning_modules.studies import noise, plasticity, propagate, search, similarity, sweep
 
 SPECIAL_CHECKPOINTS = ("best", "hpc", "registry")  # Lightning resolves these itself ("last" is resolved here)
 STUDIES = {  # each study's last file: a folder of the same command without it is continued by that command
@@ -42,6 +42,7 @@ STUDIES = {  # each study's last file: a folder of the same command without it i
     "propagate": propagate.FILES["md"],
     "noise": noise.FILES["md"],
     "plasticity": plasticity.FILES.final,
+    "similarity": similarity.FILES["md"],
 }
 WITH_TRIALS = ("search", "sweep", "plasticity")  # studies whose trials log W&B runs of their own, in the study's group
 TRAINING_SETTINGS = (  # what shapes a run's training: a resume with other values would be another run's
@@ -74,7 +75,7 @@ class RunConfig(SaveConfigCallback):
 
 
 class ResearchCLI(LightningCLI):
-    """`python train.py fit|validate|test|count|propagate|search|sweep|noise|plasticity --config C`."""
+    """`python train.py fit|validate|test|count|propagate|search|sweep|noise|plasticity|similarity --config C`."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("trainer_class", ResearchTrainer)
@@ -105,6 +106,7 @@ class ResearchCLI(LightningCLI):
             "sweep": {"model", "datamodule"},
             "noise": {"model", "datamodule"},
             "plasticity": {"model", "datamodule"},
+            "similarity": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -302,6 +304,7 @@ class ResearchCLI(LightningCLI):
 
     # LightningCLI's before_<subcommand> hooks
     before_search = before_sweep = before_noise = before_propagate = before_plasticity = save_study_config
+    before_similarity = save_study_config
     before_validate = before_test = say_untrained
 
 

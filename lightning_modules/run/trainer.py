@@ -1,5 +1,5 @@
 """The Trainer of this framework: Lightning's, plus the subcommands `count`, `propagate`, `search`, `sweep`,
-`noise` and `plasticity`.
+`noise`, `plasticity` and `similarity`.
 
 LightningCLI registers a subcommand from a Trainer method: its signature is the command line, its docstring the
 help. So the methods are here and each is a few lines; a study's body is its module under `studies/`.
@@ -19,12 +19,13 @@ from lightning_modules.studies.noise import NoiseResult, run_noise
 from lightning_modules.studies.plasticity import run_plasticity
 from lightning_modules.studies.propagate import Prediction, run_propagate
 from lightning_modules.studies.search import SearchResult, run_search
+from lightning_modules.studies.similarity import run_similarity
 from lightning_modules.studies.study import Study
 from lightning_modules.studies.sweep import run_sweep
 
 
 class ResearchTrainer(pl.Trainer):
-    """Lightning's Trainer with this framework's subcommands: count, propagate, search, sweep, noise, plasticity.
+    """Lightning's Trainer with the framework's subcommands: count, propagate, search, sweep, noise, plasticity, similarity.
 
     `run` is the run's state, set by the CLI (None when the Trainer is built by hand). The first line is the title
     of the trainer's settings in `--help`: one whole line."""
@@ -229,6 +230,36 @@ class ResearchTrainer(pl.Trainer):
         launch = dict(launcher=launcher, ray_address=ray_address, cpus_per_trial=cpus_per_trial)
         return self._study("plasticity", run_plasticity, model, datamodule, interventions=interventions, seeds=seeds,
                            **launch, trials_per_gpu=trials_per_gpu)  # fmt: skip
+
+    def similarity(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        checkpoints: list[str] | str | None = None,
+        teacher: bool = False,
+        layers: list[str] | None = None,
+        types: list[str] | None = None,
+        split: str = "test",
+        conv: Literal["pool", "flatten"] = "pool",
+    ):
+        """Representation similarity: the linear CKA map (minibatch CKA, unbiased HSIC) between trained nets' layers.
+
+        `--checkpoints A.ckpt`: A's layers against each other; with `--teacher true` (a student's config) A's layers
+        against its teacher's; `--checkpoints [A.ckpt,B.ckpt]`: A's layers against B's (the same layers across
+        training on the diagonal). Each checkpoint's net is its own run's (else this config's). Writes
+        similarity.csv, similarity.md and similarity.png into the run folder and logs the map to W&B.
+
+        Args:
+            checkpoints: one or two checkpoints of trained nets.
+            teacher: compare the one checkpoint (a student) with its teacher (the config's `teacher_checkpoint`).
+            layers: the layers compared, fnmatch patterns on their names (default all of `types`).
+            types: the module classes whose outputs are compared (default the activations: ReLU, ELU, Tanh, KWinners).
+            split: the inputs (`test`, or `val`), in the loader's minibatches.
+            conv: a conv layer's features: `pool` (averaged over positions) or `flatten` (every position).
+        """
+        args = dict(checkpoints=checkpoints, teacher=teacher, layers=layers or ["*"], types=types, split=split,
+                    conv=conv)  # fmt: skip
+        return self._study("similarity", run_similarity, model, datamodule, **args)
 
     def _study(self, name: str, body: Callable, model: pl.LightningModule, datamodule, **args):
         """Run a study's body; if it fails before anything trained, its new run folder and W&B run go again."""

@@ -267,7 +267,7 @@ def seeds(parser: argparse.ArgumentParser) -> None:
         "--rows",
         nargs="*",
         choices=list(ROWS),
-        default=["elu", "tanh_bn"],
+        default=["elu", "tanh_bn", "elu_bn"],
         help="the other rows of the spec's table to search, one seed per depth (the others: 'not run')",
     )
 
