@@ -32,6 +32,7 @@ def test_the_study_reports_each_task_and_a_killed_one_continues_without_training
     assert "| intervention | first 3 | last 3 | change |" in text
     assert (folder / "plasticity.png").stat().st_size > 1000 and (folder / "mechanism.png").stat().st_size > 1000
     assert all(0 <= float(r["dormant"]) <= 1 and float(r["srank"]) > 0 and float(r["weight_norm"]) > 0 for r in table)
+    assert all(float(r["stable_rank"]) >= 1 and float(r["alpha"]) > 1 for r in table)  # the weights' spectra per task
 
     (folder / "results.md").unlink()  # killed before its end: the trials so far are in results.csv
     rows = list(csv.DictReader((folder / "results.csv").open()))

@@ -57,7 +57,7 @@ def dead_after(optimiser: str, epochs: int) -> tuple[float, float]:
         "--trainer.max_epochs",
         epochs,
         "--model.init_args.net.init_args.init",
-        "fan_in",  # He init: SGD learns within 3 epochs, so both nets reach the same accuracy
+        "fan_in",  # He init: SGD learns within 2 epochs, so both nets reach about the same accuracy
         "--trainer.callbacks=[{class_path: callbacks.DeadUnits}]",  # the dead units only, not every statistic
         *QUIET,
     ).trainer.callback_metrics
@@ -66,8 +66,8 @@ def dead_after(optimiser: str, epochs: int) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_adam_leaves_more_dead_units_than_sgd_at_the_same_accuracy(in_tmp):
-    adam_dead, adam_acc = dead_after("adam", 3)
-    sgd_dead, sgd_acc = dead_after("sgd", 3)
+    adam_dead, adam_acc = dead_after("adam", 2)  # 2 epochs: 130 against 86 dead units at 0.977 and 0.953 (seed 0)
+    sgd_dead, sgd_acc = dead_after("sgd", 2)
     assert adam_acc > 0.93 and sgd_acc > 0.93 and abs(adam_acc - sgd_acc) < 0.03
     assert adam_dead > 1.3 * sgd_dead, (adam_dead, sgd_dead)
 

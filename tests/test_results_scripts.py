@@ -15,9 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MAKE = ROOT / "docs" / "results" / "make"
 PAGES = {"dead-units": "dead_units", "depth": "depth", "kwinners": "kwinners", "network-size": "network_size",
-         "compression": "compression", "plasticity": "plasticity"}  # fmt: skip
+         "compression": "compression", "plasticity": "plasticity", "curvature": "curvature"}  # fmt: skip
 ONE_SEED = {"dead-units": ["--seeds", "0", "--short_seeds", "0"], "kwinners": ["--seeds", "0"],
-            "plasticity": ["--seeds", "2"]}  # fmt: skip
+            "plasticity": ["--seeds", "2"], "curvature": ["--seeds", "1"]}  # fmt: skip
 FIGURE = re.compile(r"\]\(\.\./figures/([^)]+\.png)\)")
 
 

@@ -214,7 +214,8 @@ class ResearchTrainer(pl.Trainer):
 
         Each (intervention, seed) trains the config's model over the whole stream (data: datamodules.TaskStream)
         with the intervention's `plasticity` settings; per task it records the online and final accuracy, the
-        share of dead and of tau-dormant (0.025) units and the mean srank of the monitored layers. Writes
+        share of dead and of tau-dormant (0.025) units, the mean srank of the monitored layers, the weight norm, and
+        the weights' stable rank and power-law alpha (means over the weighted layers). Writes
         results.csv (trial by trial: the same command continues a killed study), results.md (per task: mean and
         spread over seeds; the first and last 3 tasks), plasticity.png and mechanism.png, and the W&B tables.
 

@@ -1,5 +1,6 @@
 """The `plasticity` subcommand (spec 07): every intervention x seed trained on the config's task stream, per task its
-online and final accuracy, dead and dormant shares, srank and weight norm; results.csv (trial by trial, so the same
+online and final accuracy, dead and dormant shares, srank, weight norm, and the weights' stable rank and spectral
+alpha (WeightSpectra, means over layers); results.csv (trial by trial, so the same
 command continues a killed study), results.md (per task: mean and spread over seeds; the summary of the first and
 last 3 tasks), plasticity.png and mechanism.png, and the W&B tables.
 """
@@ -17,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger, WandbLogger
 
-from callbacks import ActivationStats, DeadUnits, TaskAccuracy
+from callbacks import ActivationStats, DeadUnits, TaskAccuracy, WeightSpectra
 from lightning_modules.errors import ConfigError
 from lightning_modules.plasticity import Interventions, Plasticity, reinitialise
 from lightning_modules.run.files import atomic_savefig, atomic_write, atomic_write_csv
@@ -25,10 +26,13 @@ from lightning_modules.studies.study import Study, StudyFiles
 from lightning_modules.studies.trials import TrialRuns, bare_trainer, portable, quiet_lightning, worker_device
 
 FILES = StudyFiles(progress="results.csv", final="results.md")
-COLUMNS = ("intervention", "seed", "task", "acc_online", "acc_final", "dead", "dormant", "srank", "weight_norm")
+COLUMNS = ("intervention", "seed", "task", "acc_online", "acc_final", "dead", "dormant", "srank", "weight_norm",
+           "stable_rank", "alpha")  # fmt: skip
 NUMERIC = COLUMNS[3:]
 MEASURES = {"acc_online": "task/acc_online", "acc_final": "task/acc_final", "dead": "dead/fraction",
-            "dormant": "dormant/tau0.025/total", "weight_norm": "task/weight_norm"}  # fmt: skip
+            "dormant": "dormant/tau0.025/total", "weight_norm": "task/weight_norm",
+            "stable_rank": "spectra/stable_rank_mean", "alpha": "spectra/alpha_mean"}  # fmt: skip
+SPECTRA_TAIL = 20  # the fewest eigenvalues of an alpha's tail: a 10-class head's 10 get none, the hidden layers do
 
 
 class RecordingLogger(Logger):
@@ -85,7 +89,8 @@ class StreamTrial:
             with quiet_lightning():
                 trainer = bare_trainer(
                     -1, max_steps=steps, val_check_interval=stream.steps_per_task, check_val_every_n_epoch=None,
-                    callbacks=[TaskAccuracy(), DeadUnits(print_table=False), ActivationStats(pca=False, print_table=False)],
+                    callbacks=[TaskAccuracy(), DeadUnits(print_table=False), ActivationStats(pca=False, print_table=False),
+                               WeightSpectra(on="validation", min_tail=SPECTRA_TAIL)],
                     logger=[recorder, WandbLogger(experiment=run)] if run is not None else recorder,
                     accelerator="gpu" if device.type == "cuda" else "cpu",
                     devices=[device.index or 0] if device.type == "cuda" else 1,
@@ -138,8 +143,8 @@ def write_results(rows: list[dict], names: list[str], folder: Path) -> dict[str,
     paths = {"csv": folder / FILES.progress, "md": folder / FILES.final}
     tasks = sorted({r["task"] for r in rows})
     lines = ["Per intervention and task, mean (standard deviation) over seeds.", ""]
-    lines += ["| intervention | task | acc online | acc final | dead | dormant (tau 0.025) | srank | weight norm |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines += ["| intervention | task | acc online | acc final | dead | dormant (tau 0.025) | srank | weight norm "
+              "| stable rank | alpha |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for name in names:
         for task in tasks:
             own = [r for r in rows if r["intervention"] == name and r["task"] == task]
@@ -156,7 +161,8 @@ def write_results(rows: list[dict], names: list[str], folder: Path) -> dict[str,
         lines.append(f"| {name} | {statistics.mean(early):.3f} | {statistics.mean(late):.3f} | {change:+.3f} |")
     atomic_write(paths["md"], "\n".join(lines) + "\n")
     paths["plasticity"] = plot(rows, names, tasks, ["acc_online", "acc_final"], folder / "plasticity.png")
-    paths["mechanism"] = plot(rows, names, tasks, ["dormant", "srank", "weight_norm"], folder / "mechanism.png")
+    paths["mechanism"] = plot(rows, names, tasks, ["dormant", "srank", "weight_norm", "stable_rank"],
+                              folder / "mechanism.png")  # fmt: skip
     return paths
 
 

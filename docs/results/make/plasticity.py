@@ -24,9 +24,9 @@ SMOKE = ["--data.init_args.tasks", "3", "--data.init_args.steps_per_task", "3", 
          "--trainer.val_check_interval", "3"]  # fmt: skip
 
 
-def study(page: Page, optimizer: str, stream: str = "permuted_mnist", *extra: str) -> list[dict]:
+def study(page: Page, optimizer: str, stream: str = "permuted_mnist", *extra: str, figures: bool = True) -> list[dict]:
     """The study's rows (one per intervention, seed and task) of `stream`'s config under `optimizer`: the
-    interventions of interventions.yaml, or those `extra` names."""
+    interventions of interventions.yaml, or those `extra` names; its figures copied for this page (`figures`)."""
     data = [arg.replace("--data.", "--data.init_args.data.init_args.", 1) for arg in page.data]  # the stream's data
     configs = ["--config", page.config(f"plasticity/{stream}.yaml"), "--config",
                page.config("plasticity/interventions.yaml")]  # fmt: skip
@@ -34,7 +34,9 @@ def study(page: Page, optimizer: str, stream: str = "permuted_mnist", *extra: st
         "plasticity", f"{stream}_{optimizer}", *configs, *data, *OPTIMIZERS[optimizer], *extra,
         "--seeds", str(page.options.seeds), *page.pick([], SMOKE),
     )  # fmt: skip
-    if stream == "permuted_mnist":
+    if not figures:
+        pass
+    elif stream == "permuted_mnist":
         page.figure(folder / "plasticity.png", f"plasticity_{optimizer}.png")
         page.figure(folder / "mechanism.png", f"plasticity_mechanism_{optimizer}.png")
     else:  # the labels' page shows their accuracy curves
