@@ -16,8 +16,8 @@ from lightning_modules.statistics.curvature import (
     adam_preconditioner,
     hessian_vector_product,
     hutchinson_trace,
-    power_iteration,
     preconditioned,
+    top_eigenvalue,
 )
 
 
@@ -144,7 +144,7 @@ def measures(
         return all_reduce_sum(local(v)) / ranks if ranks > 1 else local(v)
 
     size, device, dtype = sum(p.numel() for p in params), params[0].device, params[0].dtype
-    top = power_iteration(hvp, size, generator, device, tol, iterations, dtype)
+    top = top_eigenvalue(hvp, size, generator, device, tol, iterations, dtype)
     trace = hutchinson_trace(hvp, size, generator, trace_probes, device, dtype)
     values = {"sharpness/lambda_max": top.value, "sharpness/iterations": float(top.iterations),
               "sharpness/trace": trace.value, "sharpness/trace_stderr": trace.stderr}  # fmt: skip
@@ -161,7 +161,7 @@ def measures(
         values["sharpness/preconditioned_threshold"] = (2 + 2 * beta1) / ((1 - beta1) * group["lr"])
         inverse_sqrt = adam_preconditioner(optimizer, params)
         values["sharpness/preconditioned"] = (
-            power_iteration(preconditioned(hvp, inverse_sqrt), size, generator, device, tol, iterations, dtype).value
+            top_eigenvalue(preconditioned(hvp, inverse_sqrt), size, generator, device, tol, iterations, dtype).value
             if inverse_sqrt is not None
             else math.nan
         )

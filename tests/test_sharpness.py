@@ -21,6 +21,7 @@ from lightning_modules.statistics.curvature import (
     hutchinson_trace,
     power_iteration,
     preconditioned,
+    top_eigenvalue,
 )
 from tests.conftest import CONFIGS, QUIET, cli
 
@@ -53,6 +54,18 @@ def test_on_a_quadratic_the_top_eigenvalue_and_the_trace_are_the_hessians():
     assert abs(estimate.value - float(matrix.trace())) < 4 * estimate.stderr and 0 < estimate.stderr < 0.2
 
 
+def test_where_a_negative_eigenvalue_is_largest_in_magnitude_the_top_one_is_found_by_a_shift():
+    hvp = quadratic(symmetric([2.0, 1.0, 0.3, -6.0, -1.0], seed=3))
+    generator = torch.Generator().manual_seed(0)
+    magnitude = power_iteration(hvp, 5, generator, tol=1e-12, max_iterations=2000, dtype=torch.float64)
+    assert magnitude.value == pytest.approx(-6.0, rel=1e-6)  # power iteration alone: lambda_min
+    top = top_eigenvalue(hvp, 5, torch.Generator().manual_seed(0), tol=1e-12, max_iterations=2000, dtype=torch.float64)
+    assert top.converged and top.value == pytest.approx(2.0, rel=1e-6) and top.iterations > magnitude.iterations
+    positive = top_eigenvalue(quadratic(symmetric([3.0, -1.0])), 2, torch.Generator().manual_seed(0), tol=1e-12,
+                              max_iterations=2000, dtype=torch.float64)  # fmt: skip
+    assert positive.value == pytest.approx(3.0, rel=1e-6)  # no shift needed
+
+
 def test_the_iteration_limit_is_reported_as_not_converged():
     hvp = quadratic(symmetric([1.0, 0.999, 0.998, 0.5]))  # three nearly equal eigenvalues: slow convergence
     top = power_iteration(hvp, 4, torch.Generator().manual_seed(0), tol=1e-12, max_iterations=3, dtype=torch.float64)
@@ -78,10 +91,9 @@ def test_on_a_tiny_mlp_products_eigenvalue_and_trace_match_the_full_hessian():
     v = torch.randn(len(theta), dtype=torch.float64)
     torch.testing.assert_close(hvp(v), full @ v)
     eigenvalues = torch.linalg.eigvalsh(full)
-    largest = float(eigenvalues[eigenvalues.abs().argmax()])
-    top = power_iteration(hvp, len(theta), torch.Generator().manual_seed(0), tol=1e-10, max_iterations=2000,
-                          dtype=torch.float64)  # fmt: skip
-    assert top.value == pytest.approx(largest, rel=1e-5)
+    top = top_eigenvalue(hvp, len(theta), torch.Generator().manual_seed(0), tol=1e-10, max_iterations=2000,
+                         dtype=torch.float64)  # fmt: skip
+    assert top.value == pytest.approx(float(eigenvalues.max()), rel=1e-5)
     trace = hutchinson_trace(hvp, len(theta), torch.Generator().manual_seed(1), probes=3000, dtype=torch.float64)
     assert abs(trace.value - float(full.trace())) < 4 * trace.stderr
 

@@ -44,9 +44,9 @@ def power_iteration(
     hvp: Hvp, size: int, generator: torch.Generator, device: torch.device | str = "cpu", tol: float = 1e-3,
     max_iterations: int = 20, dtype: torch.dtype = torch.float32,
 ) -> TopEigenvalue:  # fmt: skip
-    """lambda_max of a symmetric H: v <- H v / ||H v|| from a random start (standard normal from `generator`),
-    until the Rayleigh quotient v . H v changes by less than `tol` relative to it, or after `max_iterations`
-    products. The eigenvalue of largest magnitude: positive at a trained minimum, where the question is asked."""
+    """The eigenvalue of largest magnitude of a symmetric H: v <- H v / ||H v|| from a random start (standard normal
+    from `generator`), until the Rayleigh quotient v . H v changes by less than `tol` relative to it, or after
+    `max_iterations` products. `top_eigenvalue` turns it into the largest one."""
     v = torch.randn(size, generator=generator, dtype=torch.float64).to(device, dtype)
     v /= v.norm()
     value, previous = math.nan, math.nan
@@ -60,6 +60,22 @@ def power_iteration(
             return TopEigenvalue(value, iteration, True)
         previous, v = value, hv / norm
     return TopEigenvalue(value, max_iterations, False)
+
+
+def top_eigenvalue(
+    hvp: Hvp, size: int, generator: torch.Generator, device: torch.device | str = "cpu", tol: float = 1e-3,
+    max_iterations: int = 20, dtype: torch.dtype = torch.float32,
+) -> TopEigenvalue:  # fmt: skip
+    """lambda_max, the largest eigenvalue of a symmetric H (the sharpness): power iteration, and where the eigenvalue
+    of largest magnitude it finds is negative (lambda_min: away from a minimum, or a preconditioner that magnifies a
+    direction of negative curvature), power iteration again on H - lambda_min I, whose eigenvalues lambda_i -
+    lambda_min are all >= 0 and largest at lambda_max. Up to twice the products; `iterations` counts them all."""
+    first = power_iteration(hvp, size, generator, device, tol, max_iterations, dtype)
+    if not first.value < 0:
+        return first
+    shift = first.value
+    second = power_iteration(lambda v: hvp(v) - shift * v, size, generator, device, tol, max_iterations, dtype)
+    return TopEigenvalue(second.value + shift, first.iterations + second.iterations, second.converged)
 
 
 @dataclass(frozen=True)
