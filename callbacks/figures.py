@@ -102,18 +102,33 @@ def log_variance_density(
 
 def variance_histograms(variances: dict[str, np.ndarray], title: str, path: Path) -> Path:
     """One histogram of log10 per-unit activation variance per layer, in a grid; zero-variance units in the title."""
-    columns = min(3, len(variances))
-    rows = math.ceil(len(variances) / columns)
-    figure = _figure(4 * columns, 2.6 * rows + 0.5)
-    for i, (name, var) in enumerate(variances.items()):
-        ax = figure.add_subplot(rows, columns, i + 1)
+    figure, axes = _grid(len(variances), 2.6)
+    for ax, (name, var) in zip(axes, variances.items(), strict=True):
         density, edges, zero = log_variance_density(var, bins=min(40, max(5, len(var) // 3)))
         if len(density):
             ax.stairs(density, edges, fill=True, color="tab:blue")
-        ax.set_title(f"{name} ({len(var)} units, {zero} zero-variance)", fontsize=9)
-        ax.set_xlabel("log10 activation variance", fontsize=8)
-        ax.set_ylabel("density", fontsize=8)
-        ax.tick_params(labelsize=7)
+        _label(ax, f"{name} ({len(var)} units, {zero} zero-variance)", "log10 activation variance")
+    return _save(figure, title, path)
+
+
+def _grid(panels: int, height: float) -> tuple:
+    """A figure of `panels` panels, up to 3 a row, 4 inches wide and `height` high each: the figure and its axes."""
+    columns = min(3, panels)
+    rows = math.ceil(panels / columns)
+    figure = _figure(4 * columns, height * rows + 0.5)
+    return figure, [figure.add_subplot(rows, columns, i + 1) for i in range(panels)]
+
+
+def _label(ax, title: str, xlabel: str) -> None:
+    """A density panel's title and axes' labels, in the grids' small type."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("density", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def _save(figure, title: str, path: Path) -> Path:
+    """The figure under its title, laid out and written atomically."""
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     atomic_savefig(figure, path)
@@ -121,16 +136,13 @@ def variance_histograms(variances: dict[str, np.ndarray], title: str, path: Path
 
 
 def spectral_density_figure(spectra: dict, title: str, path: Path) -> Path:
-    from matplotlib.ticker import NullFormatter
-
     """Per layer, the empirical spectral density of W^T W on log-log axes (log-spaced bins) with the fitted power law
     drawn over its tail (scaled by the tail's share of the eigenvalues) and lambda_min marked; `spectra`: name ->
     `Spectrum`."""
-    columns = min(3, len(spectra))
-    rows = math.ceil(len(spectra) / columns)
-    figure = _figure(4 * columns, 2.8 * rows + 0.5)
-    for i, (name, s) in enumerate(spectra.items()):
-        ax = figure.add_subplot(rows, columns, i + 1)
+    from matplotlib.ticker import NullFormatter
+
+    figure, axes = _grid(len(spectra), 2.8)
+    for ax, (name, s) in zip(axes, spectra.items(), strict=True):
         values = s.eigenvalues.numpy()
         values = values[values > 0]
         fit = s.fit
@@ -149,11 +161,5 @@ def spectral_density_figure(spectra: dict, title: str, path: Path) -> Path:
             ax.set_yscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow range labels every minor tick: unreadable
             ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(f"{name} ({len(s.eigenvalues)} eigenvalues, stable rank {s.stable_rank:.1f})", fontsize=9)
-        ax.set_xlabel("eigenvalue of W^T W", fontsize=8)
-        ax.set_ylabel("density", fontsize=8)
-        ax.tick_params(labelsize=7)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    atomic_savefig(figure, path)
-    return path
+        _label(ax, f"{name} ({len(s.eigenvalues)} eigenvalues, stable rank {s.stable_rank:.1f})", "eigenvalue of W^T W")
+    return _save(figure, title, path)

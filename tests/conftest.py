@@ -88,6 +88,26 @@ def two_ranks(fn, *args, timeout: float = 120) -> None:
             pytest.fail(f"2 DDP ranks did not finish in {timeout:g} s: a rank skipped a collective the other waits in")
 
 
+def _gloo_rank(rank: int, fn, folder: str, args: tuple) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    try:
+        torch.save(fn(rank, *args), Path(folder) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_gloo_ranks(fn, folder: Path, *args) -> list:
+    """What `fn(rank, *args)` returns on each of 2 processes joined in a gloo process group (no Trainer), in rank
+    order; `fn` must be a module-level function (it is pickled) and return what `torch.load(weights_only=True)`
+    reads."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_rank, args=(fn, str(folder), args), nprocs=2, join=True)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
     """Write `array` in the IDX format of the MNIST files (uint8 data, big-endian dims)."""
     assert array.dtype == np.uint8

@@ -7,8 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from callbacks import Sharpness
@@ -23,7 +21,7 @@ from lightning_modules.statistics.curvature import (
     preconditioned,
     top_eigenvalue,
 )
-from tests.conftest import CONFIGS, QUIET, cli
+from tests.conftest import CONFIGS, QUIET, cli, on_two_gloo_ranks
 
 
 def quadratic(matrix: torch.Tensor):
@@ -175,24 +173,18 @@ def probe_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(48, 1, 8, 8, generator=generator), torch.randint(0, 10, (48,), generator=generator)
 
 
-def rank_main(rank: int, folder: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        module = Classifier(MLP(width=16, in_features=64)).train()
-        x, y = probe_batch()
-        part = (x[rank * 24 : (rank + 1) * 24], y[rank * 24 : (rank + 1) * 24])  # each rank its half
-        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
-        values = sharpness_of(module, part, optimizer, torch.Generator().manual_seed(5), tol=1e-6, trace_probes=4)
-        torch.save(values, Path(folder) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def half_probe_measures(rank: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    module = Classifier(MLP(width=16, in_features=64)).train()
+    x, y = probe_batch()
+    part = (x[rank * 24 : (rank + 1) * 24], y[rank * 24 : (rank + 1) * 24])  # each rank its half
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    return sharpness_of(module, part, optimizer, torch.Generator().manual_seed(5), tol=1e-6, trace_probes=4)
 
 
 @pytest.mark.subprocess
 def test_two_ranks_with_half_the_probe_each_measure_what_one_process_measures_on_all_of_it(tmp_path):
-    mp.spawn(rank_main, args=(str(tmp_path),), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = on_two_gloo_ranks(half_probe_measures, tmp_path)
     assert ranks[0] == ranks[1]  # every rank the same numbers
     torch.manual_seed(0)
     module = Classifier(MLP(width=16, in_features=64)).train()

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lightning_modules.statistics.similarity import MinibatchCKA, features, hollow_grams, linear_cka, unbiased_hsic
-from tests.conftest import CONFIGS, QUIET, cli, cli_error
+from tests.conftest import CONFIGS, QUIET, cli, cli_error, on_two_gloo_ranks
 
 
 def related(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,22 +97,17 @@ def test_minibatches_of_fewer_than_four_samples_are_refused():
         MinibatchCKA(1, 1).update([torch.randn(3, 2)], [torch.randn(3, 2)])
 
 
-def rank_main(rank: int, folder: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
-    try:
-        x, y = related(800, 7)
-        cka = MinibatchCKA(2, 1)
-        for i in range(rank * 100, 800, 200):  # each rank every other minibatch of 100
-            cka.update([x[i : i + 100], x[i : i + 100, :5]], [y[i : i + 100]])
-        torch.save(cka.compute(), Path(folder) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def every_other_minibatch(rank: int) -> torch.Tensor:
+    x, y = related(800, 7)
+    cka = MinibatchCKA(2, 1)
+    for i in range(rank * 100, 800, 200):  # each rank every other minibatch of 100
+        cka.update([x[i : i + 100], x[i : i + 100, :5]], [y[i : i + 100]])
+    return cka.compute()
 
 
 @pytest.mark.subprocess
 def test_two_ranks_with_half_the_minibatches_each_give_what_one_process_gives_on_all(tmp_path):
-    mp.spawn(rank_main, args=(str(tmp_path),), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = on_two_gloo_ranks(every_other_minibatch, tmp_path)
     x, y = related(800, 7)
     one = MinibatchCKA(2, 1)
     for i in range(0, 800, 100):
