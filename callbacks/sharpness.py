@@ -160,9 +160,10 @@ def measures(
         beta1 = group["betas"][0]
         values["sharpness/preconditioned_threshold"] = (2 + 2 * beta1) / ((1 - beta1) * group["lr"])
         inverse_sqrt = adam_preconditioner(optimizer, params)
-        values["sharpness/preconditioned"] = (
-            top_eigenvalue(preconditioned(hvp, inverse_sqrt), size, generator, device, tol, iterations, dtype).value
-            if inverse_sqrt is not None
-            else math.nan
-        )
+        if inverse_sqrt is None:  # before the first step: no second moments yet
+            values["sharpness/preconditioned"] = values["sharpness/preconditioned_iterations"] = math.nan
+        else:
+            top = top_eigenvalue(preconditioned(hvp, inverse_sqrt), size, generator, device, tol, iterations, dtype)
+            values["sharpness/preconditioned"] = top.value
+            values["sharpness/preconditioned_iterations"] = float(top.iterations)
     return values

@@ -159,6 +159,7 @@ def test_a_fit_logs_sharpness_every_n_steps_and_at_its_end_against_adams_thresho
     assert all(float(r["sharpness/preconditioned_threshold"]) == pytest.approx(38 / 0.001) for r in rows)
     assert np.isnan(float(rows[0]["sharpness/preconditioned"]))  # no Adam state before the first step
     assert all(float(r["sharpness/preconditioned"]) > 0 for r in rows[1:])
+    assert all(1 <= float(r["sharpness/preconditioned_iterations"]) <= 8 for r in rows[1:])  # up to 4, twice
     assert all(float(r["sharpness/lambda_max"]) > 0 and 1 <= float(r["sharpness/iterations"]) <= 4 for r in rows)
 
 

@@ -1,7 +1,8 @@
 """Regenerate docs/results/curvature.md: spec 08's measures on this project's own questions, on the 10k split: the
 sharpness and weight spectra of the dead-unit study's VGG under Adam and under SGD, how similar the compressed
 MNIST students are to their teacher, layer by layer, with and without attention transfer, and the weight spectra
-per task of a permuted-labels stream beside its dormant units.
+per task of a permuted-labels stream beside its dormant units, and whether the sharpness of a deep delta-orthogonal
+tanh net crosses the edge of stability where its training collapses, across learning rates.
 
     python docs/results/make/curvature.py [--seeds 3] [--only BLOCK] [--smoke]
 """
@@ -67,6 +68,11 @@ def dead_units(page: Page) -> str:
     return table(header, lines)
 
 
+def chosen(page: Page) -> dict[str, tuple[str, list[str]]]:
+    """The students: all four, or in a smoke run the `Shuffle_4` pair whose maps the page shows."""
+    return page.pick(STUDENTS, {k: v for k, v in STUDENTS.items() if k.startswith("shuffle4")})
+
+
 def student_runs(page: Page) -> tuple[Path, dict[str, Path]]:
     """The MNIST teacher and the students of docs/results/compression.md, fitted on the 10k split: the teacher's
     last checkpoint and each student's run folder."""
@@ -75,7 +81,7 @@ def student_runs(page: Page) -> tuple[Path, dict[str, Path]]:
                          *smallest(page, "net"))  # fmt: skip
     checkpoint = teacher / "checkpoints" / "last.ckpt"
     students = {}
-    for key, (_, extra) in STUDENTS.items():
+    for key, (_, extra) in chosen(page).items():
         students[key] = page.train(
             "fit", key, "--config", page.config("compression/mnist_student.yaml"), *data,
             "--model.init_args.teacher_checkpoint", str(checkpoint), *extra, *smallest(page, "net", "teacher"),
@@ -84,22 +90,65 @@ def student_runs(page: Page) -> tuple[Path, dict[str, Path]]:
 
 
 def students(page: Page) -> str:
-    """Per student, the CKA of each of its block outputs with the teacher's same layer on the held-out images."""
+    """Per student, the CKA of each of its block outputs with the teacher's same layer on the held-out images: the
+    features averaged over positions, and kept at every position (where attention transfer acts)."""
     checkpoint, folders = student_runs(page)
     maps = {}
     for key, folder in folders.items():
         _, extra = STUDENTS[key]
-        done = page.train(
-            "similarity", f"similarity_{key}", "--config", page.config("compression/mnist_student.yaml"),
-            "--config", page.config("presets/mnist_10k.yaml"), *page.data,
-            "--model.init_args.teacher_checkpoint", str(checkpoint), *extra, *smallest(page, "net", "teacher"),
-            "--checkpoints", str(folder / "checkpoints" / "last.ckpt"), "--teacher", "true",
-        )  # fmt: skip
-        maps[key] = {(r["a"], r["b"]): float(r["cka"]) for r in read_csv(done / "similarity.csv")}
+        for conv in ("pool", "flatten"):
+            done = page.train(
+                "similarity", f"similarity_{key}_{conv}", "--config", page.config("compression/mnist_student.yaml"),
+                "--config", page.config("presets/mnist_10k.yaml"), *page.data,
+                "--model.init_args.teacher_checkpoint", str(checkpoint), *extra, *smallest(page, "net", "teacher"),
+                "--checkpoints", str(folder / "checkpoints" / "last.ckpt"), "--teacher", "true", "--conv", conv,
+            )  # fmt: skip
+            maps[key, conv] = {(r["a"], r["b"]): float(r["cka"]) for r in read_csv(done / "similarity.csv")}
+            if key.startswith("shuffle4") and conv == "pool":
+                page.figure(done / "similarity.png", f"curvature_cka_{key}.png")
     layers = list(dict.fromkeys(a for a, _ in next(iter(maps.values()))))
-    lines = [[layer, *(f"{maps[key][layer, layer]:.3f}" for key in STUDENTS)] for layer in layers]
-    lines.append(["mean", *(f"{sum(maps[k][n, n] for n in layers) / len(layers):.3f}" for k in STUDENTS)])
-    return table(["layer (student against teacher)", *(label for label, _ in STUDENTS.values())], lines)
+
+    def cell(key: str, chosen: list[str]) -> str:
+        return " / ".join(f"{sum(maps[key, c][n, n] for n in chosen) / len(chosen):.3f}" for c in ("pool", "flatten"))
+
+    lines = [[layer, *(cell(key, [layer]) for key in folders)] for layer in layers]
+    lines.append(["mean", *(cell(key, layers) for key in folders)])
+    header = ["layer: CKA with the teacher's, pooled / every position", *(STUDENTS[key][0] for key in folders)]
+    return table(header, lines)
+
+
+DEPTH, LRS = 99, (0.01, 0.003, 0.001)  # where delta-orthogonal tanh collapsed at lr 0.01 (docs/results/depth.md)
+
+
+def depth_lr(page: Page) -> str:
+    """Delta-orthogonal tanh at k = 99 for the original's 705 SGD steps at each learning rate, Sharpness every 50
+    steps on a probe of 128 images (one trace probe: lambda_max is the question): lambda_max against SGD's
+    threshold (2 + 2 momentum) / lr, and the errors at the end."""
+    lines = []
+    for lr in page.pick(LRS, LRS[:1]):
+        folder = page.train(
+            "fit", f"delta_orthogonal_lr{lr:g}", "--config", page.config("depth/tanh_delta_orthogonal.yaml"),
+            "--config", page.config("presets/mnist_10k.yaml"), "--config", page.config("presets/original_steps.yaml"),
+            *page.data, "--model.init_args.net.init_args.depth", str(page.pick(DEPTH, 6)),
+            "--model.init_args.optimizer.lr", str(lr), "--trainer.callbacks+=Sharpness",
+            "--trainer.callbacks.every_n_steps", str(page.pick(50, 1)), "--trainer.callbacks.probe_samples", "128",
+            "--trainer.callbacks.trace_probes", "1",
+        )  # fmt: skip
+        rows = read_csv(folder / "metrics.csv")
+        sharp = sorted(rows_with(rows, "sharpness/lambda_max"), key=lambda r: int(r["step"]))
+        threshold = float(sharp[0]["sharpness/threshold"])
+        values = [(int(r["step"]), float(r["sharpness/lambda_max"])) for r in sharp]
+        top_step, top = max(values, key=lambda v: v[1])
+        crossed = next((step for step, value in values if value > threshold), None)
+        val = rows_with(rows, "val/err")
+        lines.append([
+            f"{lr:g}", f"{threshold:,.0f}", f"{values[0][1]:,.1f}", f"{top:,.1f} (step {top_step})",
+            f"{values[-1][1]:,.1f}", "never" if crossed is None else f"step {crossed}",
+            f"{float(val[-1]['val/err']):.3f}" if val else "",
+        ])  # fmt: skip
+    header = ["lr", "threshold (2 + 2 momentum) / lr", "lambda_max at step 0", "largest", "at the end",
+              "above the threshold from", "val error at the end"]  # fmt: skip
+    return table(header, lines)
 
 
 def plasticity(page: Page) -> str:
@@ -123,7 +172,12 @@ def plasticity(page: Page) -> str:
     return table(header, lines)
 
 
-BLOCKS = {"curvature/dead-units": dead_units, "curvature/students": students, "curvature/plasticity": plasticity}
+BLOCKS = {
+    "curvature/dead-units": dead_units,
+    "curvature/students": students,
+    "curvature/plasticity": plasticity,
+    "curvature/depth-lr": depth_lr,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
