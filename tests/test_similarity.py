@@ -151,7 +151,9 @@ def test_the_subcommand_maps_one_nets_layers_and_two_checkpoints_layers(in_tmp):
 def test_the_subcommand_refuses_what_it_cannot_compare(in_tmp, capsys):
     assert "similarity needs --checkpoints" in cli_error("similarity", "--config", CONFIGS / "quickstart.yaml", *QUIET,
                                                          capsys=capsys)  # fmt: skip
-    early = trained_checkpoint(in_tmp, "early", 1)
-    message = cli_error("similarity", "--config", CONFIGS / "quickstart.yaml", "--checkpoints", early, "--teacher",
-                        "true", *QUIET, capsys=capsys)  # fmt: skip
+    message = cli_error("similarity", "--config", CONFIGS / "quickstart.yaml", "--checkpoints", "any.ckpt",
+                        "--teacher", "true", *QUIET, capsys=capsys)  # fmt: skip
     assert "needs a student's config" in message
+    message = cli_error("similarity", "--config", CONFIGS / "quickstart.yaml", "--checkpoints", "missing.ckpt",
+                        *QUIET, capsys=capsys)  # fmt: skip
+    assert "missing.ckpt" in message and "Traceback" not in message

@@ -58,9 +58,9 @@ def run_similarity(
         raise ConfigError(f"similarity --split must be val or test, not {split!r}")
     device = study.trainer.strategy.root_device
     chosen = (tuple(types) if types is not None else DEFAULT_TYPES, tuple(layers))
+    own = teacher_of(model) if teacher else None  # refused before any checkpoint is read
     a = side(model, Path(paths[0]), chosen, device)
-    if teacher:
-        own = teacher_of(model)
+    if own is not None:
         b = Side("teacher", own.to(device).eval(), pick(own, chosen, "the teacher"))
     elif len(paths) == 2:
         b = side(model, Path(paths[1]), chosen, device)
