@@ -122,17 +122,20 @@ DEPTH, LRS = 99, (0.01, 0.003, 0.001)  # where delta-orthogonal tanh collapsed a
 
 def depth_lr(page: Page) -> str:
     """Delta-orthogonal tanh at k = 99 for the original's 705 SGD steps at each learning rate, Sharpness every 50
-    steps on a probe of 128 images (one trace probe: lambda_max is the question): lambda_max against SGD's
-    threshold (2 + 2 momentum) / lr, and the errors at the end."""
+    steps on a probe of 128 images (one trace probe: lambda_max is the question), and lr 0.01's first 60 steps
+    again with a measurement every 5: lambda_max against SGD's threshold (2 + 2 momentum) / lr, the last errors."""
+    runs = [(f"{lr:g}", f"delta_orthogonal_lr{lr:g}", lr, page.pick(50, 1), []) for lr in page.pick(LRS, LRS[:1])]
+    runs.append(("0.01, its first 60 steps", "delta_orthogonal_lr0.01_early", 0.01, page.pick(5, 1),
+                 ["--trainer.max_steps", page.pick("60", "2")]))  # fmt: skip
     lines = []
-    for lr in page.pick(LRS, LRS[:1]):
+    for label, key, lr, every, extra in runs:
         folder = page.train(
-            "fit", f"delta_orthogonal_lr{lr:g}", "--config", page.config("depth/tanh_delta_orthogonal.yaml"),
+            "fit", key, "--config", page.config("depth/tanh_delta_orthogonal.yaml"),
             "--config", page.config("presets/mnist_10k.yaml"), "--config", page.config("presets/original_steps.yaml"),
             *page.data, "--model.init_args.net.init_args.depth", str(page.pick(DEPTH, 6)),
             "--model.init_args.optimizer.lr", str(lr), "--trainer.callbacks+=Sharpness",
-            "--trainer.callbacks.every_n_steps", str(page.pick(50, 1)), "--trainer.callbacks.probe_samples", "128",
-            "--trainer.callbacks.trace_probes", "1",
+            "--trainer.callbacks.every_n_steps", str(every), "--trainer.callbacks.probe_samples", "128",
+            "--trainer.callbacks.trace_probes", "1", *extra,
         )  # fmt: skip
         rows = read_csv(folder / "metrics.csv")
         sharp = sorted(rows_with(rows, "sharpness/lambda_max"), key=lambda r: int(r["step"]))
@@ -142,12 +145,12 @@ def depth_lr(page: Page) -> str:
         crossed = next((step for step, value in values if value > threshold), None)
         val = rows_with(rows, "val/err")
         lines.append([
-            f"{lr:g}", f"{threshold:,.0f}", f"{values[0][1]:,.1f}", f"{top:,.1f} (step {top_step})",
-            f"{values[-1][1]:,.1f}", "never" if crossed is None else f"step {crossed}",
-            f"{float(val[-1]['val/err']):.3f}" if val else "",
+            label, f"every {every}", f"{threshold:,.0f}", f"{values[0][1]:,.1f}", f"{top:,.1f} (step {top_step})",
+            f"{values[-1][1]:,.1f} (step {values[-1][0]})", "never" if crossed is None else f"step {crossed}",
+            f"{float(val[-1]['val/err']):.3f} (step {val[-1]['step']})" if val else "",
         ])  # fmt: skip
-    header = ["lr", "threshold (2 + 2 momentum) / lr", "lambda_max at step 0", "largest", "at the end",
-              "above the threshold from", "val error at the end"]  # fmt: skip
+    header = ["lr", "measured", "threshold (2 + 2 momentum) / lr", "lambda_max at step 0", "largest", "last",
+              "above the threshold from", "last val error"]  # fmt: skip
     return table(header, lines)
 
 
