@@ -95,5 +95,6 @@ def test_the_trainers_help_title_is_a_whole_sentence(capsys):
         main(["fit", "--help"])
     titles = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Lightning's Trainer")]
     assert titles == [
-        "Lightning's Trainer with this framework's subcommands: count, propagate, search, sweep, noise, plasticity:"
+        "Lightning's Trainer with the framework's subcommands: count, propagate, search, sweep, noise, plasticity, "
+        "similarity:"
     ]

@@ -170,7 +170,7 @@ def test_predict_is_no_subcommand_it_would_be_a_traceback(capsys):
     assert error.startswith("error: argument subcommand: invalid choice: 'predict' (choose from 'fit', 'validate',")
     with pytest.raises(SystemExit):
         cli_main(["--help"])
-    assert "{fit,validate,test,count,propagate,search,sweep,noise,plasticity}" in capsys.readouterr().out
+    assert "{fit,validate,test,count,propagate,search,sweep,noise,plasticity,similarity}" in capsys.readouterr().out
 
 
 def test_evaluating_without_a_checkpoint_and_resuming_a_finished_run_each_say_what_they_did(in_tmp, capsys):
