@@ -77,7 +77,7 @@ class WeightSpectra(pl.Callback):
 
 
 def spectra_metrics(spectra: dict[str, Spectrum]) -> dict[str, float]:
-    """The logged values of a measurement: per layer and their means over layers."""
+    """The logged values of a measurement: per layer and their means over layers (alpha's over the finite ones)."""
     values: dict[str, float] = {}
     for name, s in spectra.items():
         values |= {
@@ -88,8 +88,13 @@ def spectra_metrics(spectra: dict[str, Spectrum]) -> dict[str, float]:
             f"spectra/{name}/alpha_tail": float(s.fit.tail),
             f"spectra/{name}/weighted_alpha": s.weighted_alpha,
         }
-    for key in ("stable_rank", "alpha", "weighted_alpha"):
-        finite = [v for k, v in values.items() if k.endswith(f"/{key}") and math.isfinite(v)]
+    means = {
+        "stable_rank": [s.stable_rank for s in spectra.values()],
+        "alpha": [s.fit.alpha for s in spectra.values()],
+        "weighted_alpha": [s.weighted_alpha for s in spectra.values()],
+    }
+    for key, all_values in means.items():
+        finite = [v for v in all_values if math.isfinite(v)]
         values[f"spectra/{key}_mean"] = sum(finite) / len(finite) if finite else math.nan
     return values
 

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.statistics.similarity import MinibatchCKA, features, hollow_grams, linear_cka, unbiased_hsic
+from lightning_modules.statistics.similarity import (
+    MinibatchCKA,
+    features,
+    hollow_grams,
+    linear_cka,
+    unbiased_hsic,
+    unbiased_hsic_self,
+)
 from tests.conftest import CONFIGS, QUIET, cli, cli_error, on_two_gloo_ranks
 
 
@@ -84,6 +91,7 @@ def test_hollow_grams_and_the_pairwise_hsic_match_the_formula_pair_by_pair():
         expected = torch.trace(kp @ lq) + (one @ kp @ one) * (one @ lq @ one) / (8 * 7) - 2 / 7 * one @ kp @ lq @ one
         assert float(unbiased_hsic(k, m)[p, 0]) == pytest.approx(float(expected / (9 * 6)), rel=1e-12)
     assert torch.all(torch.diagonal(k, dim1=1, dim2=2) == 0)
+    torch.testing.assert_close(unbiased_hsic_self(k), torch.diagonal(unbiased_hsic(k, k)), rtol=1e-12, atol=1e-12)
 
 
 def test_conv_features_are_pooled_over_positions_or_flattened():

@@ -35,11 +35,20 @@ def hollow_grams(rows: list[torch.Tensor]) -> torch.Tensor:
 def unbiased_hsic(k: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """HSIC_1 of every pair of hollow Gram matrices of one minibatch, K (P, b, b) x L = g (Q, b, b) -> (P, Q):
     [tr(K L) + (1^T K 1)(1^T L 1) / ((b - 1)(b - 2)) - 2 / (b - 2) 1^T K L 1] / (b (b - 3)); b > 3."""
-    b = k.shape[-1]
-    trace = torch.einsum("pij,qij->pq", k, g)  # tr(K L) = sum K * L: Gram matrices are symmetric
     row_k, row_l = k.sum(dim=2), g.sum(dim=2)  # K 1, L 1
-    total = row_k.sum(dim=1)[:, None] * row_l.sum(dim=1)[None, :]
-    return (trace + total / ((b - 1) * (b - 2)) - 2 / (b - 2) * (row_k @ row_l.T)) / (b * (b - 3))
+    trace = torch.einsum("pij,qij->pq", k, g)  # tr(K L) = sum K * L: Gram matrices are symmetric
+    return hsic_of(trace, row_k.sum(dim=1)[:, None] * row_l.sum(dim=1)[None, :], row_k @ row_l.T, k.shape[-1])
+
+
+def unbiased_hsic_self(k: torch.Tensor) -> torch.Tensor:
+    """HSIC_1(K, K) of each hollow Gram matrix (P, b, b) -> (P,): the diagonal of `unbiased_hsic(k, k)` alone."""
+    rows = k.sum(dim=2)
+    return hsic_of(k.square().sum(dim=(1, 2)), rows.sum(dim=1).square(), rows.square().sum(dim=1), k.shape[-1])
+
+
+def hsic_of(trace: torch.Tensor, total: torch.Tensor, cross: torch.Tensor, b: int) -> torch.Tensor:
+    """The unbiased HSIC from its three sums over a minibatch of b: tr(K L), (1^T K 1)(1^T L 1) and 1^T K L 1."""
+    return (trace + total / ((b - 1) * (b - 2)) - 2 / (b - 2) * cross) / (b * (b - 3))
 
 
 class MinibatchCKA:
@@ -61,8 +70,8 @@ class MinibatchCKA:
             raise ValueError(f"minibatch CKA needs minibatches of 4 or more samples, not {size}")
         k, g = hollow_grams(a), hollow_grams(b)
         self.cross += unbiased_hsic(k, g)
-        self.self_a += torch.diagonal(unbiased_hsic(k, k))
-        self.self_b += torch.diagonal(unbiased_hsic(g, g))
+        self.self_a += unbiased_hsic_self(k)
+        self.self_b += unbiased_hsic_self(g)
         self.batches += 1
 
     def compute(self) -> torch.Tensor:

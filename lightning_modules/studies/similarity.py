@@ -120,19 +120,18 @@ def cka_map(a: Side, b: Side, loader, device: torch.device, conv: str) -> torch.
 
         return hook
 
-    hooks = [m.register_forward_hook(keep((i, n))) for i, s in enumerate((a, b)) for n, m in s.layers.items()]
+    sides = (a,) if b is a else (a, b)  # one net against itself runs once a batch
+    hooks = [m.register_forward_hook(keep((i, n))) for i, s in enumerate(sides) for n, m in s.layers.items()]
     accumulator = MinibatchCKA(len(a.layers), len(b.layers), device)
     try:
         for x, *_ in loader:
             if len(x) < 4:
                 continue
             x = x.to(device)
-            a.net(x)
-            if b.net is not a.net:
-                b.net(x)
-            accumulator.update(
-                [outputs[0, n] for n in a.layers], [outputs[int(b.net is not a.net), n] for n in b.layers]
-            )
+            for s in sides:
+                s.net(x)
+            last = len(sides) - 1
+            accumulator.update([outputs[0, n] for n in a.layers], [outputs[last, n] for n in b.layers])
     finally:
         for hook in hooks:
             hook.remove()
