@@ -1,8 +1,8 @@
 """The `plasticity` subcommand (spec 07): every intervention x seed trained on the config's task stream, per task its
 online and final accuracy, dead and dormant shares, srank, weight norm, and the weights' stable rank and spectral
-alpha (WeightSpectra, means over layers); results.csv (trial by trial, so the same
-command continues a killed study), results.md (per task: mean and spread over seeds; the summary of the first and
-last 3 tasks), plasticity.png and mechanism.png, and the W&B tables.
+alpha (WeightSpectra, means over layers); results.csv (trial by trial, so the same command continues a killed study),
+results.md (per task: mean and spread over seeds; the summary of the first and last 3 tasks), plasticity.png and
+mechanism.png, and the W&B tables.
 """
 
 from __future__ import annotations
