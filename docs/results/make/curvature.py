@@ -106,14 +106,24 @@ def students(page: Page) -> str:
             maps[key, conv] = {(r["a"], r["b"]): float(r["cka"]) for r in read_csv(done / "similarity.csv")}
             if key.startswith("shuffle4") and conv == "pool":
                 page.figure(done / "similarity.png", f"curvature_cka_{key}.png")
+    # the baseline: a second teacher, another seed, against the first: how close two nets of this size come alone
+    data = ["--config", page.config("compression/mnist_teacher.yaml"), "--config", page.config("presets/mnist_10k.yaml"),
+            *page.data, *smallest(page, "net")]  # fmt: skip
+    other = page.train("fit", "teacher_seed1", *data, "--seed_everything", "1") / "checkpoints" / "last.ckpt"
+    for conv in ("pool", "flatten"):
+        done = page.train("similarity", f"similarity_teachers_{conv}", *data, "--conv", conv,
+                          "--checkpoints", f"[{other},{checkpoint}]")  # fmt: skip
+        maps["teachers", conv] = {(r["a"], r["b"]): float(r["cka"]) for r in read_csv(done / "similarity.csv")}
     layers = list(dict.fromkeys(a for a, _ in next(iter(maps.values()))))
+    columns = [*folders, "teachers"]
 
     def cell(key: str, chosen: list[str]) -> str:
         return " / ".join(f"{sum(maps[key, c][n, n] for n in chosen) / len(chosen):.3f}" for c in ("pool", "flatten"))
 
-    lines = [[layer, *(cell(key, [layer]) for key in folders)] for layer in layers]
-    lines.append(["mean", *(cell(key, layers) for key in folders)])
-    header = ["layer: CKA with the teacher's, pooled / every position", *(STUDENTS[key][0] for key in folders)]
+    lines = [[layer, *(cell(key, [layer]) for key in columns)] for layer in layers]
+    lines.append(["mean", *(cell(key, layers) for key in columns)])
+    header = ["layer: CKA with the teacher's, pooled / every position", *(STUDENTS[key][0] for key in folders),
+              "another teacher (seed 1)"]  # fmt: skip
     return table(header, lines)
 
 
