@@ -73,12 +73,17 @@ def chosen(page: Page) -> dict[str, tuple[str, list[str]]]:
     return page.pick(STUDENTS, {k: v for k, v in STUDENTS.items() if k.startswith("shuffle4")})
 
 
+def teacher_args(page: Page) -> list[str]:
+    """The MNIST teacher's config on the 10k split (smallest in a smoke run)."""
+    return ["--config", page.config("compression/mnist_teacher.yaml"), "--config", page.config("presets/mnist_10k.yaml"),
+            *page.data, *smallest(page, "net")]  # fmt: skip
+
+
 def student_runs(page: Page) -> tuple[Path, dict[str, Path]]:
     """The MNIST teacher and the students of docs/results/compression.md, fitted on the 10k split: the teacher's
     last checkpoint and each student's run folder."""
     data = ["--config", page.config("presets/mnist_10k.yaml"), *page.data]
-    teacher = page.train("fit", "teacher", "--config", page.config("compression/mnist_teacher.yaml"), *data,
-                         *smallest(page, "net"))  # fmt: skip
+    teacher = page.train("fit", "teacher", *teacher_args(page))
     checkpoint = teacher / "checkpoints" / "last.ckpt"
     students = {}
     for key, (_, extra) in chosen(page).items():
@@ -107,8 +112,7 @@ def students(page: Page) -> str:
             if key.startswith("shuffle4") and conv == "pool":
                 page.figure(done / "similarity.png", f"curvature_cka_{key}.png")
     # the baseline: a second teacher, another seed, against the first: how close two nets of this size come alone
-    data = ["--config", page.config("compression/mnist_teacher.yaml"), "--config", page.config("presets/mnist_10k.yaml"),
-            *page.data, *smallest(page, "net")]  # fmt: skip
+    data = teacher_args(page)
     other = page.train("fit", "teacher_seed1", *data, "--seed_everything", "1") / "checkpoints" / "last.ckpt"
     for conv in ("pool", "flatten"):
         done = page.train("similarity", f"similarity_teachers_{conv}", *data, "--conv", conv,
