@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from datamodules.tensor_data import Split, TensorDataModule, TensorLoader
+from datamodules.tensor_data import ShardedOrder, Split, TensorDataModule, TensorLoader
 from lightning_modules.errors import ConfigError, require
 
 TaskKind = Literal["permuted_inputs", "permuted_labels", "random_labels"]
@@ -49,6 +49,16 @@ class Tasks:
     def random_labels(self, task: int, samples: int, classes: int) -> torch.Tensor:
         """Task `task`'s uniformly random label of each of the fixed `samples` training images."""
         return torch.randint(0, classes, (samples,), generator=self.generator(task))
+
+
+@dataclass(frozen=True)
+class FixedTask:
+    """The task of every batch, whatever its position: an evaluation at one task."""
+
+    task: int
+
+    def __call__(self, _batch: int) -> int:
+        return self.task
 
 
 class TaskLoader(TensorLoader):
@@ -188,6 +198,16 @@ class TaskStream(TensorDataModule):
             )
             labels = table[index]
         return images, labels
+
+    def task_dataloader(self, task: int) -> TaskLoader:
+        """What a task's end is measured on, as task `task` shows it, in evaluation order on one process: the
+        validation split (random labels: the labelled training subset). For a loop of its own (a seed stack)."""
+        name = "train" if self.kind == "random_labels" else "val"
+        split = self.split(name)
+        return TaskLoader(
+            self, name, FixedTask(task), split=split, batch_size=self.batch_size, mean=self.mean, std=self.std,
+            sampler=ShardedOrder(len(split), shuffle=False, seed=0, pad=False),
+        )  # fmt: skip
 
     def _loader(self, name: str, train: bool, noise: float = 0.0, noise_seed: int = 0) -> TaskLoader:
         if self.kind == "random_labels" and name != "train":

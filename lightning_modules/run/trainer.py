@@ -205,6 +205,7 @@ class ResearchTrainer(pl.Trainer):
         datamodule: pl.LightningDataModule,
         interventions: dict[str, dict] | None = None,
         seeds: int = 3,
+        stack_seeds: bool = True,
         launcher: Literal["local", "ray"] = "local",
         ray_address: str | None = None,
         cpus_per_trial: float = 1,
@@ -223,6 +224,9 @@ class ResearchTrainer(pl.Trainer):
             interventions: name: the Classifier's `plasticity` settings (docs/plasticity.md), e.g.
                 `{none: {}, l2_init: {l2_init: 0.001}, cbp: {cbp: true}}`; default: none alone.
             seeds: seeds per intervention, from the run's seed on.
+            stack_seeds: train an intervention's seeds together as one vmapped model, each as its own trial would
+                (faster; the trials of continual backprop, ReDo, batch norm and a few more train one by one, and
+                say why); false: every seed one after another through Lightning's loop.
             launcher: where the trials train: `local` (one after another) or `ray` (in parallel).
             ray_address: the Ray cluster to run on (`ray` launcher; default: a Ray instance started here).
             cpus_per_trial: CPUs each Ray trial asks for (and its torch threads).
@@ -230,7 +234,7 @@ class ResearchTrainer(pl.Trainer):
         """
         launch = dict(launcher=launcher, ray_address=ray_address, cpus_per_trial=cpus_per_trial)
         return self._study("plasticity", run_plasticity, model, datamodule, interventions=interventions, seeds=seeds,
-                           **launch, trials_per_gpu=trials_per_gpu)  # fmt: skip
+                           stack_seeds=stack_seeds, **launch, trials_per_gpu=trials_per_gpu)  # fmt: skip
 
     def similarity(
         self,

@@ -22,6 +22,14 @@ from callbacks import ActivationStats, DeadUnits, TaskAccuracy, WeightSpectra
 from lightning_modules.errors import ConfigError
 from lightning_modules.plasticity import Interventions, Plasticity, reinitialise
 from lightning_modules.run.files import atomic_savefig, atomic_write, atomic_write_csv
+from lightning_modules.studies.stream_stack import (
+    BLOCKING_EPS,
+    FEATURE_ROWS,
+    LOGGED,
+    SPECTRA_TAIL,
+    StackedStreamTrial,
+    stack_refusal,
+)
 from lightning_modules.studies.study import Study, StudyFiles
 from lightning_modules.studies.trials import TrialRuns, bare_trainer, portable, quiet_lightning, worker_device
 
@@ -29,10 +37,7 @@ FILES = StudyFiles(progress="results.csv", final="results.md")
 COLUMNS = ("intervention", "seed", "task", "acc_online", "acc_final", "dead", "dormant", "srank", "weight_norm",
            "stable_rank", "alpha")  # fmt: skip
 NUMERIC = COLUMNS[3:]
-MEASURES = {"acc_online": "task/acc_online", "acc_final": "task/acc_final", "dead": "dead/fraction",
-            "dormant": "dormant/tau0.025/total", "weight_norm": "task/weight_norm",
-            "stable_rank": "spectra/stable_rank_mean", "alpha": "spectra/alpha_mean"}  # fmt: skip
-SPECTRA_TAIL = 20  # the fewest eigenvalues of an alpha's tail: a 10-class head's 10 get none, the hidden layers do
+MEASURES = {column: key for column, key in LOGGED.items() if column != "srank"}  # srank: the mean over layers
 
 
 class RecordingLogger(Logger):
@@ -62,8 +67,9 @@ class RecordingLogger(Logger):
 class StreamTrial:
     """One intervention and seed over the whole stream: `trial(name, settings, seed)` trains a fresh copy of the
     model, its net drawn from `seed` (each module's init, as `fit --seed_everything seed` draws an MLP) with
-    `Plasticity(**settings)`, and returns one row per task; with `runs`, the trial is also a W&B run of its own in
-    the study's group, with everything its callbacks log (task/index beside each task's measures)."""
+    `Plasticity(**settings, seed=seed)` (fresh weights drawn from the trial's seed), and returns one row per task;
+    with `runs`, the trial is also a W&B run of its own in the study's group, with everything its callbacks log
+    (task/index beside each task's measures)."""
 
     template: pl.LightningModule
     datamodule: pl.LightningDataModule
@@ -74,7 +80,7 @@ class StreamTrial:
         pl.seed_everything(seed, verbose=False)
         model = copy.deepcopy(self.template)
         reinitialise(model.net, seed)
-        model.interventions = Interventions(Plasticity(**settings), model.net) if settings else None
+        model.interventions = Interventions(Plasticity(**settings, seed=seed), model.net) if settings else None
         model.initial_weights = model.interventions.initial_weights(model.net) if model.interventions else None
         stream, device = self.datamodule, worker_device(self.device)
         steps = stream.tasks.count * stream.steps_per_task
@@ -89,7 +95,8 @@ class StreamTrial:
             with quiet_lightning():
                 trainer = bare_trainer(
                     -1, max_steps=steps, val_check_interval=stream.steps_per_task, check_val_every_n_epoch=None,
-                    callbacks=[TaskAccuracy(), DeadUnits(print_table=False), ActivationStats(pca=False, print_table=False),
+                    callbacks=[TaskAccuracy(), DeadUnits(blocking_eps=BLOCKING_EPS, print_table=False),
+                               ActivationStats(pca=False, pca_samples=FEATURE_ROWS, print_table=False),
                                WeightSpectra(on="validation", min_tail=SPECTRA_TAIL)],
                     logger=[recorder, WandbLogger(experiment=run)] if run is not None else recorder,
                     accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -189,12 +196,36 @@ def plot(rows: list[dict], names: list[str], tasks: list[int], columns: list[str
     return path
 
 
+def trial_jobs(
+    model: pl.LightningModule,
+    stream: pl.LightningDataModule,
+    interventions: dict[str, dict],
+    seeds: range,
+    done: set[tuple[str, int]],
+    stack_seeds: bool,
+) -> list[tuple[str, list[int] | int]]:
+    """What to train: per intervention, its seeds not yet done as one stack (a list of seeds) where it can stack, else
+    each seed on its own."""
+    jobs = []
+    for name, settings in interventions.items():
+        left = [seed for seed in seeds if (name, seed) not in done]
+        refusal = stack_refusal(model, settings or {}, stream) if stack_seeds else "not asked to"
+        if refusal is None and left:
+            jobs.append((name, left))
+        else:
+            if stack_seeds and len(left) > 1:
+                print(f"plasticity: {name} trains its seeds one by one: {refusal}")
+            jobs += [(name, seed) for seed in left]
+    return jobs
+
+
 def run_plasticity(
     study: Study,
     model: pl.LightningModule,
     datamodule: pl.LightningDataModule,
     interventions: dict[str, dict] | None,
     seeds: int,
+    stack_seeds: bool,
     launcher: str,
     ray_address: str | None,
     cpus_per_trial: float,
@@ -207,6 +238,10 @@ def run_plasticity(
         raise ConfigError("plasticity needs a task stream: data: datamodules.TaskStream (docs/plasticity.md)")
     interventions = interventions or {"none": {}}
     for name, settings in interventions.items():
+        if "seed" in (settings or {}):
+            raise ConfigError(
+                f"interventions.{name}.seed: each trial draws its fresh weights from its own seed; drop it"
+            )
         try:
             Interventions(Plasticity(**(settings or {})), copy.deepcopy(model.net))
         except TypeError as e:
@@ -215,25 +250,28 @@ def run_plasticity(
     progress = study.folder / FILES.progress
     rows = read_rows(progress)
     done = {(r["intervention"], r["seed"]) for r in rows}
-    todo = [(n, s) for n in interventions for s in range(first_seed, first_seed + seeds) if (n, s) not in done]
+    queue = trial_jobs(model, datamodule, interventions, range(first_seed, first_seed + seeds), done, stack_seeds)
     if done:
         print(f"plasticity: {len(done)} trial(s) already in {progress}, not trained again")
     with study.trials(datamodule, launcher, ray_address, cpus_per_trial, trials_per_gpu) as (runner, where):
-        trial = StreamTrial(portable(model), runs=study.trial_runs(), **where)
+        template, runs = portable(model), study.trial_runs()
+        one, stacked = StreamTrial(template, runs=runs, **where), StackedStreamTrial(template, runs=runs, **where)
         handles = {}
-        queue = list(todo)
         while queue or handles:
             while queue and len(handles) < runner.slots:
-                name, seed = queue.pop(0)
-                handles[runner.submit(f"{name} seed={seed}", trial, name, interventions[name] or {}, seed)] = name, seed
+                name, trained = queue.pop(0)
+                label = f"{name} seeds={trained}" if isinstance(trained, list) else f"{name} seed={trained}"
+                trial = stacked if isinstance(trained, list) else one
+                handles[runner.submit(label, trial, name, interventions[name] or {}, trained)] = label
             handle, outcome = runner.wait()
-            name, seed = handles.pop(handle)
+            label = handles.pop(handle)
             if not isinstance(outcome, list):
-                raise ConfigError(f"plasticity {name} seed={seed} failed twice: {outcome.error}")
+                raise ConfigError(f"plasticity {label} failed twice: {outcome.error}")
             rows += outcome
             atomic_write_csv(progress, list(COLUMNS), rows)
-            accs = ", ".join(f"{r['acc_online']:.3f}" for r in outcome)
-            print(f"  {name} seed={seed}: online accuracy per task {accs}", flush=True)
+            for seed in dict.fromkeys(r["seed"] for r in outcome):
+                accs = ", ".join(f"{r['acc_online']:.3f}" for r in outcome if r["seed"] == seed)
+                print(f"  {outcome[0]['intervention']} seed={seed}: online accuracy per task {accs}", flush=True)
     names = list(interventions)
     paths = write_results(rows, names, study.folder)
     print(paths["md"].read_text())

@@ -257,14 +257,16 @@ def member_norms(stacked: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.float().reshape(len(t), -1).pow(2).sum(1) for t in stacked]).sum(0).sqrt()
 
 
-def one_pass(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The same optimizer with its fused kernel (or else its foreach one) where the config left the choice
-    open: the default per-tensor path makes several temporaries the size of the whole stack per step,
-    6x slower for 16 seeds of a 784-256-10 net on a CPU (fused Adam: the same update, to rounding)."""
+def one_pass(
+    optimizer: torch.optim.Optimizer, kernels: tuple[str, ...] = ("fused", "foreach")
+) -> torch.optim.Optimizer:
+    """The same optimizer with its fused kernel (or else its foreach one; the first of `kernels` it has) where the
+    config left the choice open: the default per-tensor path makes several temporaries the size of the whole stack
+    per step, 6x slower for 16 seeds of a 784-256-10 net on a CPU (fused Adam: the same update, to rounding)."""
     defaults = optimizer.defaults
     if defaults.get("differentiable") or defaults.get("foreach"):
         return optimizer
-    for flag in ("fused", "foreach"):
+    for flag in kernels:
         if flag in defaults and defaults[flag] is None:
             try:
                 return type(optimizer)([{**g, flag: True} for g in optimizer.param_groups], **{**defaults, flag: True})

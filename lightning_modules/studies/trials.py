@@ -96,11 +96,16 @@ class TrialRuns:
             reinit="create_new",  # Lightning's WandbLogger would reuse the study's open run instead
         )
 
-    def log_finished(self, name: str, config: dict, history: list[dict], summary: dict) -> None:
-        """One trial's run, logged after it trained (a sweep's stack trains its members together)."""
+    def log_finished(
+        self, name: str, config: dict, history: list[dict], summary: dict, step_key: str = "epoch"
+    ) -> None:
+        """One trial's run, logged after it trained (a stack trains its members together), each row at its
+        `step_key`."""
         run = self.start(name, config)
         for row in history:
-            run.log({k: v for k, v in row.items() if isinstance(v, int | float) and k not in config}, step=row["epoch"])
+            run.log(
+                {k: v for k, v in row.items() if isinstance(v, int | float) and k not in config}, step=row[step_key]
+            )
         run.summary.update(summary)
         run.finish()
 
