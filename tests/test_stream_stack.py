@@ -68,7 +68,7 @@ def test_the_measures_of_a_task_end_read_dead_and_dormant_units_from_the_activat
     # E|h| = (2, 1.5, 0, 0.02), its mean 0.88: scores 2.27, 1.70, 0, 0.023; at tau 0.025 units 2 and 3 are dormant
     assert measures["dead"] == 0.25 and measures["dormant"] == 0.5
     assert measures["srank"] == 2  # two samples: at most two directions
-    weights = torch.cat([net.hidden.linear.weight.flatten(), net.out.weight.flatten()])
+    weights = torch.cat([net.hidden.linear.weight.flatten(), net.out.weight.flatten()]).detach()
     assert measures["weight_norm"] == pytest.approx(float(weights.norm()))
 
 
