@@ -98,3 +98,15 @@ def test_the_trainers_help_title_is_a_whole_sentence(capsys):
         "Lightning's Trainer with the framework's subcommands: count, propagate, search, sweep, noise, plasticity, "
         "similarity:"
     ]
+
+
+def test_a_command_builds_its_own_subcommands_parser_and_the_bare_help_lists_every_one(in_tmp, capsys):
+    from lightning_modules.run.cli import ResearchCLI
+
+    command = cli("count", "--config", QUICKSTART, *QUIET)
+    assert list(command._subcommand_parsers) == ["count"]  # the other nine are half a second of every start
+    assert command.subcommands() == ResearchCLI.subcommands()  # the instance's list is whole again
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(f"    {name} " in listed for name in ResearchCLI.subcommands())

@@ -89,6 +89,12 @@ INTERNALS = (
     Internal(
         "pytorch-lightning",
         "2.6.6",
+        "pytorch_lightning.cli:LightningCLI._add_subcommands",
+        "run/cli.py ResearchCLI._add_subcommands: only the requested subcommand's parser is built",
+    ),
+    Internal(
+        "pytorch-lightning",
+        "2.6.6",
         "pytorch_lightning.cli:LightningCLI._parser",
         "run/cli.py ResearchCLI.continued_folder: a study's config, dumped as RunConfig saves it, to find a killed "
         "study's folder",
