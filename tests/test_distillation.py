@@ -24,9 +24,10 @@ def small_wrn(conv: str = "Conv") -> WideResNet:
     return WideResNet(10, 2, in_channels=1, conv=conv)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def teacher_checkpoint(tmp_path_factory) -> Path:
-    """A WRN-10-2 teacher trained for two epochs on the embedded digits, saved as a Lightning checkpoint."""
+    """A WRN-10-2 teacher trained for two epochs on the embedded digits, saved as a Lightning checkpoint; once per
+    test process (a worker that runs this module's tests between others' keeps it)."""
     pl.seed_everything(0)
     trainer = bare_trainer(2)
     trainer.fit(Classifier(small_wrn(), optimizer=SGD), Digits(batch_size=64))
@@ -90,10 +91,11 @@ class EpochLog(pl.Callback):
 
 
 def train_student(checkpoint: Path, beta: float, epochs: int = 3) -> tuple[Student, EpochLog]:
+    """A Shuffle_4 student, `epochs` epochs of 10 batches of the digits (640 of the 1,200 training images each)."""
     pl.seed_everything(0)
     student = Student(small_wrn("Shuffle_4"), small_wrn(), str(checkpoint), beta=beta, optimizer=SGD)
     log = EpochLog()
-    bare_trainer(epochs, callbacks=[log]).fit(student, Digits(batch_size=64))
+    bare_trainer(epochs, callbacks=[log], limit_train_batches=10).fit(student, Digits(batch_size=64))
     return student, log
 
 

@@ -43,10 +43,10 @@ def files_of(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory) -> Path:
     """The quickstart's 3 epochs, never stopped (W&B offline): what the killed, requeued and resumed runs must
-    end as. Trained once for this module's tests."""
+    end as. Trained once per test process (a worker that runs this module's tests between others' keeps it)."""
     whole = tmp_path_factory.mktemp("whole")
     code, out = finish(start_train(*QUICK, *QUIET_BAR, cwd=whole))
     assert code == 0, out[-3000:]

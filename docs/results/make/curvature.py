@@ -34,9 +34,11 @@ def vgg(page: Page, optimizer: str) -> list[dict]:
     """The dead-unit study's VGG (10 epochs of 63 steps) with Sharpness at every epoch's first step and at the end,
     and WeightSpectra at every epoch's end: its metrics.csv rows."""
     every = page.pick(63, 2)
+    probe = page.pick([], ["--trainer.callbacks.probe_samples", "32", "--trainer.callbacks.iterations", "4",
+                           "--trainer.callbacks.trace_probes", "2"])  # a smoke run's measurement: a few products  # fmt: skip
     folder = page.train(
         "fit", f"vgg_{optimizer}", "--config", page.config(f"dead_units/mnist_vgg_{optimizer}.yaml"), *page.data,
-        "--trainer.callbacks+=Sharpness", "--trainer.callbacks.every_n_steps", str(every),
+        "--trainer.callbacks+=Sharpness", "--trainer.callbacks.every_n_steps", str(every), *probe,
         "--trainer.callbacks+=WeightSpectra",
     )  # fmt: skip
     return read_csv(folder / "metrics.csv")
