@@ -53,18 +53,23 @@ def test_a_study_on_data_that_is_no_stream_or_with_unknown_settings_is_refused_i
     assert "plasticity needs a task stream: data: datamodules.TaskStream" in error
     error = cli_error("plasticity", *STREAM, "--interventions", "{odd: {shrinkage: 0.5}}", capsys=capsys)
     assert "interventions.odd:" in error and "shrinkage" in error
+    error = cli_error("plasticity", *STREAM, "--interventions", "{shared: {perturb: 0.1, seed: 3}}", capsys=capsys)
+    assert "interventions.shared.seed: each trial draws its fresh weights from its own seed" in error
 
 
 @pytest.mark.slow
 def test_each_trial_is_a_wandb_run_in_the_studys_group_with_its_tasks_measures(in_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    trainer = cli("plasticity", *STREAM, "--interventions", "{none: {}}", "--seeds", "2", "--wandb", "true").trainer
+    both = "{none: {}, cbp: {cbp: true}}"  # none's seeds train as one stack, CBP's through Lightning one by one
+    trainer = cli("plasticity", *STREAM, "--interventions", both, "--seeds", "2", "--wandb", "true").trainer
     study = (Path(trainer.log_dir) / "wandb_run_id").read_text().strip()
     trainer.loggers[-1].experiment.finish()
     written_out()  # as at the end of the process: W&B writes a finished run's file when it closes it
     runs = {p.stem.split("-", 1)[1]: p.read_bytes() for p in in_tmp.glob("wandb/offline-run-*/*.wandb")}
-    assert len(runs) == 3 and study in runs  # the study's run and one per seed
+    assert len(runs) == 5 and study in runs  # the study's run and one per intervention and seed
     assert all(f"{trainer.run.name}-{study}".encode() in data for data in runs.values())  # in the study's group
     trials = [data for run, data in runs.items() if run != study]
     assert all(b"task/acc_online" in data and b"task/weight_norm" in data for data in trials)
-    assert sorted(b"none seed=1" in data for data in trials) == [False, True]
+    for name in (b"none seed=1", b"cbp seed=0"):
+        assert sum(name in data for data in trials) == 1, name
+    assert sum(b"dead/hidden" in data for data in trials) == 2  # per layer: what only the Lightning trials log
