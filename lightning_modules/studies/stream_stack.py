@@ -243,14 +243,12 @@ class StackedStreamTrial:
                 stack.params[n].mul_(s.shrink).add_(fresh, alpha=s.perturb)
         if s.head_reset and boundary:
             head_name, head = head_of(scratch)
-            kept = [p.detach().clone() for p in head.parameters()]
+            parts = [f"net.{head_name}.{part}" for part, _ in head.named_parameters()]
             for i, m in enumerate(members):
-                reinitialise(head, draw_seed(m, step, 1))
-                for part, param in head.named_parameters():
-                    stack.params[f"net.{head_name}.{part}"][i].copy_(param)
-            for (part, param), old in zip(head.named_parameters(), kept, strict=True):
-                param.copy_(old)
-                optimizer.state.pop(stack.params[f"net.{head_name}.{part}"], None)  # every member's state: reset alike
+                for n, fresh in zip(parts, fresh_parameters(head, draw_seed(m, step, 1)), strict=True):
+                    stack.params[n][i].copy_(fresh)
+            for n in parts:
+                optimizer.state.pop(stack.params[n], None)  # every member's state: reset alike
 
 
 class DivergenceGuard:
