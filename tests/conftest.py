@@ -70,16 +70,48 @@ def free_port() -> int:
 def _rank(rank: int, fn, port: int, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
                       LOCAL_RANK=str(rank))  # fmt: skip
-    fn(rank, *args)
+    try:
+        fn(rank, *args)
+    finally:  # as train.py does: a gloo group left to interpreter shutdown aborts a rank now and then (SIGABRT)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# what the server of the ranks' processes imports once per test worker: a rank forked from it starts at once,
+# where a spawned one imports torch, Lightning and the project again (about 6 s of CPU on this machine)
+RANK_PRELOAD = ["torch", "pytorch_lightning", "lightning_modules", "callbacks", "datamodules", "tests.conftest"]
+
+
+def preload_forkserver() -> None:
+    """Have this process's `forkserver` (started at its first use) import RANK_PRELOAD."""
+    import multiprocessing
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_PRELOAD)
+
+
+def start_ranks(fn, args: tuple, nprocs: int = 2, join: bool = True):
+    """`fn(rank, *args)` in `nprocs` fresh processes, as `torch.multiprocessing.spawn` starts them (pickled `fn`,
+    nothing shared), but forked from a server that has imported the project already (`forkserver`)."""
+    import torch.multiprocessing as mp
+
+    preload_forkserver()
+    return mp.start_processes(fn, args=args, nprocs=nprocs, join=join, start_method="forkserver")
+
+
+def ddp_from_forkserver():
+    """Lightning's DDP with its ranks started as `ddp_spawn` starts them (in-process, the trainer pickled), but forked
+    from the server that `start_ranks` uses."""
+    from pytorch_lightning.strategies import DDPStrategy
+
+    preload_forkserver()
+    return DDPStrategy(start_method="forkserver")
 
 
 def two_ranks(fn, *args, timeout: float = 120) -> None:
-    """`fn(rank, *args)` as 2 DDP ranks (processes spawned from this one, their rendezvous on a free port, for a
+    """`fn(rank, *args)` as 2 DDP ranks (processes started by `start_ranks`, their rendezvous on a free port, for a
     Trainer with strategy ddp on 2 CPU devices); ranks that do not finish in `timeout` are killed and fail the test:
     a hang (one rank waits in a collective the other skipped)."""
-    import torch.multiprocessing as mp
-
-    ranks = mp.start_processes(_rank, args=(fn, free_port(), args), nprocs=2, join=False)
+    ranks = start_ranks(_rank, (fn, free_port(), args), join=False)
     deadline = time.monotonic() + timeout
     while not ranks.join(timeout=5):
         if time.monotonic() > deadline:
@@ -102,9 +134,7 @@ def on_two_gloo_ranks(fn, folder: Path, *args) -> list:
     """What `fn(rank, *args)` returns on each of 2 processes joined in a gloo process group (no Trainer), in rank
     order; `fn` must be a module-level function (it is pickled) and return what `torch.load(weights_only=True)`
     reads."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_gloo_rank, args=(fn, str(folder), args), nprocs=2, join=True)
+    start_ranks(_gloo_rank, (fn, str(folder), args))
     return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lightning_modules.collectives import all_gather_rows, all_reduce_max, distributed, sum_over_ranks, world_size
+from tests.conftest import start_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def rank_main(rank: int, world: int, folder: str) -> None:
 
 @pytest.mark.subprocess
 def test_two_ranks_receive_the_sums_maxima_and_rows_of_both(tmp_path):
-    mp.spawn(rank_main, args=(2, str(tmp_path)), nprocs=2, join=True)
+    start_ranks(rank_main, (2, str(tmp_path)))
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert got["world"] == 2

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_modules.layers import KWinners, KWinners2d
+from tests.conftest import start_ranks
 
 STEPS, GLOBAL_BATCH = 6, 8
 
@@ -63,7 +63,7 @@ def rank_main(rank: int, world: int, folder: str) -> None:
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_duty_cycles_equal_one_process_over_the_global_batches(tmp_path):
-    mp.spawn(rank_main, args=(2, str(tmp_path)), nprocs=2, join=True)
+    start_ranks(rank_main, (2, str(tmp_path)))
     single = small_net()
     train(single, global_batches())
     expected = buffers(single)

@@ -11,6 +11,7 @@ from datamodules.augment import BatchAugment
 from datamodules.tensor_data import Split, TensorDataModule
 from lightning_modules import Classifier
 from lightning_modules.run.rank_seeds import rank_seed, seed_this_rank
+from tests.conftest import ddp_from_forkserver
 
 
 class SameImages(TensorDataModule):
@@ -53,7 +54,7 @@ class Recorder(pl.Callback):
         torch.save(self.record, self.folder / f"rank{trainer.global_rank}.pt")
 
 
-def fit(folder: Path, devices: int, strategy: str = "auto") -> list[dict]:
+def fit(folder: Path, devices: int, strategy="auto") -> list[dict]:
     pl.seed_everything(3, verbose=False)
     model = Classifier(dropout_net(), channels_last=False)
     trainer = pl.Trainer(
@@ -68,7 +69,7 @@ def fit(folder: Path, devices: int, strategy: str = "auto") -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_ddp_ranks_draw_their_own_augmentations_and_dropout_masks_from_equal_weights(tmp_path):
-    ranks = fit(tmp_path, devices=2, strategy="ddp_spawn")
+    ranks = fit(tmp_path, devices=2, strategy=ddp_from_forkserver())
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
     # the same image at every position of both ranks' batches: only the flips drawn tell them apart
     assert not torch.equal(ranks[0]["batch"], ranks[1]["batch"])

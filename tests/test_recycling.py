@@ -21,7 +21,7 @@ from lightning_modules import Classifier, ConfigError
 from lightning_modules.layers.recycling import chain_units, normal_draw, recycle
 from lightning_modules.nets import MLP, VGG, DepthCNN
 from lightning_modules.recycling import Recycler, Recycling
-from tests.conftest import TinyImages, probe_images
+from tests.conftest import TinyImages, ddp_from_forkserver, probe_images
 
 SMALL_VGG = [["conv1", [8, None]], ["pool1", [2, 2]], ["conv2", [6, None]], ["fc3", [5, None]], ["logit", [None, None]]]
 
@@ -157,7 +157,7 @@ class Saved(pl.Callback):
         torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
 
 
-def fit_recycling(folder: Path, devices: int, strategy: str = "auto") -> list[dict]:
+def fit_recycling(folder: Path, devices: int, strategy="auto") -> list[dict]:
     pl.seed_everything(4, verbose=False)
     model = Classifier(MLP(12, in_features=16), channels_last=False, recycle=Recycling(every_n_steps=2, tau=0.5))
     saving = ModelCheckpoint(dirpath=folder, filename="last")
@@ -172,7 +172,7 @@ def fit_recycling(folder: Path, devices: int, strategy: str = "auto") -> list[di
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_ddp_ranks_recycle_alike_and_end_with_equal_nets(tmp_path):
-    ranks = fit_recycling(tmp_path, devices=2, strategy="ddp_spawn")
+    ranks = fit_recycling(tmp_path, devices=2, strategy=ddp_from_forkserver())
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
     # the checkpoint after step 6 keeps the scores since the event at 4: 2 batches of 1 sample on each of 2 ranks
