@@ -292,6 +292,38 @@ def test_search_subcommand_writes_its_table(in_tmp, capsys):
     assert (folder / "results.md").is_file() and (folder / "error_vs_depth.png").is_file()
 
 
+def test_a_finished_search_is_confirmed_with_more_seeds_from_its_trials(in_tmp, capsys):
+    """`--trials_from` takes the trials an earlier search of the same training has, and trains only the others:
+    here the two fresh confirmation seeds a search of 1 seed lacks, each as a search with 3 from the start trains it."""
+    search = ["search", "--config", CONFIGS / "quickstart.yaml", "--upper", "6", "--trainer.max_steps", "2",
+              "--max_error", "0.95", *QUIET]  # fmt: skip
+    runs = in_tmp / "runs" / "quickstart"
+    cli(*search)  # k = 3 and 6 train (error below 95%), the confirmation trains 6 again with seed 1
+    capsys.readouterr()
+    cli(*search, "--confirm_seeds", "3", "--trials_from", runs / "version_0", "--name", "confirmed")
+    out = capsys.readouterr().out
+    assert f"search: 3 trial(s) taken from {runs / 'version_0'}, not trained again" in out
+    assert "search: 2 trial(s) trained" in out
+    cli(*search, "--confirm_seeds", "3")  # the same search, every trial trained
+    confirmed = in_tmp / "runs" / "confirmed" / "version_0" / "results.csv"  # under another name: the same net's
+    rows = [list(csv.DictReader(path.open())) for path in (confirmed, runs / "version_1" / "results.csv")]
+    assert {r["variant"] for r in rows[0]} == {"confirmed"}
+    key = ("depth", "seed", "phase", "train_err", "val_err", "trainable")
+    assert [[r[k] for k in key] for r in rows[0]] == [[r[k] for k in key] for r in rows[1]]
+    assert sorted((r["depth"], r["seed"]) for r in rows[0] if r["phase"] == "confirm") == [
+        ("6", "1"), ("6", "2"), ("6", "3")
+    ]  # fmt: skip
+    error = cli_error(*search, "--trainer.max_steps", "3", "--trials_from", runs / "version_0", capsys=capsys)
+    assert error == (
+        f"error: --trials_from {runs / 'version_0'}: that search trained its trials otherwise (it differs in "
+        "trainer.max_steps)"
+    )
+    (runs / "version_0" / "config.yaml").unlink()
+    error = cli_error(*search, "--trials_from", runs / "version_0", capsys=capsys)
+    assert error == f"error: --trials_from {runs / 'version_0'}: no config.yaml there (a search's run folder has both)"
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]  # refused: no folder
+
+
 def test_search_all_names_every_variant_with_its_bound():
     variants = yaml.safe_load((CONFIGS / "depth" / "search_all.yaml").read_text())["variants"]
     assert len(variants) == 8  # the spec's seven and tanh with delta-orthogonal init

@@ -50,6 +50,13 @@ def test_confirmation_trains_both_depths_around_the_boundary_with_fresh_seeds():
     assert {t.seed for t in result.trials if t.phase == "search"} == {10, 11, 12}
 
 
+def test_the_confirmation_can_train_more_seeds_than_the_search():
+    result = search_depth(stub(84), upper=120, seeds=1, first_seed=10, confirm_seeds=3)
+    assert {t.seed for t in result.trials if t.phase == "search"} == {10}
+    confirm = sorted((t.depth, t.seed) for t in result.trials if t.phase == "confirm")
+    assert confirm == [(84, 11), (84, 12), (84, 13), (87, 11), (87, 12), (87, 13)] and result.confirmed
+
+
 def test_noisy_boundary_is_reported_unconfirmed():
     def flaky(depth, seed):  # k=12 trains with the search's seed, fails with others
         ok = depth < 12 or (depth == 12 and seed == 0)

@@ -25,6 +25,7 @@ from lightning_modules.run.loggers import default_loggers, start_wandb
 from lightning_modules.run.parse_errors import ShortErrorParser, plain, trainer_problem
 from lightning_modules.run.requeue import Requeue, Requeued, requeued_checkpoint, slurm_job_id
 from lightning_modules.run.run_folder import (
+    PLACEMENT,
     config_differences,
     last_checkpoint,
     run_folder,
@@ -49,7 +50,6 @@ TRAINING_SETTINGS = (  # what shapes a run's training: a resume with other value
     *("seed_everything", "model", "data", "budget", "trainer.precision", "trainer.accumulate_grad_batches"),
     *("trainer.gradient_clip_val", "trainer.gradient_clip_algorithm"),
 )
-PLACEMENT = ("data_dir", "download", "on_device", "num_workers")  # where and how data is read: free on a resume
 
 
 class RunConfig(SaveConfigCallback):

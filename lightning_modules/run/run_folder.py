@@ -64,6 +64,9 @@ def unfinished_study(root: Path, config: str, finished: str) -> Path | None:
     return None
 
 
+PLACEMENT = ("data_dir", "download", "on_device", "num_workers")  # where and how data is read: free on a resume
+
+
 def config_differences(saved: dict, current: dict, settings: tuple[str, ...]) -> list[str]:
     """The settings (dotted keys, at or under `settings`) that two resolved configs hold with different values: a
     class given instead of another counts once (its `class_path`), not with each of its arguments. A key only one of

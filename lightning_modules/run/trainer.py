@@ -101,6 +101,8 @@ class ResearchTrainer(pl.Trainer):
         trials_per_gpu: int = 1,
         bracket: Literal["binary", "predicted"] = "binary",
         probe_depth: int = 96,
+        confirm_seeds: int | None = None,
+        trials_from: str | None = None,
     ) -> list[SearchResult]:
         """Binary-search the deepest trainable depth k of the model's net, then confirm the boundary.
 
@@ -125,9 +127,13 @@ class ResearchTrainer(pl.Trainer):
                 propagation at initialisation (as `propagate` does, 3 seeds at `probe_depth`) and start from the
                 depth it predicts, galloping outward to the boundary (a right prediction: 2 probes).
             probe_depth: the depth at which `predicted` measures the untrained net.
+            confirm_seeds: fresh seeds trained at each of the two confirmation depths (default: `seeds`).
+            trials_from: the run folder of an earlier search of the same nets, data and training (its config.yaml
+                says; another is refused): its trials of the same variant (the model's own net under any run
+                name), depth and seed are taken, not trained again, e.g. to confirm a finished search with more seeds.
         """
         args = dict(upper=upper, seeds=seeds, epochs=epochs, max_error=max_error, variants=variants)
-        args |= dict(bracket=bracket, probe_depth=probe_depth)
+        args |= dict(bracket=bracket, probe_depth=probe_depth, confirm_seeds=confirm_seeds, trials_from=trials_from)
         launch = dict(launcher=launcher, ray_address=ray_address, cpus_per_trial=cpus_per_trial)
         return self._study("search", run_search, model, datamodule, **args, **launch, trials_per_gpu=trials_per_gpu)
 

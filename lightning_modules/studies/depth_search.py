@@ -12,7 +12,7 @@ import csv
 import math
 import time
 from collections.abc import Callable, Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from lightning_modules.run.files import atomic_write_csv
@@ -62,6 +62,7 @@ def search_plan(
     variant: str = "net",
     step: int = 3,
     guess: int | None = None,
+    confirm_seeds: int | None = None,
 ) -> Generator[list[Request], list[Trial], SearchResult]:
     """One variant's search as a sequence of probes: yields the (depth, seed, phase) trials a probe needs,
     which can train in parallel, and is sent them back trained, in that order; returns the result.
@@ -70,8 +71,8 @@ def search_plan(
     predicted depth), the bracket is found first by galloping from it: the guess, then its neighbour
     (deeper when the guess trains, shallower when not), then steps doubling away from it until the verdict
     flips; a right guess costs two probes. Confirmation then trains the two consecutive depths around the
-    boundary (k and k + step) again, in one probe, with fresh seeds: the boundary is confirmed when k still
-    trains and k + step still does not.
+    boundary (k and k + step) again, in one probe, with `confirm_seeds` fresh seeds (default: `seeds`): the
+    boundary is confirmed when k still trains and k + step still does not.
     """
     if upper < step:
         raise ValueError(f"upper must be at least {step}, got {upper}")
@@ -110,17 +111,20 @@ def search_plan(
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if (yield from probe(mid)) else (lo, mid)
     confirm_seed = first_seed + seeds  # seeds the search did not use
+    fresh = range(confirm_seed, confirm_seed + (seeds if confirm_seeds is None else confirm_seeds))
     around = [m for m in (lo, lo + 1) if 1 <= m <= upper // step]
-    done = yield [(step * m, seed, "confirm") for m in around for seed in range(confirm_seed, confirm_seed + seeds)]
+    done = yield [(step * m, seed, "confirm") for m in around for seed in fresh]
     trials += done
     confirmed = all(judged(done, step * m) == (m == lo) for m in around)
     return SearchResult(variant, upper, step * lo, confirmed, trials, guess)
 
 
-def trials_needed(upper: int, deepest: int, seeds: int = 1, step: int = 3, guess: int | None = None) -> int:
+def trials_needed(
+    upper: int, deepest: int, seeds: int = 1, step: int = 3, guess: int | None = None, confirm_seeds: int | None = None
+) -> int:
     """The trials a search would train if exactly the depths up to `deepest` trained (trainability monotone in
     depth, confirmation agreeing): to compare a search with and without a guess on the same boundary."""
-    plan = search_plan(upper, seeds, step=step, guess=guess)
+    plan = search_plan(upper, seeds, step=step, guess=guess, confirm_seeds=confirm_seeds)
     count, requests = 0, next(plan)
     while True:
         count += len(requests)
@@ -161,7 +165,7 @@ def run_searches(
                     on_done(stop.value)
                 return
             log.save()
-            found = [log.get(variant, depth, seed) for depth, seed, _ in requests]
+            found = [log.get(variant, depth, seed, phase) for depth, seed, phase in requests]
             if any(t is None for t in found):
                 probes[variant] = requests, found
                 queue.extend((variant, i) for i, t in enumerate(found) if t is None)
@@ -203,9 +207,10 @@ def search_depth(
     variant: str = "net",
     step: int = 3,
     log: TrialLog | None = None,
+    confirm_seeds: int | None = None,
 ) -> SearchResult:
     """One variant's search (`search_plan`), its trials trained here one after another by `train`."""
-    plan = search_plan(upper, seeds, max_error, first_seed, variant, step)
+    plan = search_plan(upper, seeds, max_error, first_seed, variant, step, confirm_seeds=confirm_seeds)
     return run_searches({variant: plan}, lambda _, depth, seed: train(depth, seed), log=log)[0]
 
 
@@ -234,10 +239,26 @@ class TrialLog:
                 )  # fmt: skip
                 self.trials[(trial.variant, trial.depth, trial.seed)] = trial
 
-    def get(self, variant: str, depth: int, seed: int) -> Trial | None:
-        """The trial already trained at (variant, depth, seed); None when it is not, or when it failed."""
+    def get(self, variant: str, depth: int, seed: int, phase: str | None = None) -> Trial | None:
+        """The trial already trained at (variant, depth, seed), now in `phase` when given (a seed an earlier search
+        confirmed with can be one this one searches with); None when it is not trained, or when it failed."""
         trial = self.trials.get((variant, depth, seed))
-        return None if trial is None or trial.error else trial
+        if trial is None or trial.error:
+            return None
+        if phase is not None:
+            trial.phase = phase
+        return trial
+
+    def take(self, earlier: TrialLog, rename: dict[str, str] | None = None) -> int:
+        """Add the trials of an `earlier` search that this log lacks (not its failed ones), their variants renamed
+        by `rename` where it names them; returns how many."""
+        renamed = [replace(t, variant=(rename or {}).get(t.variant, t.variant), trainable=None)
+                   for t in earlier.trials.values() if not t.error]  # fmt: skip
+        new = [t for t in renamed if self.get(t.variant, t.depth, t.seed) is None]
+        for trial in new:
+            self.trials[(trial.variant, trial.depth, trial.seed)] = trial
+        self.save()
+        return len(new)
 
     def add(self, trial: Trial) -> Trial:
         self.trials[(trial.variant, trial.depth, trial.seed)] = trial

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
 from lightning_modules.errors import ConfigError, DivergenceError, require
 from lightning_modules.run.files import atomic_savefig, atomic_write
+from lightning_modules.run.run_folder import PLACEMENT, config_differences
 from lightning_modules.studies.depth_search import (
     SearchResult,
     Trial,
@@ -67,9 +69,14 @@ def write_results(
     ]
     for r in results:
         seeds = max(1, len({t.seed for t in r.trials if t.phase == "search"}))
+        confirm_seeds = len({t.seed for t in r.trials if t.phase == "confirm"}) or None
         predicted = (predictions or {}).get(r.variant, "")
-        binary = trials_needed(r.upper, r.deepest, seeds)
-        guided = trials_needed(r.upper, r.deepest, seeds, guess=r.guess) if r.guess is not None else ""
+        binary = trials_needed(r.upper, r.deepest, seeds, confirm_seeds=confirm_seeds)
+        guided = (
+            trials_needed(r.upper, r.deepest, seeds, guess=r.guess, confirm_seeds=confirm_seeds)
+            if r.guess is not None
+            else ""
+        )
         original = ORIGINAL_DEPTHS.get(r.variant.rsplit("/", 1)[-1], "")
         lines.append(
             f"| {r.variant} | {r.upper} | {predicted} | {r.deepest or 'none'} | {original} "
@@ -198,6 +205,32 @@ class DepthTrial:
         return errors
 
 
+# what a trial's result depends on, beside its variant, depth and seed: an earlier search that differs in one of these
+# trained other trials (where its data lie on disk does not count: PLACEMENT)
+TRIAL_SETTINGS = (
+    *("seed_everything", "model", "data", "budget", "epochs", "trainer.max_steps", "trainer.precision"),
+    *("trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm"),
+)
+
+
+def earlier_trials(folder: Path, config: Path) -> TrialLog:
+    """The trials of the earlier search in run folder `folder` (its results.csv), refused in one line when its
+    config.yaml differs from this search's `config` in what trains a trial (TRIAL_SETTINGS), or is missing."""
+    if folder.name == FILES.progress:  # its results.csv named instead of its folder
+        folder = folder.parent
+    results, saved = folder / FILES.progress, folder / "config.yaml"
+    for path in (results, saved):
+        if not path.is_file():
+            raise ConfigError(f"--trials_from {folder}: no {path.name} there (a search's run folder has both)")
+    differ = config_differences(yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(config.read_text()) or {},
+                                TRIAL_SETTINGS)  # fmt: skip
+    differ = [key for key in differ if key.rsplit(".", 1)[-1] not in PLACEMENT]
+    if differ:
+        listed = ", ".join(differ[:3]) + (", ..." if len(differ) > 3 else "")
+        raise ConfigError(f"--trials_from {folder}: that search trained its trials otherwise (it differs in {listed})")
+    return TrialLog(results)
+
+
 def error_rate(trainer: pl.Trainer, model: pl.LightningModule, loader) -> float:
     """The fraction of a loader's samples that a trained model gets wrong, in evaluation mode, at the trainer's
     precision and on its device."""
@@ -227,6 +260,8 @@ def run_search(
     trials_per_gpu: int,
     bracket: str = "binary",
     probe_depth: int = 96,
+    confirm_seeds: int | None = None,
+    trials_from: str | None = None,
 ) -> list[SearchResult]:
     """The `search` subcommand (its arguments are documented on the Trainer's method): every variant's search, its
     trials on the launcher, recorded as they finish; then results.csv, results.md, the plot and the W&B tables."""
@@ -235,6 +270,8 @@ def run_search(
     if not callable(getattr(datamodule, "eval_dataloader", None)):  # each trial's error on its training split
         raise ConfigError(f"search needs one of the in-memory datamodules; {type(datamodule).__name__} is not")
     require("positive", seeds=seeds, epochs=epochs, cpus_per_trial=cpus_per_trial)
+    if confirm_seeds is not None:
+        require("positive", confirm_seeds=confirm_seeds)
     require("probability", max_error=max_error)
     require("non_negative", trials_per_gpu=trials_per_gpu)
     for name, bound in [("upper", upper), *(variants or {}).items()]:
@@ -251,9 +288,16 @@ def run_search(
     length = f"{steps} steps" if steps else f"{epochs} epochs"
     start = time.perf_counter()
     log = TrialLog(study.folder / FILES.progress)  # a killed search's trials
-    log_before = list(log.trials)
     if log.trials:
         print(f"search: {len(log.trials)} trial(s) already in {log.path}, not trained again")
+    if trials_from is not None:
+        earlier = earlier_trials(Path(trials_from), study.folder / "config.yaml")
+        names = {t.variant for t in earlier.trials.values()}
+        # one net searched in both: its trials are this search's whatever the earlier run was named
+        rename = {names.pop(): jobs[0][0]} if not variants and len(names) == 1 else None
+        taken = log.take(earlier, rename)
+        print(f"search: {taken} trial(s) taken from {trials_from}, not trained again")
+    known = set(log.trials)
     if bracket not in ("binary", "predicted"):
         raise ConfigError(f"bracket must be 'binary' or 'predicted', got {bracket!r}")
     if bracket == "predicted":
@@ -274,13 +318,15 @@ def run_search(
         for name, _, bound in jobs:
             print(f"search {name}: k in 3..{bound}, {seeds} seed(s) per depth, {length}, "
                   f"trainable below {max_error:.0%}")  # fmt: skip
-            plans[name] = search_plan(bound, seeds, max_error, first_seed, name, guess=guesses.get(name))
+            plans[name] = search_plan(
+                bound, seeds, max_error, first_seed, name, guess=guesses.get(name), confirm_seeds=confirm_seeds
+            )
         results = run_searches(
             plans, trial, runner, log, lambda r: print(f"search {r.variant}: {describe(r, max_error)}", flush=True)
         )
     paths = write_results(results, max_error, study.folder, predictions)
     print(paths["md"].read_text())
-    trained = sum(len(r.trials) for r in results) - len(log_before)
+    trained = sum((t.variant, t.depth, t.seed) not in known for r in results for t in r.trials)
     seconds = time.perf_counter() - start
     wall = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
     print(f"search: {trained} trial(s) trained in {wall} of wall time")

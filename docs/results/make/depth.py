@@ -11,7 +11,7 @@ import math
 import statistics
 import sys
 
-from regenerate import Page, markdown_rows, read_csv, regenerate, table
+from regenerate import DATA, Page, markdown_rows, read_csv, regenerate, table
 
 LABELS = {  # each variant config as the tables name it
     "tanh": "tanh, N(0, 0.05)",
@@ -31,6 +31,7 @@ PREDICTED = {"tanh_init": 120, "tanh_delta_orthogonal": 120}
 # original's depth (BN and residual nets: 29-56 against 96-447), which galloping up from it would cost trials
 ROWS = {"elu": (150, "predicted"), "tanh_bn": (120, "binary"), "elu_bn": (300, "binary"), "resnet": (450, "binary")}
 TABLE = ["tanh", "tanh_init", "elu", "elu_bn", "resnet", "tanh_bn", "resnet_nobn"]  # the spec's seven rows
+CONFIRM_SEEDS = 3  # fresh seeds at each of the two confirmation depths of the ROWS' searches
 MAX_ERROR = 0.2  # the search's --max_error: a depth trains when its seeds' mean validation error is below it
 
 
@@ -201,19 +202,59 @@ def minutes(seconds: float | None) -> str:
     return "" if seconds is None else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def row_search(page: Page, variant: str) -> tuple[dict, list[dict], str]:
-    """One of the ROWS searched on its own: its summary, its trials and the command's key; its results.md and
-    results.csv are kept beside the page (docs/results/searches/depth_VARIANT.*), its plot in the figures."""
+def row_args(page: Page, variant: str) -> list[str]:
+    """The search arguments of one of the ROWS: one seed per depth, from its bracket."""
     bound, bracket = ROWS[variant]
-    key = f"rows/{variant}"
     args = ["--upper", str(page.pick(bound, 6)), "--seeds", "1", "--bracket", bracket]
-    if bracket == "predicted":
-        args += page.pick([], ["--probe_depth", "6"])
-    summary, trials = search(page, key, variant, *args)
-    for suffix in ("md", "csv"):
-        page.keep(page.folder(key) / f"results.{suffix}", f"depth_{variant}.{suffix}")
+    return args + (page.pick([], ["--probe_depth", "6"]) if bracket == "predicted" else [])
+
+
+def row_search(page: Page, variant: str) -> tuple[dict, list[dict], str]:
+    """One of the ROWS searched on its own: its summary, its trials and the command's key; its results.md,
+    results.csv and config.yaml are kept beside the page (docs/results/searches/depth_VARIANT.*), its plot in the
+    figures."""
+    key = f"rows/{variant}"
+    summary, trials = search(page, key, variant, *row_args(page, variant))
+    for source, suffix in (("results.md", "md"), ("results.csv", "csv"), ("config.yaml", "yaml")):
+        page.keep(page.folder(key) / source, f"depth_{variant}.{suffix}")
     page.figure(page.folder(key) / "error_vs_depth.png", f"depth_search_{variant}.png")
     return summary[0], trials, key
+
+
+def kept_search(page: Page, variant: str) -> str:
+    """A run folder made of a row's kept search (results.csv and config.yaml, the data where this page reads it),
+    for `--trials_from`."""
+    folder = page.runs / "kept_searches" / variant
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.csv").write_text((page.kept / f"depth_{variant}.csv").read_text())
+    config = (page.kept / f"depth_{variant}.yaml").read_text()
+    (folder / "config.yaml").write_text(config.replace(str(DATA), str(page.options.data.resolve())))
+    return str(folder)
+
+
+def confirmations(page: Page) -> str:
+    """Each of the ROWS' kept searches confirmed again with CONFIRM_SEEDS fresh seeds at both depths around its
+    boundary: the same search with `--confirm_seeds`, every other trial taken from the kept one (`--trials_from`)."""
+    seeds = page.pick(CONFIRM_SEEDS, 2)
+    rows = []
+    for variant in (v for v in ROWS if v in page.options.rows):
+        if not (page.kept / f"depth_{variant}.yaml").is_file():
+            continue  # not searched yet (seven-rows keeps what it searched)
+        key = f"confirm/{variant}"
+        args = [*row_args(page, variant), "--confirm_seeds", str(seeds), "--trials_from", kept_search(page, variant)]
+        summary, trials = search(page, key, variant, *args)
+        for source, suffix in (("results.md", "md"), ("results.csv", "csv"), ("config.yaml", "yaml")):
+            page.keep(page.folder(key) / source, f"depth_{variant}_confirm.{suffix}")
+        found = summary[0]["max trainable k"]
+        confirm = [t for t in trials if t["phase"] == "confirm"]
+        base = int(found) if found.isdigit() else 0  # none trains: the confirmation is at k = 3
+        at = [[error(t) for t in confirm if t["depth"] == str(d)] for d in (base, base + 3)]
+        said = {"yes": "confirmed", "no": "not confirmed"}.get(summary[0]["confirmed"], summary[0]["confirmed"])
+        rows.append([LABELS[variant], found, *(spread_of(e) if e else "-" for e in at), said,
+                     minutes(page.seconds(key))])  # fmt: skip
+    header = ["variant", "deepest trainable k found", "val err at k", "val err at k + 3", f"with {seeds} fresh seeds",
+              "wall time"]  # fmt: skip
+    return table(header, rows) if rows else "No row searched yet: run the `depth/seven-rows` block first."
 
 
 def seven_rows(page: Page) -> str:
@@ -275,6 +316,7 @@ def seeds(parser: argparse.ArgumentParser) -> None:
 BLOCKS = {
     "depth/binary-search": binary_search,
     "depth/seven-rows": seven_rows,
+    "depth/confirmations": confirmations,
     "depth/prediction": prediction,
     "depth/predicted-search": predicted_table,
     "depth/predicted-trials": predicted_trials,

@@ -95,11 +95,19 @@ class Page:
         """A config of the repository (`dead_units/mnist_vgg_adam.yaml`), found from the scratch folder."""
         return str(ROOT / "configs" / path)
 
+    @property
+    def kept(self) -> Path:
+        """Where results files are kept beside the page (a smoke run keeps them in its scratch folder)."""
+        return self.runs / "kept" if self.smoke else ROOT / "docs" / "results" / "searches"
+
     def keep(self, source: Path, name: str) -> None:
-        """Copy a run's results file beside the page (docs/results/searches/NAME), so it is committed with the table."""
-        folder = self.runs / "kept" if self.smoke else ROOT / "docs" / "results" / "searches"
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, folder / name)
+        """Copy a run's results file beside the page (docs/results/searches/NAME), so it is committed with the table;
+        a path to the data in it is written as the page writes it (DATA), not as this machine has it."""
+        self.kept.mkdir(parents=True, exist_ok=True)
+        text = source.read_text()
+        if not self.smoke:
+            text = text.replace(str(self.options.data.resolve()), str(DATA))
+        (self.kept / name).write_text(text)
         print(f"  kept {name} from {source.relative_to(self.runs)}")
 
     def figure(self, source: Path, name: str) -> None:
