@@ -61,10 +61,14 @@ def test_every_experiment_config_runs_fast_dev_run(config, in_tmp):
 
 
 @pytest.mark.parametrize(
-    # ddp, multinode and ray have tests of their own; search_from_prediction and depth_table_gpu hold `search`
-    # arguments (their tests: tests/test_propagation.py, tests/test_search.py)
+    # ddp, multinode and ray have tests of their own; search_from_prediction, depth_table_gpu and confirm_seeds hold
+    # `search` arguments (their tests: tests/test_propagation.py, tests/test_search.py, tests/test_cli.py)
     "preset",
-    [p for p in PRESETS if p.stem not in ("ddp", "multinode", "ray", "search_from_prediction", "depth_table_gpu")],
+    [
+        p
+        for p in PRESETS
+        if p.stem not in ("ddp", "multinode", "ray", "search_from_prediction", "depth_table_gpu", "confirm_seeds")
+    ],  # fmt: skip
     ids=lambda p: p.stem,
 )
 def test_every_preset_stacks_on_an_experiment(preset, in_tmp):
@@ -300,7 +304,8 @@ def test_a_finished_search_is_confirmed_with_more_seeds_from_its_trials(in_tmp, 
     runs = in_tmp / "runs" / "quickstart"
     cli(*search)  # k = 3 and 6 train (error below 95%), the confirmation trains 6 again with seed 1
     capsys.readouterr()
-    cli(*search, "--confirm_seeds", "3", "--trials_from", runs / "version_0", "--name", "confirmed")
+    preset = ["--config", CONFIGS / "presets" / "confirm_seeds.yaml"]  # confirm_seeds: 3
+    cli(*search, *preset, "--trials_from", runs / "version_0", "--name", "confirmed")
     out = capsys.readouterr().out
     assert f"search: 3 trial(s) taken from {runs / 'version_0'}, not trained again" in out
     assert "search: 2 trial(s) trained" in out
