@@ -25,11 +25,10 @@ from lightning_modules.run.loggers import default_loggers, start_wandb
 from lightning_modules.run.parse_errors import ShortErrorParser, plain, trainer_problem
 from lightning_modules.run.requeue import Requeue, Requeued, requeued_checkpoint, slurm_job_id
 from lightning_modules.run.run_folder import (
-    PLACEMENT,
-    config_differences,
     last_checkpoint,
     run_folder,
     run_folder_of,
+    training_differences,
     unfinished_study,
 )
 from lightning_modules.run.run_state import Checkpoint, Run
@@ -217,10 +216,8 @@ class ResearchCLI(LightningCLI):
         if not saved.is_file():
             return
         current = yaml.safe_load(self._parser("fit").dump(config, skip_none=False))  # see library_internals
-        differ = config_differences(yaml.safe_load(saved.read_text()) or {}, current, TRAINING_SETTINGS)
-        differ = [key for key in differ if key.rsplit(".", 1)[-1] not in PLACEMENT]
-        if differ:
-            listed = ", ".join(differ[:3]) + (", ..." if len(differ) > 3 else "")
+        listed = training_differences(yaml.safe_load(saved.read_text()) or {}, current, TRAINING_SETTINGS)
+        if listed:
             try:
                 name = folder.parent.resolve().relative_to(Path(config.trainer.default_root_dir).resolve()).as_posix()
             except ValueError:

@@ -89,6 +89,13 @@ def config_differences(saved: dict, current: dict, settings: tuple[str, ...]) ->
     return [found for old, new, key in pairs if missing not in (old, new) for found in differ(old, new, key)]
 
 
+def training_differences(saved: dict, current: dict, settings: tuple[str, ...]) -> str:
+    """The `settings` two configs train with differently, listed for an error line (at most 3, then `...`): empty
+    when none. Where and how the data are read (PLACEMENT) is no difference."""
+    differ = [key for key in config_differences(saved, current, settings) if key.rsplit(".", 1)[-1] not in PLACEMENT]
+    return ", ".join(differ[:3]) + (", ..." if len(differ) > 3 else "")
+
+
 def trim_metrics(path: Path, epoch: int, step: int) -> list[str]:
     """Keep the rows of metrics.csv a checkpoint at (`epoch`, global `step`) had seen, so the resumed run appends
     after them with no epoch twice: rows of later epochs (a killed epoch's) go. Returns the file's columns."""

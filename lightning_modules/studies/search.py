@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_modules.errors import ConfigError, DivergenceError, require
 from lightning_modules.run.files import atomic_savefig, atomic_write
-from lightning_modules.run.run_folder import PLACEMENT, config_differences
+from lightning_modules.run.run_folder import training_differences
 from lightning_modules.studies.depth_search import (
     SearchResult,
     Trial,
@@ -206,7 +206,7 @@ class DepthTrial:
 
 
 # what a trial's result depends on, beside its variant, depth and seed: an earlier search that differs in one of these
-# trained other trials (where its data lie on disk does not count: PLACEMENT)
+# trained other trials (where its data lie on disk does not count)
 TRIAL_SETTINGS = (
     *("seed_everything", "model", "data", "budget", "epochs", "trainer.max_steps", "trainer.precision"),
     *("trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm"),
@@ -222,11 +222,9 @@ def earlier_trials(folder: Path, config: Path) -> TrialLog:
     for path in (results, saved):
         if not path.is_file():
             raise ConfigError(f"--trials_from {folder}: no {path.name} there (a search's run folder has both)")
-    differ = config_differences(yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(config.read_text()) or {},
-                                TRIAL_SETTINGS)  # fmt: skip
-    differ = [key for key in differ if key.rsplit(".", 1)[-1] not in PLACEMENT]
-    if differ:
-        listed = ", ".join(differ[:3]) + (", ..." if len(differ) > 3 else "")
+    listed = training_differences(yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(config.read_text()) or {},
+                                  TRIAL_SETTINGS)  # fmt: skip
+    if listed:
         raise ConfigError(f"--trials_from {folder}: that search trained its trials otherwise (it differs in {listed})")
     return TrialLog(results)
 
