@@ -236,7 +236,7 @@ def confirmations(page: Page) -> str:
     """Each of the ROWS' kept searches confirmed again with CONFIRM_SEEDS fresh seeds at both depths around its
     boundary: the same search with `--confirm_seeds`, every other trial taken from the kept one (`--trials_from`)."""
     seeds = page.pick(CONFIRM_SEEDS, 2)
-    rows = []
+    rows, confirmed = [], []
     for variant in (v for v in ROWS if v in page.options.rows):
         if not (page.kept / f"depth_{variant}.yaml").is_file():
             continue  # not searched yet (seven-rows keeps what it searched)
@@ -245,6 +245,7 @@ def confirmations(page: Page) -> str:
         summary, trials = search(page, key, variant, *args)
         for source, suffix in (("results.md", "md"), ("results.csv", "csv"), ("config.yaml", "yaml")):
             page.keep(page.folder(key) / source, f"depth_{variant}_confirm.{suffix}")
+        confirmed.append(variant)
         found = summary[0]["max trainable k"]
         confirm = [t for t in trials if t["phase"] == "confirm"]
         base = int(found) if found.isdigit() else 0  # none trains: the confirmation is at k = 3
@@ -254,7 +255,10 @@ def confirmations(page: Page) -> str:
                      minutes(page.seconds(key))])  # fmt: skip
     header = ["variant", "deepest trainable k found", "val err at k", "val err at k + 3", f"with {seeds} fresh seeds",
               "wall time"]  # fmt: skip
-    return table(header, rows) if rows else "No row searched yet: run the `depth/seven-rows` block first."
+    if not rows:
+        return "No row searched yet: run the `depth/seven-rows` block first."
+    links = "The confirmations' trials: " + ", ".join(f"[{v}](searches/depth_{v}_confirm.md)" for v in confirmed)
+    return "\n\n".join([table(header, rows), links])
 
 
 def seven_rows(page: Page) -> str:
