@@ -55,12 +55,6 @@ def no_wandb_run_left_open():
         wandb.finish()
 
 
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto`: one worker per core and one more, which works while the others wait on the processes their tests
-    start (DDP ranks, train.py, W&B's service, Ray): the cores stood idle a quarter of the suite with one per core."""
-    return (os.cpu_count() or 1) + 1
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first, so that in parallel runs the short ones fill in around them at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
