@@ -223,11 +223,13 @@ def row_search(page: Page, variant: str) -> tuple[dict, list[dict], str]:
 
 def kept_search(page: Page, variant: str) -> str:
     """A run folder made of a row's kept search (results.csv and config.yaml, the data where this page reads it),
-    for `--trials_from`."""
+    for `--trials_from`: its kept confirmation where there is one (its trials are the search's and the new seeds'),
+    so that a confirmation already kept trains nothing again."""
+    stem = f"depth_{variant}_confirm" if (page.kept / f"depth_{variant}_confirm.yaml").is_file() else f"depth_{variant}"
     folder = page.runs / "kept_searches" / variant
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.csv").write_text((page.kept / f"depth_{variant}.csv").read_text())
-    config = (page.kept / f"depth_{variant}.yaml").read_text()
+    (folder / "results.csv").write_text((page.kept / f"{stem}.csv").read_text())
+    config = (page.kept / f"{stem}.yaml").read_text()
     (folder / "config.yaml").write_text(config.replace(str(DATA), str(page.options.data.resolve())))
     return str(folder)
 

@@ -102,11 +102,13 @@ class Page:
 
     def keep(self, source: Path, name: str) -> None:
         """Copy a run's results file beside the page (docs/results/searches/NAME), so it is committed with the table;
-        a path to the data in it is written as the page writes it (DATA), not as this machine has it."""
+        a path to the data in it is written as the page writes it (DATA), and one into the scratch folder as its
+        commands saw it (from the scratch folder), not as this machine has them."""
         self.kept.mkdir(parents=True, exist_ok=True)
         text = source.read_text()
         if not self.smoke:
             text = text.replace(str(self.options.data.resolve()), str(DATA))
+            text = text.replace(f"{self.runs.resolve()}{os.sep}", "")
         (self.kept / name).write_text(text)
         print(f"  kept {name} from {source.relative_to(self.runs)}")
 
