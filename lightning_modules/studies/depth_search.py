@@ -165,7 +165,10 @@ def run_searches(
                     on_done(stop.value)
                 return
             log.save()
-            found = [log.get(variant, depth, seed, phase) for depth, seed, phase in requests]
+            found = [log.get(variant, depth, seed) for depth, seed, _ in requests]
+            for trial, (_, _, phase) in zip(found, requests, strict=True):
+                if trial is not None:  # in this probe's phase (an earlier search may have confirmed with this seed)
+                    trial.phase = phase
             if any(t is None for t in found):
                 probes[variant] = requests, found
                 queue.extend((variant, i) for i, t in enumerate(found) if t is None)
@@ -239,15 +242,10 @@ class TrialLog:
                 )  # fmt: skip
                 self.trials[(trial.variant, trial.depth, trial.seed)] = trial
 
-    def get(self, variant: str, depth: int, seed: int, phase: str | None = None) -> Trial | None:
-        """The trial already trained at (variant, depth, seed), now in `phase` when given (a seed an earlier search
-        confirmed with can be one this one searches with); None when it is not trained, or when it failed."""
+    def get(self, variant: str, depth: int, seed: int) -> Trial | None:
+        """The trial already trained at (variant, depth, seed); None when it is not, or when it failed."""
         trial = self.trials.get((variant, depth, seed))
-        if trial is None or trial.error:
-            return None
-        if phase is not None:
-            trial.phase = phase
-        return trial
+        return None if trial is None or trial.error else trial
 
     def take(self, earlier: TrialLog, rename: dict[str, str] | None = None) -> int:
         """Add the trials of an `earlier` search that this log lacks (not its failed ones), their variants renamed

@@ -87,9 +87,13 @@ def what_trials_show(trials: list[dict]) -> str:
     return "; ".join(parts)
 
 
+def verdict(summary: dict) -> str:
+    """A search's `confirmed` column in words."""
+    return {"yes": "confirmed", "no": "not confirmed"}.get(summary["confirmed"], summary["confirmed"])
+
+
 def deepest(summary: dict) -> str:
-    said = {"yes": "confirmed", "no": "not confirmed"}.get(summary["confirmed"], summary["confirmed"])
-    return f"**{summary['max trainable k']}** ({said})"
+    return f"**{summary['max trainable k']}** ({verdict(summary)})"
 
 
 def binary_search(page: Page) -> str:
@@ -252,8 +256,7 @@ def confirmations(page: Page) -> str:
         confirm = [t for t in trials if t["phase"] == "confirm"]
         base = int(found) if found.isdigit() else 0  # none trains: the confirmation is at k = 3
         at = [[error(t) for t in confirm if t["depth"] == str(d)] for d in (base, base + 3)]
-        said = {"yes": "confirmed", "no": "not confirmed"}.get(summary[0]["confirmed"], summary[0]["confirmed"])
-        rows.append([LABELS[variant], found, *(spread_of(e) if e else "-" for e in at), said,
+        rows.append([LABELS[variant], found, *(spread_of(e) if e else "-" for e in at), verdict(summary[0]),
                      minutes(page.seconds(key))])  # fmt: skip
     header = ["variant", "deepest trainable k found", "val err at k", "val err at k + 3", f"with {seeds} fresh seeds",
               "wall time"]  # fmt: skip
