@@ -7,9 +7,15 @@ A probe of `search --seeds S` trains S nets of one depth. Three ways to train th
   grouped     the S nets as one: every conv grouped by member (S x the channels, groups = S), batch norm per
               channel (so per member), each member's own batch as its own input channel, the heads batched;
               one loss, the members' summed, whose gradient is each member's own
-The grouped net is built here only to measure it; a member's losses are checked against its own net's.
+The grouped net is the search's (`nets.GroupedDepthCNN`); a member's losses are checked against its own net's.
+
+With `--data` (the MNIST 10k folder) it also times a probe of the search itself, the way `search` trains it: the
+seeds' trials one after another (`DepthTrial`, a Lightning fit each, with its evaluation of the training and
+validation splits) against the same seeds grouped (`DepthTrial.group`), at two step counts; their difference is
+the cost per step, from which a 705-step probe (configs/presets/original_steps.yaml) is projected.
 
     python benchmarks/stacked_trials.py [--variants elu tanh_bn elu_bn] [--seeds 3] [--steps 20] [--rounds 2]
+        [--data path/to/mnist-10k --probe_steps 4 12]
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_modules.nets.depth_cnn import DepthBlock, DepthCNN  # noqa: E402
+from lightning_modules.nets.depth_cnn import DepthCNN  # noqa: E402
+from lightning_modules.nets.grouped_depth_cnn import GroupedDepthCNN  # noqa: E402
 from lightning_modules.run.config_files import net_from_config  # noqa: E402
 
 BATCH = 256
@@ -77,36 +84,6 @@ def train(net: nn.Module, data: list, members: int = 1) -> list[float]:
     return [v.tolist() for v in losses]
 
 
-class Grouped(nn.Module):
-    """S DepthCNNs of one architecture as one net: member s's channels are the s-th block of every layer's."""
-
-    def __init__(self, nets: list[DepthCNN]):
-        super().__init__()
-        s = len(nets)
-        layers = []
-        for parts in zip(*(net.features for net in nets), strict=True):
-            if isinstance(parts[0], DepthBlock):
-                conv = parts[0].conv
-                grouped = nn.Conv2d(conv.in_channels * s, conv.out_channels * s, 3, padding=1, groups=s)
-                grouped.weight.data.copy_(torch.cat([p.conv.weight.data for p in parts]))
-                grouped.bias.data.copy_(torch.cat([p.conv.bias.data for p in parts]))
-                block = DepthBlock(conv.in_channels * s, conv.out_channels * s, nets[0].settings["activation"],
-                                   nets[0].settings["batch_norm"], parts[0].residual)  # fmt: skip
-                block.conv = grouped
-                layers.append(block)
-            else:
-                layers.append(parts[0])
-        self.features = nn.Sequential(*layers)
-        self.weight = nn.Parameter(torch.stack([net.head.weight.data.t() for net in nets]))  # (S, in, 10)
-        self.bias = nn.Parameter(torch.stack([net.head.bias.data for net in nets]))
-        self.members = s
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        maps = self.features(x)  # (B, S*C, h, w)
-        rows = maps.reshape(len(x), self.members, -1)  # member s's C*h*w features, as its own net flattens them
-        return torch.einsum("bsi,sio->bso", rows, self.weight) + self.bias
-
-
 def sequential(variant: str, seeds: int, steps: int) -> float:
     start = time.perf_counter()
     for seed in range(seeds):
@@ -136,7 +113,7 @@ def grouped_data(seeds: int, steps: int) -> list[tuple[torch.Tensor, torch.Tenso
 
 
 def grouped(variant: str, seeds: int, steps: int) -> float:
-    net = Grouped([own_net(variant, seed) for seed in range(seeds)])
+    net = GroupedDepthCNN([own_net(variant, seed) for seed in range(seeds)])
     data = grouped_data(seeds, steps)
     start = time.perf_counter()
     train(net, data, members=seeds)
@@ -153,12 +130,55 @@ def members_match(variant: str, seeds: int, steps: int = 5, depth: int = 9) -> f
         torch.manual_seed(seed)
         return DepthCNN(**args)
 
-    together = train(Grouped([net(seed) for seed in range(seeds)]), grouped_data(seeds, steps), seeds)
+    together = train(GroupedDepthCNN([net(seed) for seed in range(seeds)]), grouped_data(seeds, steps), seeds)
     worst = 0.0
     for seed in range(seeds):
         alone = train(net(seed), batches(seed, steps))
         worst = max(worst, max(abs(t[seed] - a) / a for t, a in zip(together, alone, strict=True)))
     return worst
+
+
+def search_probe(variant: str, seeds: int, steps: int, data_dir: str) -> dict[str, float]:
+    """Seconds of one probe of `seeds` seeds at the config's depth, `steps` steps a trial, on the 10k split: trained
+    as the search trains it one seed at a time, and grouped."""
+    from datamodules import MNIST
+    from lightning_modules import Classifier
+    from lightning_modules.studies.search import DepthTrial
+
+    data = MNIST(data_dir=data_dir, test_file_only=True, val_size=1000, test_size=1000, batch_size=BATCH)
+    data.setup("fit")
+    net = own_net(variant, 0)
+    template = Classifier(net, optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9))
+    trial = DepthTrial({variant: net}, template, data, epochs=1, steps=steps)
+    depth, times = settings(variant)["depth"], {}
+    start = time.perf_counter()
+    for seed in range(seeds):
+        trial(variant, depth, seed)
+    times["one at a time"] = time.perf_counter() - start
+    start = time.perf_counter()
+    trial.group(variant, depth, list(range(seeds)))
+    times["grouped"] = time.perf_counter() - start
+    return times
+
+
+def probe_report(variant: str, seeds: int, steps: list[int], data_dir: str, rounds: int) -> dict:
+    """Each way's probe time at both step counts (median of `rounds`), its cost per step and the projection to a
+    705-step probe."""
+    measured = {n: [search_probe(variant, seeds, n, data_dir) for _ in range(rounds)] for n in steps}
+    report = {}
+    for way in ("one at a time", "grouped"):
+        at = {n: statistics.median(r[way] for r in measured[n]) for n in steps}
+        per_step = (at[steps[1]] - at[steps[0]]) / (steps[1] - steps[0])
+        fixed = at[steps[0]] - steps[0] * per_step
+        report[way] = {f"{n} steps (s)": round(at[n], 2) for n in steps} | {
+            "per step (s)": round(per_step, 3),
+            "fixed (s)": round(fixed, 1),
+            "705 steps (min)": round((fixed + 705 * per_step) / 60, 1),
+        }
+    report["grouped / one at a time, 705 steps"] = round(
+        report["grouped"]["705 steps (min)"] / report["one at a time"]["705 steps (min)"], 2
+    )
+    return report
 
 
 def main() -> None:
@@ -167,7 +187,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--data", help="the MNIST 10k folder: also time the search's own probe, one way and the other")
+    parser.add_argument("--probe_steps", type=int, nargs=2, default=[4, 12])
+    parser.add_argument("--only_probe", action="store_true", help="time the search's probe alone")
     args = parser.parse_args()
+    if args.data:
+        for variant in args.variants:
+            report = probe_report(variant, args.seeds, args.probe_steps, args.data, args.rounds)
+            print(json.dumps({f"search probe, {variant} k = {settings(variant)['depth']}": report}), flush=True)
+        if args.only_probe:
+            return
     modes = {"sequential": sequential, "processes": processes, "grouped": grouped}
     report = {}
     for variant in args.variants:

@@ -293,10 +293,20 @@ class TensorDataModule(pl.LightningDataModule):
             # the first epoch's loader differs from the others: the trainer must ask for a new one each epoch
             self.trainer.reload_dataloaders_every_n_epochs = 1
 
-    def train_batch_size(self) -> int:
-        """The training batch size of the trainer's current epoch."""
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+    def train_batch_size(self, epoch: int | None = None) -> int:
+        """The training batch size of `epoch` (default: the trainer's current one)."""
+        if epoch is None:
+            epoch = self.trainer.current_epoch if self.trainer is not None else 0
         return self.first_epoch_batch_size if self.first_epoch_batch_size and epoch == 0 else self.batch_size
+
+    def seeded_train_loader(self, seed: int, epoch: int) -> TensorLoader:
+        """The training loader of `epoch` in a one-device fit seeded `seed` (seed_everything, whose seed `setup`
+        shuffles with): its batch size and order. A search's grouped probe feeds each member from its own."""
+        sampler = ShardedOrder(len(self.split("train")), shuffle=True, seed=seed % 2**31)
+        sampler.set_epoch(epoch)
+        return TensorLoader(
+            self.split("train"), self.train_batch_size(epoch), self.mean, self.std, sampler, augment=self.augment
+        )
 
     def _sampler(self, name: str, train: bool) -> ShardedOrder:
         trainer = self.trainer

@@ -292,7 +292,9 @@ def test_search_subcommand_writes_its_table(in_tmp, capsys):
         ("3", seed, "confirm", "False") for seed in ("2", "3")
     ]
     mean = sum(float(r["val_err"]) for r in rows[:2]) / 2
-    assert f"search quickstart: no depth trainable: k = 3 has val err {mean:.2f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"search quickstart: no depth trainable: k = 3 has val err {mean:.2f}" in out
+    assert "search: the seeds of a depth train together, as one grouped net" in out  # DepthCNNs, SGD, float32, here
     assert (folder / "results.md").is_file() and (folder / "error_vs_depth.png").is_file()
 
 

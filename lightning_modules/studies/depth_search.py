@@ -20,6 +20,7 @@ from lightning_modules.studies.launchers import Failed, LocalLauncher, RayLaunch
 
 TrainFn = Callable[[int, int], tuple[float, float]]  # (depth, seed) -> (train error, validation error)
 Request = tuple[int, int, str]  # a trial a probe needs: (depth, seed, phase)
+GroupFn = Callable[[str, int, list[int]], list[tuple[float, float]]]  # (variant, depth, seeds) -> each seed's errors
 
 
 @dataclass
@@ -34,7 +35,8 @@ class Trial:
     trainable: bool | None  # None until every seed of its depth has trained
     phase: str  # "search" or "confirm"
     error: str = ""  # why the trial failed (it crashed twice): not trainable, and trained again by a restart
-    seconds: float = math.nan  # its wall time from submission to result (NaN: recorded before this was kept)
+    seconds: float = math.nan  # its wall time from submission to result, its share of it when its seeds trained grouped
+    # (NaN: recorded before this was kept)
 
 
 @dataclass
@@ -141,18 +143,21 @@ def run_searches(
     launcher: LocalLauncher | RayLauncher | None = None,
     log: TrialLog | None = None,
     on_done: Callable[[SearchResult], None] | None = None,
+    group: GroupFn | None = None,
 ) -> list[SearchResult]:
-    """Run the variants' searches side by side, `train(variant, depth, seed)` training each trial: every trial a probe needs goes to the launcher as soon as
-    the probe is known, and a variant moves on as soon as its own probe has trained. Each trial goes into
-    `log` as it finishes; one already there (not failed) is not trained again. With one slot (the local
-    launcher) the variants run one after another, in order, as a plain loop would run them."""
+    """Run the variants' searches side by side, `train(variant, depth, seed)` training each trial: every trial a
+    probe needs goes to the launcher as soon as the probe is known, and a variant moves on as soon as its own probe
+    has trained. With `group`, the seeds a probe needs at one depth go as one call, `group(variant, depth, seeds)`,
+    which trains them together and returns their outcomes in order (each trial then records its share of the call's
+    wall time). Each trial goes into `log` as it finishes; one already there (not failed) is not trained again. With
+    one slot (the local launcher) the variants run one after another, in order, as a plain loop would run them."""
     launcher = launcher if launcher is not None else LocalLauncher()
     log = log if log is not None else TrialLog()
     order = {variant: i for i, variant in enumerate(plans)}
     results: dict[str, SearchResult] = {}
     probes: dict[str, tuple[list[Request], list[Trial | None]]] = {}
-    queue: list[tuple[str, int]] = []  # (variant, index in its probe) of the trials not yet submitted
-    running: dict[int, tuple[str, int, float]] = {}  # handle: (variant, index in its probe, submitted at)
+    queue: list[tuple[str, tuple[int, ...]]] = []  # (variant, indices in its probe) of the calls not yet submitted
+    running: dict[int, tuple[str, tuple[int, ...], float]] = {}  # handle: (variant, indices, submitted at)
 
     def advance(variant: str, done: list[Trial] | None) -> None:
         while True:  # a probe whose trials are all in the log is answered at once
@@ -171,7 +176,12 @@ def run_searches(
                     trial.phase = phase
             if any(t is None for t in found):
                 probes[variant] = requests, found
-                queue.extend((variant, i) for i, t in enumerate(found) if t is None)
+                missing = [i for i, t in enumerate(found) if t is None]
+                if group is None:
+                    queue.extend((variant, (i,)) for i in missing)
+                else:  # one call per depth
+                    for depth in dict.fromkeys(requests[i][0] for i in missing):
+                        queue.append((variant, tuple(i for i in missing if requests[i][0] == depth)))
                 return
             done = found
 
@@ -179,22 +189,32 @@ def run_searches(
         advance(variant, None)
     while queue or running:
         while queue and len(running) < launcher.slots:
-            variant, i = min(queue, key=lambda item: order[item[0]])  # the first variant's trials first
-            queue.remove((variant, i))
-            depth, seed, _ = probes[variant][0][i]
-            handle = launcher.submit(f"{variant} k={depth} seed={seed}", train, variant, depth, seed)
-            running[handle] = variant, i, time.perf_counter()
+            variant, indices = min(queue, key=lambda item: order[item[0]])  # the first variant's trials first
+            queue.remove((variant, indices))
+            requests = probes[variant][0]
+            depth, seeds = requests[indices[0]][0], [requests[i][1] for i in indices]
+            if len(indices) == 1:
+                handle = launcher.submit(f"{variant} k={depth} seed={seeds[0]}", train, variant, depth, seeds[0])
+            else:
+                label = f"{variant} k={depth} seeds={','.join(map(str, seeds))} (grouped)"
+                handle = launcher.submit(label, group, variant, depth, seeds)
+            running[handle] = variant, indices, time.perf_counter()
         handle, outcome = launcher.wait()
-        variant, i, submitted = running.pop(handle)
-        seconds = time.perf_counter() - submitted
+        variant, indices, submitted = running.pop(handle)
+        seconds = (time.perf_counter() - submitted) / len(indices)  # a grouped call's members share its time
         requests, found = probes[variant]
-        depth, seed, phase = requests[i]
-        if isinstance(outcome, Failed):
-            trial = Trial(variant, depth, seed, math.nan, math.nan, None, phase, outcome.error, seconds)
-        else:
-            trial = Trial(variant, depth, seed, *outcome, None, phase, seconds=seconds)
-        print(f"  {variant} k={depth:4d} seed={seed}: {trial_outcome(trial)}", flush=True)
-        found[i] = log.add(trial)
+        if len(indices) == 1:
+            outcomes = [outcome]
+        else:  # a grouped call that failed fails each of its trials
+            outcomes = [outcome] * len(indices) if isinstance(outcome, Failed) else outcome
+        for i, each in zip(indices, outcomes, strict=True):
+            depth, seed, phase = requests[i]
+            if isinstance(each, Failed):
+                trial = Trial(variant, depth, seed, math.nan, math.nan, None, phase, each.error, seconds)
+            else:
+                trial = Trial(variant, depth, seed, *each, None, phase, seconds=seconds)
+            print(f"  {variant} k={depth:4d} seed={seed}: {trial_outcome(trial)}", flush=True)
+            found[i] = log.add(trial)
         if all(t is not None for t in found):
             del probes[variant]
             advance(variant, found)

@@ -32,6 +32,7 @@ from lightning_modules.studies.depth_search import (
     trials_needed,
     write_trials,
 )
+from lightning_modules.studies.grouped_trials import grouping_refusal, train_grouped
 from lightning_modules.studies.propagate import check_depths, depth_nets, probe, trainable_depth
 from lightning_modules.studies.study import Study, StudyFiles
 from lightning_modules.studies.trials import TrialRuns, bare_trainer, portable, quiet_lightning, worker_device
@@ -204,6 +205,24 @@ class DepthTrial:
                     run.finish(exit_code=0 if errors is not None else 1)
         return errors
 
+    def group(self, variant: str, depth: int, seeds: list[int]) -> list[tuple[float, float]]:
+        """The trials of `seeds` at one depth trained together as one grouped net (`grouped_trials`), each as
+        `self(variant, depth, seed)` trains it, up to float rounding; their W&B runs are written when they finish."""
+        members = []
+        for seed in seeds:
+            pl.seed_everything(seed, verbose=False)
+            members.append(self.nets[variant].at_depth(depth))
+        device = worker_device(self.device)
+        fit = train_grouped(self.template, members, seeds, self.datamodule, self.epochs, self.steps, device,
+                            self.precision, history=self.runs is not None)  # fmt: skip
+        if self.runs is not None:
+            for seed, (train_err, val_err), history in zip(seeds, fit.outcomes, fit.history, strict=True):
+                config = {"variant": variant, "depth": depth, "seed": seed, "epochs": self.epochs, "steps": self.steps,
+                          "grouped_with": seeds}  # fmt: skip
+                summary = {"train_err": train_err, "val_err": val_err}
+                self.runs.log_finished(f"{variant} k={depth} seed={seed}", config, history, summary)
+        return fit.outcomes
+
 
 # what a trial's result depends on, beside its variant, depth and seed: an earlier search that differs in one of these
 # trained other trials (where its data lie on disk does not count)
@@ -229,6 +248,18 @@ def earlier_trials(folder: Path, config: Path) -> TrialLog:
     return TrialLog(results)
 
 
+def group_trials(asked: bool | None, refusal: str | None, launcher: str, seeds: int) -> bool:
+    """Whether a probe's seeds train grouped: as `--group_seeds` asks (true: refused in one line when the settings do
+    not allow it), by default where they allow it and the trials train here (on Ray they train in parallel)."""
+    if asked and refusal:
+        raise ConfigError(f"--group_seeds true: the seeds cannot train as one grouped net here ({refusal})")
+    grouped = bool(asked) or (asked is None and refusal is None and launcher == "local")
+    if seeds > 1:
+        how = "together, as one grouped net" if grouped else f"one at a time{f' ({refusal})' if refusal else ''}"
+        print(f"search: the seeds of a depth train {how}")
+    return grouped
+
+
 def error_rate(trainer: pl.Trainer, model: pl.LightningModule, loader) -> float:
     """The fraction of a loader's samples that a trained model gets wrong, in evaluation mode, at the trainer's
     precision and on its device."""
@@ -237,7 +268,7 @@ def error_rate(trainer: pl.Trainer, model: pl.LightningModule, loader) -> float:
     model.eval()
     with torch.no_grad(), trainer.precision_plugin.forward_context():
         for x, y in loader:
-            x, y = x.to(model.device), y.to(model.device)
+            x, y = trainer.precision_plugin.convert_input(x.to(model.device)), y.to(model.device)  # 64-true: float64
             wrong += (model(x).argmax(dim=1) != y).sum()
             total += len(y)
     return int(wrong) / max(total, 1)
@@ -260,6 +291,7 @@ def run_search(
     probe_depth: int = 96,
     confirm_seeds: int | None = None,
     trials_from: str | None = None,
+    group_seeds: bool | None = None,
 ) -> list[SearchResult]:
     """The `search` subcommand (its arguments are documented on the Trainer's method): every variant's search, its
     trials on the launcher, recorded as they finish; then results.csv, results.md, the plot and the W&B tables."""
@@ -310,6 +342,8 @@ def run_search(
                 print(f"search {name}: predicted deepest trainable k = {predictions[name]} at initialisation; "
                       f"starting at k = {min(guesses[name], bound // 3 * 3)}")  # fmt: skip
         nets = {name: net for name, net, _ in jobs}
+        grouped = group_trials(group_seeds, grouping_refusal(model, list(nets.values()), datamodule, trainer),
+                               launcher, max(seeds, confirm_seeds or seeds))  # fmt: skip
         trial = DepthTrial(nets, portable(model), epochs=epochs, steps=steps, precision=trainer.precision,
                            runs=study.trial_runs(), **where)  # fmt: skip
         plans = {}
@@ -320,7 +354,12 @@ def run_search(
                 bound, seeds, max_error, first_seed, name, guess=guesses.get(name), confirm_seeds=confirm_seeds
             )
         results = run_searches(
-            plans, trial, runner, log, lambda r: print(f"search {r.variant}: {describe(r, max_error)}", flush=True)
+            plans,
+            trial,
+            runner,
+            log,
+            lambda r: print(f"search {r.variant}: {describe(r, max_error)}", flush=True),
+            group=trial.group if grouped else None,
         )
     paths = write_results(results, max_error, study.folder, predictions)
     print(paths["md"].read_text())

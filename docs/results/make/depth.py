@@ -240,7 +240,9 @@ def kept_search(page: Page, variant: str) -> str:
 
 def confirmations(page: Page) -> str:
     """Each of the ROWS' kept searches confirmed again with CONFIRM_SEEDS fresh seeds at both depths around its
-    boundary: the same search with `--confirm_seeds`, every other trial taken from the kept one (`--trials_from`)."""
+    boundary: the same search with `--confirm_seeds`, every other trial taken from the kept one (`--trials_from`).
+    Its time is that of the trials the kept search lacks, as they recorded it (a rerun that takes them all trains
+    nothing, and says the same)."""
     seeds = page.pick(CONFIRM_SEEDS, 2)
     rows, confirmed = [], []
     for variant in (v for v in ROWS if v in page.options.rows):
@@ -256,10 +258,12 @@ def confirmations(page: Page) -> str:
         confirm = [t for t in trials if t["phase"] == "confirm"]
         base = int(found) if found.isdigit() else 0  # none trains: the confirmation is at k = 3
         at = [[error(t) for t in confirm if t["depth"] == str(d)] for d in (base, base + 3)]
+        searched = {(t["depth"], t["seed"]) for t in read_csv(page.kept / f"depth_{variant}.csv")}
+        new = sum(float(t["seconds"]) for t in trials if (t["depth"], t["seed"]) not in searched)
         rows.append([LABELS[variant], found, *(spread_of(e) if e else "-" for e in at), verdict(summary[0]),
-                     minutes(page.seconds(key))])  # fmt: skip
+                     minutes(new)])  # fmt: skip
     header = ["variant", "deepest trainable k found", "val err at k", "val err at k + 3", f"with {seeds} fresh seeds",
-              "wall time"]  # fmt: skip
+              "its new trials' time"]  # fmt: skip
     if not rows:
         return "No row searched yet: run the `depth/seven-rows` block first."
     links = "The confirmations' trials: " + ", ".join(f"[{v}](searches/depth_{v}_confirm.md)" for v in confirmed)
