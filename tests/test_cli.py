@@ -294,7 +294,7 @@ def test_search_subcommand_writes_its_table(in_tmp, capsys):
     mean = sum(float(r["val_err"]) for r in rows[:2]) / 2
     out = capsys.readouterr().out
     assert f"search quickstart: no depth trainable: k = 3 has val err {mean:.2f}" in out
-    assert "search: the seeds of a depth train together, as one grouped net" in out  # DepthCNNs, SGD, float32, here
+    assert "search: the seeds of a depth train one at a time" in out
     assert (folder / "results.md").is_file() and (folder / "error_vs_depth.png").is_file()
 
 

@@ -46,14 +46,15 @@ def test_count_search_and_sweep_run_with_wandb_on(in_tmp, capsys):
     cli("count", "--config", QUICKSTART)
     assert "Params: 9.22600E+03" in capsys.readouterr().out
     assert not Path("runs").exists() and not Path("wandb").exists()  # count trains and logs nothing
-    search = cli("search", "--config", QUICKSTART, "--upper", "3", "--seeds", "2", "--trainer.max_steps", "3",
-                 *SHORT[:2]).trainer  # fmt: skip
+    search = cli("search", "--config", QUICKSTART, "--upper", "3", "--seeds", "2", "--group_seeds", "true",
+                 "--trainer.max_steps", "3", *SHORT[:2]).trainer  # fmt: skip
     assert (Path(search.log_dir) / "results.md").is_file()
+    assert "search: the seeds of a depth train together, as one grouped net" in capsys.readouterr().out
     search_id = logged_to_wandb(search)
     trials = [p for p in Path("wandb").glob("offline-run-*/*.wandb") if search_id not in p.name]
     names = sorted(f"quickstart k=3 seed={seed}" for seed in range(4) for t in trials if f"k=3 seed={seed}".encode()
                    in t.read_bytes())  # fmt: skip
-    assert names == [f"quickstart k=3 seed={seed}" for seed in range(4)]  # a run each, its seeds grouped or not
+    assert names == [f"quickstart k=3 seed={seed}" for seed in range(4)]  # a run each, its seeds trained grouped
     root = make_mnist(in_tmp / "data", n_train=120)
     sweep = cli(
         "sweep", "--config", CONFIGS / "network_size" / "static.yaml", "--data.data_dir", root,

@@ -248,16 +248,14 @@ def earlier_trials(folder: Path, config: Path) -> TrialLog:
     return TrialLog(results)
 
 
-def group_trials(asked: bool | None, refusal: str | None, launcher: str, seeds: int) -> bool:
-    """Whether a probe's seeds train grouped: as `--group_seeds` asks (true: refused in one line when the settings do
-    not allow it), by default where they allow it and the trials train here (on Ray they train in parallel)."""
+def group_trials(asked: bool, refusal: str | None, seeds: int) -> bool:
+    """Whether a probe's seeds train grouped: as `--group_seeds` asks, refused in one line where the settings do not
+    allow it."""
     if asked and refusal:
         raise ConfigError(f"--group_seeds true: the seeds cannot train as one grouped net here ({refusal})")
-    grouped = bool(asked) or (asked is None and refusal is None and launcher == "local")
     if seeds > 1:
-        how = "together, as one grouped net" if grouped else f"one at a time{f' ({refusal})' if refusal else ''}"
-        print(f"search: the seeds of a depth train {how}")
-    return grouped
+        print(f"search: the seeds of a depth train {'together, as one grouped net' if asked else 'one at a time'}")
+    return asked
 
 
 def error_rate(trainer: pl.Trainer, model: pl.LightningModule, loader) -> float:
@@ -291,7 +289,7 @@ def run_search(
     probe_depth: int = 96,
     confirm_seeds: int | None = None,
     trials_from: str | None = None,
-    group_seeds: bool | None = None,
+    group_seeds: bool = False,
 ) -> list[SearchResult]:
     """The `search` subcommand (its arguments are documented on the Trainer's method): every variant's search, its
     trials on the launcher, recorded as they finish; then results.csv, results.md, the plot and the W&B tables."""
@@ -343,7 +341,7 @@ def run_search(
                       f"starting at k = {min(guesses[name], bound // 3 * 3)}")  # fmt: skip
         nets = {name: net for name, net, _ in jobs}
         grouped = group_trials(group_seeds, grouping_refusal(model, list(nets.values()), datamodule, trainer),
-                               launcher, max(seeds, confirm_seeds or seeds))  # fmt: skip
+                               max(seeds, confirm_seeds or seeds))  # fmt: skip
         trial = DepthTrial(nets, portable(model), epochs=epochs, steps=steps, precision=trainer.precision,
                            runs=study.trial_runs(), **where)  # fmt: skip
         plans = {}
