@@ -35,8 +35,9 @@ class Trial:
     trainable: bool | None  # None until every seed of its depth has trained
     phase: str  # "search" or "confirm"
     error: str = ""  # why the trial failed (it crashed twice): not trainable, and trained again by a restart
-    seconds: float = math.nan  # its wall time from submission to result, its share of it when its seeds trained grouped
-    # (NaN: recorded before this was kept)
+    # its wall time from submission to result (its share of the call's when its seeds trained grouped); NaN: recorded
+    # before this was kept
+    seconds: float = math.nan
 
 
 @dataclass

@@ -149,7 +149,7 @@ def train_grouped(
             if step >= budget or ((index + 1) % model.finite_check_every == 0 and bool(guard.diverged().all())):
                 break
         if history:
-            val = wrong(model, data.eval_dataloader("val"), len(members))
+            val = member_errors(model, data.eval_dataloader("val"), len(members))
             for s, row in enumerate(rows):
                 row.append({"epoch": epoch, "train/loss": float(total[s] / samples), "val/err": val[s]})
         if bool(guard.diverged().all()):
@@ -158,15 +158,15 @@ def train_grouped(
             scheduler.step()
         epoch += 1
     diverged = guard.diverged().tolist()
-    train_wrong = wrong(model, data.eval_dataloader("train"), len(members), exact=True)
-    val_errors = wrong(model, data.eval_dataloader("val"), len(members))
+    train_errors = member_errors(model, data.eval_dataloader("train"), len(members), exact=True)
+    val_errors = member_errors(model, data.eval_dataloader("val"), len(members))
     outcomes = [
-        (math.nan, math.nan) if d else (t, v) for d, t, v in zip(diverged, train_wrong, val_errors, strict=True)
+        (math.nan, math.nan) if d else (t, v) for d, t, v in zip(diverged, train_errors, val_errors, strict=True)
     ]
     return GroupedFit(outcomes, rows, model.net)
 
 
-def wrong(model: Classifier, loader, members: int, exact: bool = False) -> list[float]:
+def member_errors(model: Classifier, loader, members: int, exact: bool = False) -> list[float]:
     """Each member's error over a split's loader, in evaluation mode: as `search.error_rate` counts it (`exact`), or
     as the Classifier logs `<split>/err` (1 - its float32 accuracy)."""
     errors = torch.zeros(members, dtype=torch.long, device=model.device)

@@ -330,6 +330,8 @@ def run_search(
         raise ConfigError(f"bracket must be 'binary' or 'predicted', got {bracket!r}")
     if bracket == "predicted":
         check_depths([probe_depth])
+    refusal = grouping_refusal(model, [net for _, net, _ in jobs], datamodule, trainer)
+    grouped = group_trials(group_seeds, refusal, max(seeds, confirm_seeds or seeds))  # before any trial or probe
     guesses, predictions = {}, {}
     with study.trials(datamodule, launcher, ray_address, cpus_per_trial, trials_per_gpu) as (runner, where):
         if bracket == "predicted":  # the untrained nets' signal propagation, seconds per variant
@@ -340,8 +342,6 @@ def run_search(
                 print(f"search {name}: predicted deepest trainable k = {predictions[name]} at initialisation; "
                       f"starting at k = {min(guesses[name], bound // 3 * 3)}")  # fmt: skip
         nets = {name: net for name, net, _ in jobs}
-        grouped = group_trials(group_seeds, grouping_refusal(model, list(nets.values()), datamodule, trainer),
-                               max(seeds, confirm_seeds or seeds))  # fmt: skip
         trial = DepthTrial(nets, portable(model), epochs=epochs, steps=steps, precision=trainer.precision,
                            runs=study.trial_runs(), **where)  # fmt: skip
         plans = {}
