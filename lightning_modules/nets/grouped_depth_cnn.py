@@ -3,8 +3,8 @@
 Member s owns the s-th block of every layer's channels: each conv is grouped by member (groups = members), batch
 norm is per channel and so per member, member s reads its own batch as its own input channels, and each member has
 its own head. No value crosses from one member to another, forward or backward, so under an elementwise optimizer
-(SGD, Adam, ...) a member trains as its own net would, up to float rounding; the small convs of the deep variants
-become wider ones, which run faster than the members one after another (benchmarks/stacked_trials.py).
+(SGD, Adam, ...) a member trains as its own net would, up to float rounding. The small convs of the deep variants
+become wider ones; what that saves on a CPU (little) is in benchmarks/README.md (`stacked_trials.py`).
 """
 
 from __future__ import annotations
