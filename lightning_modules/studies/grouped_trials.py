@@ -64,33 +64,30 @@ def grouping_refusal(
 
 
 class MemberGuard:
-    """The Classifier's divergence guard, one per member, on the device: a member diverged when its loss was ever
-    non-finite, or (on_divergence: stop) went past max_loss_ratio times its first loss or past max_loss."""
+    """The Classifier's own divergence guard (`watch_loss`), its buffers one per member: a member diverged when its
+    loss was ever non-finite, or (on_divergence: stop) went past max_loss_ratio times its first loss or past
+    max_loss."""
 
-    def __init__(self, members: int, template: Classifier, device: torch.device):
-        self.ratio, self.bound, self.stop = template.max_loss_ratio, template.max_loss, template.on_divergence == "stop"
-        self.finite = torch.ones(members, dtype=torch.bool, device=device)
-        self.exploded = torch.zeros(members, dtype=torch.bool, device=device)
-        self.first = torch.full((members,), math.nan, device=device)
-        self.warned = False
+    def __init__(self, model: Classifier, members: int, device: torch.device):
+        for name, start in (("loss_finite", True), ("loss_exploded", False), ("first_loss", math.nan),
+                            ("peak_loss", -math.inf)):  # fmt: skip
+            setattr(model, name, torch.full((members,), start, device=device))  # the buffer, per member
+        self.model, self.warned = model, False
 
     def watch(self, losses: torch.Tensor) -> None:
-        losses = losses.detach().float()
-        self.finite &= torch.isfinite(losses)
-        self.first = torch.where(torch.isnan(self.first), losses, self.first)
-        if self.ratio is not None:
-            self.exploded |= losses > self.ratio * self.first.abs()
-        if self.bound is not None:
-            self.exploded |= losses > self.bound
+        self.model.watch_loss(losses)
 
     def diverged(self) -> torch.Tensor:
         """Which members diverged so far (a host sync); with on_divergence: warn, an exploded member is said once
         and trains on, as its own fit would."""
-        exploded = self.exploded & self.finite
-        if not self.stop and bool(exploded.any()) and not self.warned:
+        model = self.model
+        exploded = model.loss_exploded & model.loss_finite
+        if model.on_divergence == "stop":
+            return ~model.loss_finite | exploded
+        if bool(exploded.any()) and not self.warned:
             say("warning: a grouped member's training loss exploded; training on (on_divergence: warn)")
             self.warned = True
-        return ~self.finite | (exploded if self.stop else torch.zeros_like(exploded))
+        return ~model.loss_finite
 
 
 @dataclass
@@ -127,7 +124,7 @@ def train_grouped(
     optimizer = model.build_optimizer(model.named_parameters())
     scheduler = model.scheduler_factory(optimizer) if model.scheduler_factory is not None else None
     data = portable(datamodule, device)
-    guard = MemberGuard(len(members), model, device)
+    guard = MemberGuard(model, len(members), device)
     budget = steps if steps else math.inf
     rows: list[list[dict]] = [[] for _ in members]
     step, epoch = 0, 0
