@@ -16,7 +16,7 @@ TWO_BATCHES = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batche
 LIBRARY_LINES = ("GPU available", "TPU available", "Tip:", "LeafSpec", "log_every_n_steps", "Seed set", "wandb:")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(16)
 @pytest.mark.subprocess
 def test_a_fit_without_a_wandb_key_logs_offline_and_prints_the_projects_lines_only(tmp_path):
     """No key, no WANDB_MODE: W&B logs offline and says so in its one line; Lightning's and W&B's own lines
@@ -80,7 +80,7 @@ print("wandb imported:", "wandb" in sys.modules)
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow(11)
 @pytest.mark.subprocess
 def test_commands_that_train_nothing_start_neither_wandb_nor_data_and_print_only_their_lines(tmp_path):
     """--help, --print_config, count and config errors, in one process: their exit codes and lines; none imports
@@ -142,7 +142,7 @@ main(["search", *quick, "--upper", "3", "--epochs", "1"])
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow(15)
 @pytest.mark.subprocess
 def test_lightnings_warnings_about_itself_stay_off_the_console(tmp_path):
     """A bf16-mixed fit (the model summary), a validate from another run's checkpoint (its dirpath) and a search

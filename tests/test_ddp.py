@@ -50,7 +50,7 @@ def media(run: Path) -> set[str]:
     return {p.relative_to(run / "files" / "media").as_posix() for p in (run / "files" / "media").rglob("*.*")}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(55)
 @pytest.mark.subprocess
 def test_ddp_fit_with_wandb_and_the_callbacks_finishes_and_counts_as_one_process(in_tmp, launch):
     """The README's DDP command, defaults on: 2 epochs with validation, checkpoints, DeadUnits (the quickstart's)
@@ -122,7 +122,7 @@ def test_ddp_fit_with_wandb_and_the_callbacks_finishes_and_counts_as_one_process
         assert torch.allclose(stats["var"], single_stats[name]["var"], rtol=1e-5, atol=1e-6), name
 
 
-@pytest.mark.slow
+@pytest.mark.slow(48)
 @pytest.mark.subprocess
 def test_ddp_validate_and_test_with_wandb_finish_and_equal_one_process(in_tmp, launch):
     """`validate` and `test` of a checkpoint on 2 ranks, W&B and the callbacks on: each ends, in a run folder and
@@ -147,7 +147,7 @@ def test_ddp_validate_and_test_with_wandb_finish_and_equal_one_process(in_tmp, l
             assert saved(folder, "activation_stats")["features.0"]["count"] == 301 * 28 * 28
 
 
-@pytest.mark.slow
+@pytest.mark.slow(26)
 @pytest.mark.subprocess
 def test_ddp_student_attention_transfer_equals_one_process_on_the_same_batch(in_tmp):
     """A student trains 3 steps on 2 ranks, W&B on; its validation AT losses (per-device maps, averaged over ranks

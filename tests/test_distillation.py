@@ -103,7 +103,7 @@ def at_total(metrics: dict[str, float]) -> float:
     return sum(v for k, v in metrics.items() if k.startswith("train/at_g"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(43)
 def test_attention_transfer_loss_falls_and_the_teacher_stays_frozen(teacher_checkpoint):
     saved = torch.load(teacher_checkpoint, weights_only=True)["state_dict"]
     student, log = train_student(teacher_checkpoint, beta=1e3)
@@ -117,6 +117,7 @@ def test_attention_transfer_loss_falls_and_the_teacher_stays_frozen(teacher_chec
     assert at_total(log.epochs[-1]) < 0.5 * at_total(plain.epochs[-1])
 
 
+@pytest.mark.slow(19)
 def test_student_checkpoints_leave_the_teacher_out_and_resume(teacher_checkpoint, tmp_path):
     pl.seed_everything(0)
     student = Student(small_wrn("Generic_0.5"), small_wrn(), str(teacher_checkpoint), optimizer=SGD)

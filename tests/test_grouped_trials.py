@@ -45,6 +45,7 @@ def own_fit(template: Classifier, depth: int, seed: int, data, epochs: int, prec
     )
 
 
+@pytest.mark.slow(12)
 def test_each_grouped_member_trains_as_its_own_fit():
     """Batch norm, residual adds, weight decay by name pattern, momentum, a per-epoch scheduler and a first epoch of
     other batches, in float64: every member's weights and statistics are its own Lightning fit's to 1e-6 and its

@@ -56,7 +56,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(in_tmp):
         assert torch.equal(state[name], value), name  # duty cycles, counters, boost, weights and masks alike
 
 
-@pytest.mark.slow
+@pytest.mark.slow(10)
 def test_noise_subcommand_scores_each_checkpoint(in_tmp, capsys):
     runs = [fit_quickstart("--seed_everything", str(s)) for s in (0, 1)]
     checkpoints = [str(Path(t.log_dir) / "checkpoints" / "last.ckpt") for t in runs]

@@ -95,7 +95,7 @@ def test_without_ray_the_ray_launcher_says_how_to_install_it(monkeypatch, in_tmp
     assert not list((in_tmp / "runs").glob("*/version_*"))  # nothing trained: no run folder left behind
 
 
-@pytest.mark.slow
+@pytest.mark.slow(13)
 @pytest.mark.subprocess
 def test_ray_runs_trials_at_once_retries_a_dead_worker_and_reports_a_second_failure(ray_instance, tmp_path):
     attempts = attempt_counter(tmp_path / "log")
@@ -180,7 +180,7 @@ def rows(path: Path) -> list[dict]:
     return sorted(csv.DictReader(path.open(newline="")), key=lambda r: sorted(r.items()))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(56)
 @pytest.mark.subprocess
 def test_a_search_of_two_variants_on_ray_gives_the_local_tables_and_one_wandb_run_per_trial(
     ray_instance, tmp_path, monkeypatch, capsys
@@ -222,7 +222,7 @@ def test_a_search_of_two_variants_on_ray_gives_the_local_tables_and_one_wandb_ru
         assert sum(name in data for data in runs.values()) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.slow(22)
 @pytest.mark.subprocess
 def test_a_sweep_on_ray_gives_the_local_tables(ray_instance, tmp_path, monkeypatch):
     data = make_mnist(tmp_path / "data", n_train=120)

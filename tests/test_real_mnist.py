@@ -29,7 +29,7 @@ def test_the_10k_split_loads_as_8000_train_2000_val():
     assert sorted(dm.splits["val"].labels.unique().tolist()) == list(range(10))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(18)
 def test_resnet_k9_trains_below_10_percent_error_in_3_epochs(in_tmp):
     trainer = cli(
         "fit",
@@ -64,7 +64,7 @@ def dead_after(optimiser: str, epochs: int) -> tuple[float, float]:
     return metrics["dead/total"].item(), metrics["val/acc"].item()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(143)
 def test_adam_leaves_more_dead_units_than_sgd_at_the_same_accuracy(in_tmp):
     adam_dead, adam_acc = dead_after("adam", 2)  # 2 epochs: 130 against 86 dead units at 0.977 and 0.953 (seed 0)
     sgd_dead, sgd_acc = dead_after("sgd", 2)
@@ -72,7 +72,7 @@ def test_adam_leaves_more_dead_units_than_sgd_at_the_same_accuracy(in_tmp):
     assert adam_dead > 1.3 * sgd_dead, (adam_dead, sgd_dead)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(73)
 def test_most_units_recycling_revives_are_dead_again_a_few_dozen_steps_later(in_tmp):
     """ReDo (configs/presets/redo.yaml, an event every 50 steps) on the Adam VGG run, 2 epochs: the final check
     comes 26 steps after the last event, and by then most of that event's units are dead again on the validation
@@ -108,7 +108,7 @@ def size_runs(makers, penalties, epochs: int, size_lr: float) -> list[float]:
     return records[-1].sizes["hidden"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(17)
 def test_flexible_sizes_started_apart_end_closer_together():
     starts = [32.0, 128.0, 512.0]
     makers = [partial(MLP, 1024, "flexible", start_size=s) for s in starts]
@@ -116,7 +116,7 @@ def test_flexible_sizes_started_apart_end_closer_together():
     assert max(final) - min(final) < 0.5 * (max(starts) - min(starts)), final
 
 
-@pytest.mark.slow
+@pytest.mark.slow(7)
 def test_sparsifier_final_size_falls_as_the_penalty_rises():
     penalties = [0.001, 0.01, 0.03]
     # sparsifier.yaml's liveness lr is 1e-3 over 60 epochs; 1e-2 shows the same direction in 3
@@ -124,7 +124,7 @@ def test_sparsifier_final_size_falls_as_the_penalty_rises():
     assert final[0] > final[1] > final[2], final
 
 
-@pytest.mark.slow
+@pytest.mark.slow(74)
 def test_sparse_cnn2_is_more_robust_to_noise_than_dense(in_tmp):
     """The direction that held in every seed of docs/results/kwinners.md's runs (10 and 15 epochs, and 2 and 3 epochs):
     the paper's sparse CNN-2 scores higher under noise than the dense one. Here 2 epochs of each, seed 0."""
@@ -158,7 +158,7 @@ def test_sparse_cnn2_is_more_robust_to_noise_than_dense(in_tmp):
     assert score["sparse"] > score["dense"] and at_half["sparse"] > at_half["dense"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(51)
 def test_under_adam_plain_backprop_learns_later_permuted_tasks_worse_and_l2_init_does_not(in_tmp):
     """Permuted MNIST, 20 tasks of one pass (docs/results/plasticity.md, where this held in all 3 seeds): under Adam
     the online accuracy of the last 3 tasks is below the first 3's without an intervention, and L2 Init loses less."""

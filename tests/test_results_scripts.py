@@ -4,10 +4,15 @@ disagree is refused in one line before anything runs."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import os
 import re
 import shutil
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -46,7 +51,7 @@ def blocks(path: Path) -> dict[str, str]:
     return {name: "\n".join(lines[first:end]).strip() for name, (first, end) in blocks_of("\n".join(lines), "").items()}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(23)
 @pytest.mark.subprocess
 @pytest.mark.parametrize("page", list(PAGES))
 def test_each_script_fills_every_block_of_its_page_from_its_commands_run_on_tiny_data(page, tmp_path, capsys):
@@ -133,3 +138,89 @@ def test_without_the_data_folder_a_regeneration_says_so_in_one_line(tmp_path):
                                      "--page", str(shutil.copy(page_file("network-size"), tmp_path))])  # fmt: skip
     assert str(refused.value).startswith("error: --data ") and "no MNIST test file" in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+def smoke_page(make, runs: Path):
+    """A smoke Page of the depth script in its own scratch folder (its own tiny MNIST files), as `--smoke` makes it."""
+    from regenerate import Page
+
+    options = argparse.Namespace(smoke=True, runs=runs.resolve(), data=runs / "unused", rows=["resnet"], seeds=1,
+                                 searched=[], page=page_file("depth"), only=None)  # fmt: skip
+    runs.mkdir(parents=True)
+    return Page(options)
+
+
+@pytest.mark.slow(8)
+def test_a_row_search_keeps_its_trials_as_they_train_and_another_checkout_continues_from_them(tmp_path, monkeypatch):
+    """The ResNet row's search is hours long: its trials are kept beside the page as each one trains (no summary
+    until it ends), and the same block in another scratch folder, given those files, trains only what they lack and
+    ends with the same trials."""
+    make = script("depth")
+    import regenerate
+
+    monkeypatch.setattr(regenerate, "PROGRESS_SECONDS", 0.05)
+    seen = []  # the trials kept each time the running search was looked at
+
+    def watched(page, variant, folder):
+        make_keep(page, variant, folder)
+        kept = page.kept / f"depth_{variant}.csv"
+        seen.append(len(regenerate.read_csv(kept)) if kept.is_file() else 0)
+        assert not (page.kept / f"depth_{variant}.md").is_file()  # no summary while it runs
+
+    make_keep = make.keep_progress
+    monkeypatch.setattr(make, "keep_progress", watched)
+    first = smoke_page(make, tmp_path / "a")
+    _, trials, _ = make.row_search(first, "resnet")
+    partial = [n for n in seen if 0 < n < len(trials)]
+    assert len(trials) >= 2 and partial and seen == sorted(seen) and seen[-1] == len(trials)  # one by one, then all
+    assert (first.kept / "depth_resnet.md").is_file()
+
+    second = smoke_page(make, tmp_path / "b")  # another checkout: the kept files of a search stopped after 1 trial
+    second.kept.mkdir()
+    rows = (first.kept / "depth_resnet.csv").read_text().splitlines()
+    (second.kept / "depth_resnet.csv").write_text("\n".join(rows[:2]) + "\n")
+    config = (first.kept / "depth_resnet.yaml").read_text()
+    (second.kept / "depth_resnet.yaml").write_text(config.replace(str(first.runs), str(second.runs)))
+    _, again, key = make.row_search(second, "resnet")
+    assert "1 trial(s) taken from" in (second.runs / "logs" / f"{key}.log").read_text()
+    assert [(t["depth"], t["seed"], t["val_err"]) for t in again] == [
+        (t["depth"], t["seed"], t["val_err"]) for t in trials
+    ]
+    assert again[0]["seconds"] == trials[0]["seconds"]  # its time is the kept trial's, not trained again
+    assert make.search_time(second, key, again) == pytest.approx(sum(float(t["seconds"]) for t in again))
+
+
+@pytest.mark.subprocess
+def test_a_script_stopped_with_sigterm_stops_the_command_it_runs(tmp_path):
+    """`kill` of a results script (a long search in the background) stops the `train.py` command it runs too, which
+    otherwise went on alone; the next run of the script continues it."""
+    script("depth")
+    from regenerate import regenerate
+
+    started = []
+
+    def kill_when_it_runs(folder: Path) -> None:
+        while not folder.is_dir():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def block(page) -> str:
+        processes = page._processes
+
+        class Recorded:  # the command's process, to see it end
+            def Process(self, **kwargs):
+                started.append(processes.Process(**kwargs))
+                threading.Thread(target=kill_when_it_runs, args=(page.runs / "runs" / "long",), daemon=True).start()
+                return started[-1]
+
+        page._processes = Recorded()
+        page.train("search", "long", "--config", page.config("depth/elu.yaml"), *page.data, "--upper", "60")
+        return "| unreachable |"
+
+    page = tmp_path / "p.md"
+    page.write_text("<!-- generated: p/a -->\n| old |\n<!-- end generated -->\n")
+    with pytest.raises(SystemExit) as stopped:
+        regenerate("p", {"p/a": block}, ["--smoke", "--page", str(page), "--runs", str(tmp_path / "runs")])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert started and started[0].exitcode == -signal.SIGKILL  # killed with the script, not left running
+    assert signal.getsignal(signal.SIGTERM) is not regenerate.__globals__["stopped"]  # this process's handler back

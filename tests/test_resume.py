@@ -53,7 +53,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return whole / "runs" / "quickstart" / "version_0"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(50)
 @pytest.mark.subprocess
 def test_a_run_killed_mid_epoch_resumes_in_its_own_folder_as_if_never_killed(tmp_path, uninterrupted):
     killed = tmp_path / "killed"
@@ -142,7 +142,7 @@ def without_times(results_md: Path) -> str:
     return re.sub(r"\| [0-9.]+ min \|$", "| |", results_md.read_text(), flags=re.M)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(28)
 @pytest.mark.subprocess
 def test_a_killed_search_restarted_with_the_same_command_continues_from_its_results(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -185,7 +185,7 @@ SLURM_JOB = {  # what SLURM sets for a one-task batch job
 }
 
 
-@pytest.mark.slow
+@pytest.mark.slow(24)
 @pytest.mark.subprocess
 def test_a_slurm_job_requeued_on_its_signal_resumes_by_itself_as_if_never_stopped(tmp_path, uninterrupted):
     """SLURM's time-limit signal mid-epoch: the run saves requeue.ckpt in its folder, calls `scontrol requeue`

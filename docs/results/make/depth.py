@@ -10,6 +10,9 @@ import argparse
 import math
 import statistics
 import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
 from regenerate import DATA, Page, markdown_rows, read_csv, regenerate, table
 
@@ -41,13 +44,14 @@ def original_depth(variant: str) -> str:
     return str(ORIGINAL_DEPTHS.get(variant, "-"))
 
 
-def search(page: Page, key: str, variant: str, *args: str) -> tuple[list[dict], list[dict]]:
+def search(
+    page: Page, key: str, variant: str, *args: str, progress: Callable[[Path], None] | None = None
+) -> tuple[list[dict], list[dict]]:
     """A search of a variant's config on the 10k split, 705 SGD steps per trial: its summary (results.md) and its
     trials (results.csv)."""
     configs = (f"depth/{variant}.yaml", "presets/mnist_10k.yaml", "presets/original_steps.yaml")
-    folder = page.train(
-        "search", key, *(arg for c in configs for arg in ("--config", page.config(c))), *page.data, *args
-    )
+    arguments = (*(arg for c in configs for arg in ("--config", page.config(c))), *page.data, *args)
+    folder = page.train("search", key, *arguments, progress=progress)
     return markdown_rows(folder / "results.md", "variant"), read_csv(folder / "results.csv")
 
 
@@ -216,13 +220,39 @@ def row_args(page: Page, variant: str) -> list[str]:
 def row_search(page: Page, variant: str) -> tuple[dict, list[dict], str]:
     """One of the ROWS searched on its own: its summary, its trials and the command's key; its results.md,
     results.csv and config.yaml are kept beside the page (docs/results/searches/depth_VARIANT.*), its plot in the
-    figures."""
+    figures. Its trials are kept as they train (results.csv and config.yaml, no results.md until it has finished):
+    a search kept unfinished, in this checkout or another, is continued from them (`--trials_from`)."""
     key = f"rows/{variant}"
-    summary, trials = search(page, key, variant, *row_args(page, variant))
+    args = row_args(page, variant)
+    if unfinished(page, variant):
+        args += ["--trials_from", kept_search(page, variant)]
+    summary, trials = search(page, key, variant, *args, progress=partial(keep_progress, page, variant))
     for source, suffix in (("results.md", "md"), ("results.csv", "csv"), ("config.yaml", "yaml")):
         page.keep(page.folder(key) / source, f"depth_{variant}.{suffix}")
     page.figure(page.folder(key) / "error_vs_depth.png", f"depth_search_{variant}.png")
     return summary[0], trials, key
+
+
+def unfinished(page: Page, variant: str) -> bool:
+    """Whether a row's search is kept with some of its trials and no summary yet (stopped before it finished)."""
+    return (page.kept / f"depth_{variant}.csv").is_file() and not (page.kept / f"depth_{variant}.md").is_file()
+
+
+def keep_progress(page: Page, variant: str, folder: Path) -> None:
+    """Keep a running row search's trials so far beside the page, whenever it has trained another."""
+    source, kept = folder / "results.csv", page.kept / f"depth_{variant}.csv"
+    if not source.is_file() or (kept.is_file() and len(read_csv(source)) <= len(read_csv(kept))):
+        return
+    (page.kept / f"depth_{variant}.md").unlink(missing_ok=True)  # a summary kept before is not this search's
+    page.keep(folder / "config.yaml", f"depth_{variant}.yaml")
+    page.keep(source, f"depth_{variant}.csv")
+
+
+def search_time(page: Page, key: str, trials: list[dict]) -> float | None:
+    """A search's time: its trials' own recorded seconds, summed over the commands that trained them (a search
+    continued from kept trials), or the command's time where its trials do not record theirs."""
+    recorded = [float(t.get("seconds") or "nan") for t in trials]
+    return sum(recorded) if recorded and not any(math.isnan(s) for s in recorded) else page.seconds(key)
 
 
 def kept_search(page: Page, variant: str) -> str:
@@ -246,8 +276,8 @@ def confirmations(page: Page) -> str:
     seeds = page.pick(CONFIRM_SEEDS, 2)
     rows, confirmed = [], []
     for variant in (v for v in ROWS if v in page.options.rows):
-        if not (page.kept / f"depth_{variant}.yaml").is_file():
-            continue  # not searched yet (seven-rows keeps what it searched)
+        if not (page.kept / f"depth_{variant}.md").is_file():
+            continue  # not searched yet, or not to the end (seven-rows keeps what it searched)
         key = f"confirm/{variant}"
         args = [*row_args(page, variant), "--confirm_seeds", str(seeds), "--trials_from", kept_search(page, variant)]
         summary, trials = search(page, key, variant, *args)
@@ -292,7 +322,7 @@ def seven_rows(page: Page) -> str:
         elif variant in ROWS and variant in page.options.rows:
             summary, trials, key = row_search(page, variant)
             bracket = {"binary": "binary", "predicted": "from the prediction"}[ROWS[variant][1]]
-            found = [deepest(summary), bracket, 1, len(trials), minutes(page.seconds(key))]
+            found = [deepest(summary), bracket, 1, len(trials), minutes(search_time(page, key, trials))]
         else:
             found = ["not run", "", "", "", ""]
         bounds = {**PREDICTED, **{v: upper for v, (upper, _) in ROWS.items()}}

@@ -16,8 +16,10 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,6 +29,7 @@ DATA = Path("..") / "shared" / "datasets" / "mnist-10k"  # from the repository r
 BEGIN = re.compile(r"<!-- generated: (\S+) -->")
 END = "<!-- end generated -->"
 sys.path.insert(0, str(ROOT))  # the project, also where it is not installed
+PROGRESS_SECONDS = 30
 QUIET = ["--wandb", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 SMOKE = {  # tiny settings per subcommand, after the page's own (the last value wins)
     "fit": ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.num_sanity_val_steps", "0",
@@ -57,9 +60,10 @@ class Page:
         """The page's value, or the tiny one in a smoke run."""
         return smoke if self.smoke else full
 
-    def train(self, subcommand: str, key: str, *args: str) -> Path:
+    def train(self, subcommand: str, key: str, *args: str, progress: Callable[[Path], None] | None = None) -> Path:
         """`python train.py SUBCOMMAND ARGS --name KEY` in the scratch folder (W&B off) unless that exact command
-        finished there before; returns its run folder (runs/KEY/version_N)."""
+        finished there before; returns its run folder (runs/KEY/version_N). `progress(folder)` is called with the
+        run folder every PROGRESS_SECONDS while the command runs (a long search keeps its trials as they finish)."""
         argv = [subcommand, *map(str, args), *QUIET, "--name", key, *(SMOKE.get(subcommand, []) if self.smoke else [])]
         log, done = self.runs / "logs" / f"{key}.log", self.runs / "logs" / f"{key}.done"
         if done.is_file() and json.loads(done.read_text()) == argv:
@@ -68,8 +72,18 @@ class Page:
         log.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         process = self._processes.Process(target=run_train_py, args=(argv, str(self.runs), str(log)))
-        process.start()
-        process.join()
+        try:
+            process.start()
+            while True:
+                process.join(PROGRESS_SECONDS if progress is not None else None)
+                if progress is not None and any((self.runs / "runs" / key).glob("version_*")):
+                    progress(self.folder(key))  # once more when it has ended, so a failed command keeps what it did
+                if process.exitcode is not None:
+                    break
+        finally:  # this script stopped (Ctrl-C, SIGTERM): so does its command, as a killed study would (it continues)
+            if process.pid is not None and process.exitcode is None:
+                process.kill()
+                process.join()
         if process.exitcode != 0:
             tail = log.read_text(errors="replace").strip().splitlines()[-12:] if log.is_file() else []
             print("\n".join(tail), file=sys.stderr)
@@ -194,10 +208,20 @@ def regenerate(
         add_options(parser)
     options = parser.parse_args(argv)
     options.runs = (options.runs or ROOT / "runs" / ("results-smoke" if options.smoke else "results") / name).resolve()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stopped) if main else None  # `kill` stops the command running too
     try:
         make_page(options, blocks)
     except RegenerationError as e:
         sys.exit(f"error: {e}")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def stopped(signum: int, frame) -> None:
+    """SIGTERM as an exit, so that the command running is stopped on the way out (`Page.train`)."""
+    raise SystemExit(128 + signum)
 
 
 def make_page(options: argparse.Namespace, blocks: dict[str, Callable[[Page], str]]) -> None:
