@@ -193,9 +193,9 @@ def test_a_row_search_keeps_its_trials_as_they_train_and_another_checkout_contin
 @pytest.mark.subprocess
 def test_a_script_stopped_with_sigterm_stops_the_command_it_runs(tmp_path):
     """`kill` of a results script (a long search in the background) stops the `train.py` command it runs too, which
-    otherwise went on alone; the next run of the script continues it."""
+    otherwise went on alone (a killed search continues when run again, tests/test_resume.py)."""
     script("depth")
-    from regenerate import regenerate
+    from regenerate import regenerate, stopped
 
     started = []
 
@@ -219,8 +219,8 @@ def test_a_script_stopped_with_sigterm_stops_the_command_it_runs(tmp_path):
 
     page = tmp_path / "p.md"
     page.write_text("<!-- generated: p/a -->\n| old |\n<!-- end generated -->\n")
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(SystemExit) as exited:
         regenerate("p", {"p/a": block}, ["--smoke", "--page", str(page), "--runs", str(tmp_path / "runs")])
-    assert stopped.value.code == 128 + signal.SIGTERM
+    assert exited.value.code == 128 + signal.SIGTERM
     assert started and started[0].exitcode == -signal.SIGKILL  # killed with the script, not left running
-    assert signal.getsignal(signal.SIGTERM) is not regenerate.__globals__["stopped"]  # this process's handler back
+    assert signal.getsignal(signal.SIGTERM) is not stopped  # this process's own handler is back
